@@ -1,0 +1,3 @@
+//! A qcow2 image: open/create, the read path and (later) the write path.
+
+pub mod create;

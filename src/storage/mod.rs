@@ -1,0 +1,62 @@
+//! The storage layer: the only code that touches the OS.
+//!
+//! Everything above is written against the object-safe [`Storage`] trait, so the engine runs
+//! unchanged over a file, memory, or (with the `test-utils` feature) the fault-injecting and
+//! crash-simulating wrappers. Futures are boxed so that backends of different types can be
+//! mixed in one backing chain (`Arc<dyn Storage>`); the allocation is small next to an IO.
+//!
+//! Backends bring their own IO threads and wake the caller's task, so the engine does not
+//! depend on any particular async runtime.
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+
+pub mod file;
+pub mod memory;
+
+#[cfg(feature = "test-utils")]
+pub mod crash;
+#[cfg(feature = "test-utils")]
+pub mod fault;
+
+
+/// A boxed, `Send` future returned by [`Storage`] methods.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// Byte-addressed, random-access storage (a file, a block device, memory).
+///
+/// Semantics every backend must keep:
+/// - `read_at` fills the whole buffer; bytes beyond the end of the storage read as zeros.
+/// - `write_at` writes the whole buffer, extending the storage if needed.
+/// - `write_zeroes` makes the range read as zeros (by fallocate/punch or by writing zeros),
+///   extending the storage if needed.
+/// - `discard` is a hint that the range's content no longer matters; it may do nothing, and
+///   afterwards the range reads as either the old data or zeros.
+/// - `flush` makes every write that completed before it durable (fsync).
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Read `buf.len()` bytes at `offset`; past the end reads zeros.
+    fn read_at<'a>(&'a self, buf: &'a mut [u8], offset: u64) -> IoFuture<'a, ()>;
+    /// Write all of `buf` at `offset`.
+    fn write_at<'a>(&'a self, buf: &'a [u8], offset: u64) -> IoFuture<'a, ()>;
+    /// Make `len` bytes at `offset` read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Tell the storage that `len` bytes at `offset` are unused (punch a hole if possible).
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Make all completed writes durable.
+    fn flush(&self) -> IoFuture<'_, ()>;
+    /// Current length in bytes.
+    fn len(&self) -> IoFuture<'_, u64>;
+    /// Truncate or extend to `len` bytes (new bytes read as zeros).
+    fn set_len(&self, len: u64) -> IoFuture<'_, ()>;
+    /// The file behind this storage, if any (used to resolve relative backing file names).
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+    /// Allocate (reserve) `len` bytes at `offset` without changing their content where possible.
+    /// The default writes zeros past the current end only, via `write_zeroes`.
+    fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.write_zeroes(offset, len)
+    }
+}
