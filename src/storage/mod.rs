@@ -54,6 +54,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn path(&self) -> Option<&Path> {
         None
     }
+    /// Whether `offset` starts a run of data (`true`) or of a hole (`false`) in the storage,
+    /// and how long that run is (≤ `len`, > 0). Backends without hole information report
+    /// data for the whole range. Used by `map` to report zero runs the way qemu-img does.
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, (bool, u64)> {
+        let _ = offset;
+        Box::pin(async move { Ok((true, len)) })
+    }
     /// Allocate (reserve) `len` bytes at `offset` without changing their content where possible.
     /// The default writes zeros past the current end only, via `write_zeroes`.
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {

@@ -1,0 +1,299 @@
+//! The cluster allocator: refcount table and refcount blocks (through a slice cache), free
+//! space search, refcount-table growth, and the bookkeeping that makes freeing safe.
+//!
+//! Mind-map questions answered here:
+//! - *"mutex is ok?"* Yes: one async mutex ([`Refcounts::state`]) serializes refcount
+//!   decisions. Its critical sections are cache lookups and, on a miss, one slice load; data
+//!   IO never happens under it, so it does not serialize requests' data transfers.
+//! - *Where is free space?* A hint remembers where free space was last found; the search
+//!   scans forward from it, and frees move it back.
+//! - *Refcount table full?* [`grow`] writes a bigger table plus the blocks covering it in
+//!   fresh space at the end of the file, fsyncs, then switches the header to it.
+
+mod epochs;
+mod grow;
+mod inflight;
+mod new_clusters;
+
+pub use epochs::{EpochGuard, Epochs};
+pub use inflight::{Inflight, InflightGuard};
+pub use new_clusters::{NewClusters, NewKind};
+
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::cache::{Lookup, Slice, SliceCache};
+use crate::error::{Error, Result};
+use crate::format::refcount::{self, RefTableEntry};
+use crate::storage::Storage;
+
+/// Refcount state guarded by the allocator mutex.
+#[derive(Debug)]
+pub struct RefState {
+    /// Host offsets of the refcount blocks (0: no block).
+    pub table: Vec<u64>,
+    /// Where the refcount table lives.
+    pub table_offset: u64,
+    /// Its size in clusters.
+    pub table_clusters: u64,
+    /// Table entries changed since the table was last written.
+    pub table_dirty: bool,
+    /// Cluster index where the next free-space search starts.
+    hint: u64,
+    /// One past the highest cluster in use or in the file.
+    pub end_cluster: u64,
+}
+
+/// Refcounts of one image and the allocator built on them.
+#[derive(Debug)]
+pub struct Refcounts {
+    file: Arc<dyn Storage>,
+    cluster_bits: u32,
+    order: u32,
+    cache: SliceCache,
+    new: Arc<NewClusters>,
+    state: Mutex<RefState>,
+}
+
+impl Refcounts {
+    /// Set up from the refcount table read at open.
+    pub fn new(
+        file: Arc<dyn Storage>,
+        cluster_bits: u32,
+        order: u32,
+        table: Vec<RefTableEntry>,
+        table_offset: u64,
+        table_clusters: u64,
+        file_len: u64,
+        (slice_size, cache_bytes): (usize, usize),
+        new: Arc<NewClusters>,
+    ) -> Refcounts {
+        let table = table.iter().map(|e| e.block_offset().map_or(0, |h| h.0)).collect();
+        let end_cluster = file_len.div_ceil(1 << cluster_bits);
+        Refcounts {
+            file,
+            cluster_bits,
+            order,
+            cache: SliceCache::new("refcount", slice_size, cache_bytes),
+            new,
+            state: Mutex::new(RefState {
+                table,
+                table_offset,
+                table_clusters,
+                table_dirty: false,
+                hint: 0,
+                end_cluster,
+            }),
+        }
+    }
+
+    /// Take the allocator lock.
+    pub async fn lock(&self) -> MutexGuard<'_, RefState> {
+        self.state.lock().await
+    }
+
+    /// The refcount-block slice cache (for accounting and flushing).
+    pub fn cache(&self) -> &SliceCache {
+        &self.cache
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount entries per block.
+    pub fn entries_per_block(&self) -> u64 {
+        refcount::entries_per_block(self.cluster_size(), self.order)
+    }
+
+    /// The largest refcount the width can hold.
+    pub fn max_refcount(&self) -> u64 {
+        refcount::max_refcount(self.order)
+    }
+
+    /// Where cluster `c`'s refcount lives: (slice offset, index in slice), or `None` if no
+    /// block covers it (refcount 0).
+    fn locate(&self, st: &RefState, c: u64) -> Option<(u64, u64)> {
+        let epb = self.entries_per_block();
+        let block = *st.table.get((c / epb) as usize)?;
+        if block == 0 {
+            return None;
+        }
+        let per_slice = (self.cache.slice_size() as u64 * 8) >> self.order;
+        let idx = c % epb;
+        let slice_off = block + (idx / per_slice) * self.cache.slice_size() as u64;
+        Some((slice_off, idx % per_slice))
+    }
+
+    async fn slice(&self, off: u64) -> Result<Arc<Slice>> {
+        let slice = loop {
+            match self.cache.get(off) {
+                Lookup::Slice(s) => break s,
+                // Refcount slices are only dirtied under the allocator lock, which the caller
+                // holds, so flushing here is safe and is what frees room.
+                Lookup::Full => self.write_dirty_slices().await?,
+            }
+        };
+        let cluster = off & !(self.cluster_size() - 1);
+        let (file, new) = (self.file.clone(), self.new.clone());
+        let res = slice
+            .ensure_loaded(|mut buf| async move {
+                if !new.contains(cluster) {
+                    file.read_at(&mut buf, off)
+                        .await
+                        .map_err(|e| Error::io("loading a refcount block", e).at(off))?;
+                }
+                Ok(buf)
+            })
+            .await;
+        if let Err(e) = res {
+            drop(slice);
+            self.cache.forget_failed(off);
+            return Err(e);
+        }
+        Ok(slice)
+    }
+
+    /// The refcount of host cluster `c`.
+    pub async fn get(&self, st: &RefState, c: u64) -> Result<u64> {
+        let Some((off, idx)) = self.locate(st, c) else { return Ok(0) };
+        let s = self.slice(off).await?;
+        Ok(s.read(|b| refcount::get(b, idx, self.order)))
+    }
+
+    /// Set the refcount of host cluster `c`, creating its refcount block (and growing the
+    /// table) when needed.
+    pub async fn set(&self, st: &mut RefState, c: u64, v: u64) -> Result<()> {
+        self.ensure_block(st, c / self.entries_per_block()).await?;
+        self.set_in_block(st, c, v).await
+    }
+
+    /// Set the refcount of cluster `c`, whose refcount block must exist.
+    async fn set_in_block(&self, st: &mut RefState, c: u64, v: u64) -> Result<()> {
+        let (off, idx) = self
+            .locate(st, c)
+            .ok_or_else(|| Error::corrupt(format!("no refcount block for cluster {c}")))?;
+        let s = self.slice(off).await?;
+        s.update(|b| refcount::set(b, idx, self.order, v))?;
+        if v == 0 {
+            st.hint = st.hint.min(c);
+        }
+        st.end_cluster = st.end_cluster.max(c + 1);
+        Ok(())
+    }
+
+    /// Add `delta` to the refcount of cluster `c`; errors on underflow or overflow.
+    pub async fn add(&self, st: &mut RefState, c: u64, delta: i64) -> Result<u64> {
+        let cur = self.get(st, c).await?;
+        let new = cur
+            .checked_add_signed(delta)
+            .filter(|v| *v <= self.max_refcount())
+            .ok_or_else(|| {
+                Error::corrupt(format!("refcount of cluster {c} would become {cur}{delta:+}"))
+                    .at(c << self.cluster_bits)
+            })?;
+        self.set(st, c, new).await?;
+        Ok(new)
+    }
+
+    /// Make sure refcount block `ti` exists. A missing block is placed at the first cluster
+    /// of the range it covers: no block covers that range yet, so all of it is free.
+    async fn ensure_block(&self, st: &mut RefState, ti: u64) -> Result<()> {
+        if ti as usize >= st.table.len() {
+            self.grow(st, ti).await?;
+        }
+        if st.table[ti as usize] != 0 {
+            return Ok(());
+        }
+        let c = ti * self.entries_per_block();
+        let host = c << self.cluster_bits;
+        self.new.insert(host, NewKind::Refblock);
+        st.table[ti as usize] = host;
+        st.table_dirty = true;
+        st.end_cluster = st.end_cluster.max(c + 1);
+        let (off, idx) = self.locate(st, c).expect("just set");
+        let s = self.slice(off).await?;
+        s.update(|b| refcount::set(b, idx, self.order, 1))
+    }
+
+    /// Allocate `n` contiguous free clusters, set their refcounts to 1 and return the host
+    /// offset of the first.
+    pub async fn alloc(&self, n: u64) -> Result<u64> {
+        let mut st = self.lock().await;
+        self.alloc_locked(&mut st, n).await
+    }
+
+    /// [`Refcounts::alloc`] with the lock already held.
+    pub async fn alloc_locked(&self, st: &mut RefState, n: u64) -> Result<u64> {
+        let mut c = st.hint.max(1);
+        'search: loop {
+            for k in 0..n {
+                if self.get(st, c + k).await? != 0 {
+                    c += k + 1;
+                    continue 'search;
+                }
+            }
+            // Creating blocks may take clusters inside the run: then search again.
+            let epb = self.entries_per_block();
+            for ti in c / epb..=(c + n - 1) / epb {
+                self.ensure_block(st, ti).await?;
+            }
+            for k in 0..n {
+                if self.get(st, c + k).await? != 0 {
+                    continue 'search;
+                }
+            }
+            for k in 0..n {
+                self.set(st, c + k, 1).await?;
+            }
+            st.hint = c + n;
+            return Ok(c << self.cluster_bits);
+        }
+    }
+
+    /// Write every dirty refcount slice, zeroing new blocks first, then fsync, then the
+    /// refcount table if it changed, then fsync again. Call with the lock held.
+    pub async fn flush_locked(&self, st: &mut RefState) -> Result<()> {
+        self.write_dirty_slices().await?;
+        if st.table_dirty {
+            self.sync().await?;
+            self.write_table(st).await?;
+            st.table_dirty = false;
+        }
+        self.sync().await
+    }
+
+    async fn write_dirty_slices(&self) -> Result<()> {
+        for host in self.new.of_kind(NewKind::Refblock) {
+            self.file
+                .write_zeroes(host, self.cluster_size())
+                .await
+                .map_err(|e| Error::io("zeroing a new refcount block", e).at(host))?;
+            self.new.remove(host);
+        }
+        for s in self.cache.dirty_slices() {
+            let Some((bytes, gen_)) = s.snapshot_dirty() else { continue };
+            s.set_writing(true);
+            let r = self.file.write_at(&bytes, s.offset()).await;
+            s.set_writing(false);
+            r.map_err(|e| Error::io("writing a refcount block", e).at(s.offset()))?;
+            s.mark_clean(gen_);
+        }
+        Ok(())
+    }
+
+    async fn write_table(&self, st: &RefState) -> Result<()> {
+        let mut buf = vec![0u8; (st.table_clusters << self.cluster_bits) as usize];
+        let entries: Vec<RefTableEntry> = st.table.iter().map(|&o| RefTableEntry(o)).collect();
+        refcount::write_table(&entries, &mut buf);
+        self.file
+            .write_at(&buf, st.table_offset)
+            .await
+            .map_err(|e| Error::io("writing the refcount table", e).at(st.table_offset))
+    }
+
+    async fn sync(&self) -> Result<()> {
+        self.file.flush().await.map_err(|e| Error::io("syncing refcount metadata", e))
+    }
+}

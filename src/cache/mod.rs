@@ -1,0 +1,219 @@
+//! The metadata cache: fixed-size slices of L2 tables and refcount blocks, keyed by their host
+//! offset, with LRU eviction under a memory bound and dirty tracking.
+//!
+//! Invariants this module keeps:
+//! - A slice that is in the map is never replaced by a load: a load only happens for a key that
+//!   is absent, and eviction only removes slices that are clean and not in use. So a dirty or
+//!   freshly created slice can never be overwritten by stale bytes from disk.
+//! - The cache never holds more than `capacity` slices. When it is full and nothing can be
+//!   evicted (every slice is dirty or in use), [`SliceCache::get`] returns
+//!   [`Lookup::Full`] and the caller flushes (or waits) and retries instead of growing memory.
+//! - Slices are always readable. A flush copies a slice's bytes under its lock and writes the
+//!   copy, so updates made during the write simply leave the slice dirty again
+//!   (see [`Slice::snapshot_dirty`] and [`Slice::mark_clean`]).
+//!
+//! Locks: the map lock and each slice's data lock are `std` mutexes, held only for memory
+//! operations, never across an await.
+
+mod slice;
+
+pub use slice::Slice;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters describing the cache, for tests and `bench`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Slices currently held.
+    pub slices: usize,
+    /// Bytes of slice data currently held.
+    pub bytes: usize,
+    /// The most bytes ever held at once.
+    pub peak_bytes: usize,
+    /// The configured bound in bytes.
+    pub capacity_bytes: usize,
+    /// Slices currently dirty.
+    pub dirty: usize,
+}
+
+/// Result of [`SliceCache::get`].
+pub enum Lookup {
+    /// The slice (maybe still loading: call [`Slice::ensure_loaded`]).
+    Slice(Arc<Slice>),
+    /// The cache is full of dirty or busy slices: flush, then retry.
+    Full,
+}
+
+/// A bounded cache of equally sized metadata slices.
+#[derive(Debug)]
+pub struct SliceCache {
+    name: &'static str,
+    slice_size: usize,
+    capacity: usize,
+    clock: AtomicU64,
+    map: Mutex<CacheMap>,
+}
+
+#[derive(Debug, Default)]
+struct CacheMap {
+    slices: HashMap<u64, Arc<Slice>>,
+    peak: usize,
+}
+
+impl SliceCache {
+    /// A cache of `slice_size`-byte slices holding at most `capacity_bytes` (at least 4 slices,
+    /// so one request's lookups always fit).
+    pub fn new(name: &'static str, slice_size: usize, capacity_bytes: usize) -> SliceCache {
+        let capacity = (capacity_bytes / slice_size).max(4);
+        SliceCache {
+            name,
+            slice_size,
+            capacity,
+            clock: AtomicU64::new(1),
+            map: Mutex::new(CacheMap::default()),
+        }
+    }
+
+    /// The size of every slice in bytes.
+    pub fn slice_size(&self) -> usize {
+        self.slice_size
+    }
+
+    /// Find or insert the slice at host offset `key` (a multiple of the slice size). A new
+    /// slice starts unloaded; the caller loads it with [`Slice::ensure_loaded`].
+    pub fn get(&self, key: u64) -> Lookup {
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.map.lock().unwrap();
+        if let Some(s) = map.slices.get(&key) {
+            s.touch(tick);
+            return Lookup::Slice(s.clone());
+        }
+        if map.slices.len() >= self.capacity && !Self::evict_one(&mut map) {
+            return Lookup::Full;
+        }
+        let s = Arc::new(Slice::new(key, self.slice_size, tick));
+        map.slices.insert(key, s.clone());
+        map.peak = map.peak.max(map.slices.len());
+        Lookup::Slice(s)
+    }
+
+    /// The slice at `key` if it is cached, without inserting.
+    pub fn peek(&self, key: u64) -> Option<Arc<Slice>> {
+        self.map.lock().unwrap().slices.get(&key).cloned()
+    }
+
+    /// Remove the least recently used slice that is clean and not referenced outside the map.
+    fn evict_one(map: &mut CacheMap) -> bool {
+        let victim = map
+            .slices
+            .iter()
+            .filter(|(_, s)| Arc::strong_count(s) == 1 && s.is_evictable())
+            .min_by_key(|(_, s)| s.last_used())
+            .map(|(k, _)| *k);
+        match victim {
+            Some(k) => {
+                map.slices.remove(&k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drop a slice whose loading failed, so the next lookup retries the load.
+    pub fn forget_failed(&self, key: u64) {
+        let mut map = self.map.lock().unwrap();
+        if map.slices.get(&key).is_some_and(|s| !s.is_loaded()) {
+            map.slices.remove(&key);
+        }
+    }
+
+    /// Drop every clean slice inside `[start, start + len)` (used when a metadata cluster is
+    /// freed, so a later reuse of the cluster never sees stale cached bytes). Dirty slices in
+    /// the range are dropped too: their cluster no longer holds metadata.
+    pub fn invalidate_range(&self, start: u64, len: u64) {
+        let mut map = self.map.lock().unwrap();
+        map.slices.retain(|k, _| *k < start || *k >= start + len);
+    }
+
+    /// All dirty slices, sorted by host offset (so flushes write sequentially).
+    pub fn dirty_slices(&self) -> Vec<Arc<Slice>> {
+        let map = self.map.lock().unwrap();
+        let mut v: Vec<_> = map.slices.values().filter(|s| s.is_dirty()).cloned().collect();
+        v.sort_by_key(|s| s.offset());
+        v
+    }
+
+    /// Number of dirty slices.
+    pub fn dirty_count(&self) -> usize {
+        let map = self.map.lock().unwrap();
+        map.slices.values().filter(|s| s.is_dirty()).count()
+    }
+
+    /// Whether the dirty slices fill at least `percent` % of the capacity.
+    pub fn dirty_above(&self, percent: usize) -> bool {
+        self.dirty_count() * 100 >= self.capacity * percent
+    }
+
+    /// Current accounting.
+    pub fn stats(&self) -> CacheStats {
+        let map = self.map.lock().unwrap();
+        CacheStats {
+            slices: map.slices.len(),
+            bytes: map.slices.len() * self.slice_size,
+            peak_bytes: map.peak * self.slice_size,
+            capacity_bytes: self.capacity * self.slice_size,
+            dirty: map.slices.values().filter(|s| s.is_dirty()).count(),
+        }
+    }
+
+    /// The name given at construction (for tracing).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(c: &SliceCache, key: u64) -> Arc<Slice> {
+        match c.get(key) {
+            Lookup::Slice(s) => s,
+            Lookup::Full => panic!("cache full"),
+        }
+    }
+
+    #[tokio::test]
+    async fn evicts_lru_clean_and_never_dirty() {
+        let c = SliceCache::new("t", 512, 4 * 512);
+        for k in 0..4u64 {
+            let s = slice(&c, k * 512);
+            s.ensure_loaded(|_| async { Ok(()) }).await.unwrap();
+        }
+        slice(&c, 0).update(|b| b[0] = 1);
+        // Key 512 is the least recently used clean slice.
+        let _ = slice(&c, 8 * 512);
+        assert!(c.peek(512).is_none());
+        assert!(c.peek(0).is_some());
+        assert_eq!(c.stats().slices, 4);
+    }
+
+    #[tokio::test]
+    async fn full_of_dirty_reports_full() {
+        let c = SliceCache::new("t", 512, 4 * 512);
+        for k in 0..4u64 {
+            let s = slice(&c, k * 512);
+            s.ensure_loaded(|_| async { Ok(()) }).await.unwrap();
+            s.update(|b| b[0] = 1);
+        }
+        assert!(matches!(c.get(9 * 512), Lookup::Full));
+        for s in c.dirty_slices() {
+            let (_, gen_) = s.snapshot_dirty().unwrap();
+            s.mark_clean(gen_);
+        }
+        assert!(matches!(c.get(9 * 512), Lookup::Slice(_)));
+        assert!(c.stats().peak_bytes <= c.stats().capacity_bytes);
+    }
+}

@@ -1,0 +1,79 @@
+//! Changing mappings: creating (or copying a shared) L2 table, and publishing an L2 entry in
+//! the cached slice.
+
+use super::Image;
+use crate::alloc::NewKind;
+use crate::error::{Error, Result};
+use crate::format::l1::L1Entry;
+use crate::format::l2::{self, L2Entry, SubclusterBitmap};
+use crate::units::HostOffset;
+
+impl Image {
+    /// The host offset of a writable (refcount 1) L2 table for guest cluster `gc`: the
+    /// existing one, a new zeroed one when the L1 entry is empty, or a private copy when the
+    /// table is shared with a snapshot (L1 entry without COPIED).
+    pub(crate) async fn ensure_l2_table(&self, gc: u64) -> Result<u64> {
+        let w = self.write_state()?;
+        let idx = self.inner.geo.l1_index(gc);
+        if let Some(t) = self.private_l2(idx)? {
+            return Ok(t);
+        }
+        let _guard = w.l1_inflight.lock(idx as u64).await;
+        if let Some(t) = self.private_l2(idx)? {
+            return Ok(t);
+        }
+        let old = self.inner.l1.read().unwrap()[idx].l2_offset();
+        let new = w.refcounts.alloc(1).await?;
+        self.inner.new.insert(new, NewKind::L2);
+        if let Some(old) = old {
+            self.copy_l2_table(old.0, new).await?;
+        }
+        self.inner.l1.write().unwrap()[idx] = L1Entry::new(HostOffset(new), true);
+        w.l1_dirty.lock().unwrap().insert(idx);
+        if let Some(old) = old {
+            // The old table stays referenced by the snapshot; drop the active image's
+            // reference once the new L1 entry is on disk.
+            w.defer_free(old.0, false);
+        }
+        Ok(new)
+    }
+
+    /// The L2 table of L1 entry `idx` if it exists and is not shared.
+    fn private_l2(&self, idx: usize) -> Result<Option<u64>> {
+        let l1 = self.inner.l1.read().unwrap();
+        let e = l1.get(idx).ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+        Ok(e.l2_offset().filter(|_| e.copied()).map(|h| h.0))
+    }
+
+    /// Copy the L2 table at `old` into the new table at `new`, slice by slice.
+    async fn copy_l2_table(&self, old: u64, new: u64) -> Result<()> {
+        let ss = self.inner.geo.slice_size;
+        for i in 0..self.inner.geo.cluster_size / ss {
+            let src = self.l2_slice(old + i * ss).await?;
+            let bytes = src.read(|b| b.to_vec());
+            let dst = self.l2_slice(new + i * ss).await?;
+            dst.update(|b| b.copy_from_slice(&bytes));
+        }
+        Ok(())
+    }
+
+    /// Publish `entry` for guest cluster `gc` in the L2 table at `table` (cache only; the
+    /// flush writes it).
+    pub(crate) async fn set_l2(
+        &self,
+        table: u64,
+        gc: u64,
+        entry: L2Entry,
+        bitmap: SubclusterBitmap,
+    ) -> Result<()> {
+        let geo = self.inner.geo;
+        let (off, idx) = geo.l2_slice(table, geo.l2_index(gc));
+        let raw = entry.encode(&geo.l2);
+        let slice = self.l2_slice(off).await?;
+        let ok = slice.update(|b| l2::write_raw(b, idx, &geo.l2, raw, bitmap));
+        if !ok {
+            return Err(Error::corrupt("L2 index outside its slice"));
+        }
+        Ok(())
+    }
+}

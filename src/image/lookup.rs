@@ -1,0 +1,96 @@
+//! "Where does this guest cluster live": L1 → L2 slice (through the cache) → entry.
+//!
+//! Loading an L2 slice is the only metadata IO on the read path.
+
+use std::sync::Arc;
+
+use super::Image;
+use crate::cache::{Lookup, Slice, SliceCache};
+use crate::error::{Error, Result};
+use crate::format::l2::{self, L2Entry, SubclusterBitmap};
+use crate::storage::Storage;
+
+/// The decoded L2 entry of one guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mapping {
+    pub entry: L2Entry,
+    /// Subcluster states (extended L2 only; 0 otherwise).
+    pub bitmap: SubclusterBitmap,
+}
+
+impl Mapping {
+    pub const UNALLOCATED: Mapping =
+        Mapping { entry: L2Entry::Unallocated, bitmap: SubclusterBitmap(0) };
+}
+
+impl Image {
+    /// The host offset of the L2 table for guest cluster `gc`, if there is one.
+    pub(crate) fn l2_table_of(&self, gc: u64) -> Result<Option<u64>> {
+        let idx = self.inner.geo.l1_index(gc);
+        let l1 = self.inner.l1.read().unwrap();
+        match l1.get(idx) {
+            Some(e) => Ok(e.l2_offset().map(|h| h.0)),
+            None => Err(Error::corrupt(format!("guest cluster {gc} beyond the L1 table"))),
+        }
+    }
+
+    /// Look up the mapping of guest cluster `gc`.
+    pub(crate) async fn lookup(&self, gc: u64) -> Result<Mapping> {
+        let Some(table) = self.l2_table_of(gc)? else {
+            return Ok(Mapping::UNALLOCATED);
+        };
+        let geo = &self.inner.geo;
+        let (slice_off, idx) = geo.l2_slice(table, geo.l2_index(gc));
+        let slice = self.l2_slice(slice_off).await?;
+        let (raw, bitmap) = slice
+            .read(|b| l2::read_raw(b, idx, &geo.l2))
+            .ok_or_else(|| Error::corrupt("L2 index outside its slice"))?;
+        let entry = L2Entry::decode(raw, &geo.l2).map_err(|e| e.at(slice_off))?;
+        if geo.l2.extended {
+            bitmap.validate_for(&entry).map_err(|e| e.at(slice_off))?;
+        }
+        Ok(Mapping { entry, bitmap })
+    }
+
+    /// The loaded L2 slice at host offset `off` (from the cache, loading it on a miss).
+    pub(crate) async fn l2_slice(&self, off: u64) -> Result<Arc<Slice>> {
+        let file = self.inner.file.clone();
+        get_slice(self, &self.inner.l2_cache, off, file).await
+    }
+
+    /// Called when a cache is full of dirty slices. The read-only engine never dirties a
+    /// slice, so this can only mean every slice is briefly in use: yield and retry.
+    pub(crate) async fn relieve_cache_pressure(&self) -> Result<()> {
+        tokio::task::yield_now().await;
+        Ok(())
+    }
+}
+
+/// Get the slice at `off` from `cache`, loading it from `file` on a miss.
+pub(crate) async fn get_slice(
+    img: &Image,
+    cache: &SliceCache,
+    off: u64,
+    file: Arc<dyn Storage>,
+) -> Result<Arc<Slice>> {
+    let slice = loop {
+        match cache.get(off) {
+            Lookup::Slice(s) => break s,
+            Lookup::Full => img.relieve_cache_pressure().await?,
+        }
+    };
+    let res = slice
+        .ensure_loaded(|mut buf| async move {
+            file.read_at(&mut buf, off)
+                .await
+                .map_err(|e| Error::io(format!("loading a {} slice", cache.name()), e).at(off))?;
+            Ok(buf)
+        })
+        .await;
+    if let Err(e) = res {
+        drop(slice);
+        cache.forget_failed(off);
+        return Err(e);
+    }
+    Ok(slice)
+}

@@ -1,0 +1,151 @@
+//! Opening an image: header, extensions, validation, L1 table, backing and data files.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::backing::{open_backing, resolve_relative};
+use super::geometry::Geometry;
+use super::{Image, Inner, OpenOptions};
+use crate::cache::SliceCache;
+use crate::error::{Error, Result};
+use crate::format::compressed::CompressionType;
+use crate::format::extensions::ImageHeader;
+use crate::format::header::Header;
+use crate::format::l1;
+use crate::storage::{FileStorage, Storage};
+
+/// Bytes read first: enough for any header whose cluster is ≤ this; larger clusters are read
+/// whole in a second step.
+const FIRST_READ: usize = 4096;
+
+impl Image {
+    /// Open an image on `file`; `chain` holds the canonical paths of this image and the
+    /// images above it (for loop detection in backing chains).
+    pub(crate) async fn open_chain(
+        file: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        chain: Vec<PathBuf>,
+    ) -> Result<Image> {
+        let file_len = file.len().await.map_err(|e| Error::io("sizing the image", e))?;
+        let ih = read_image_header(file.as_ref(), file_len).await?;
+        let h = &ih.header;
+        let geo = Geometry::new(
+            h.cluster_bits,
+            h.extended_l2(),
+            h.version >= 3,
+            opts.slice_size,
+            h.refcount_order,
+        );
+        let compression = CompressionType::from_u8(h.compression_type)?;
+        let l1 = read_l1(file.as_ref(), h).await?;
+        let path = file.path().map(PathBuf::from);
+        let backing = open_chain_backing(&ih, path.as_deref(), opts, &chain).await?;
+        let (data, data_file_path) = open_data_file(&ih, &file, path.as_deref(), opts).await?;
+        let inner = Inner {
+            data,
+            data_file_path,
+            path,
+            writable: opts.writable,
+            geo,
+            compression,
+            encrypted: h.crypt_method != 0,
+            size: AtomicU64::new(h.size),
+            l1: RwLock::new(l1),
+            l2_cache: SliceCache::new("l2", geo.slice_size as usize, opts.l2_cache_bytes),
+            backing,
+            header: Mutex::new(ih),
+            file,
+        };
+        Ok(Image { inner: Arc::new(inner) })
+    }
+}
+
+/// Read and validate cluster 0: header, extensions, backing file name.
+async fn read_image_header(file: &dyn Storage, file_len: u64) -> Result<ImageHeader> {
+    let mut first = vec![0u8; FIRST_READ];
+    file.read_at(&mut first, 0).await.map_err(|e| Error::io("reading the header", e))?;
+    let header = Header::from_bytes(&first)?;
+    if !(9..=21).contains(&header.cluster_bits) {
+        return Err(Error::invalid(format!("cluster_bits {} out of range 9..=21", header.cluster_bits)));
+    }
+    let cluster_size = 1usize << header.cluster_bits;
+    let mut cluster0 = first;
+    cluster0.resize(cluster_size, 0);
+    if cluster_size > FIRST_READ {
+        file.read_at(&mut cluster0[FIRST_READ..], FIRST_READ as u64)
+            .await
+            .map_err(|e| Error::io("reading the header cluster", e))?;
+    }
+    let ih = ImageHeader::parse(&cluster0)?;
+    ih.validate(file_len)?;
+    Ok(ih)
+}
+
+/// Read the active L1 table.
+async fn read_l1(file: &dyn Storage, h: &Header) -> Result<Vec<l1::L1Entry>> {
+    // validate() bounded l1_size to 32 MiB of entries.
+    let mut buf = vec![0u8; h.l1_size as usize * 8];
+    file.read_at(&mut buf, h.l1_table_offset)
+        .await
+        .map_err(|e| Error::io("reading the L1 table", e).at(h.l1_table_offset))?;
+    let entries = l1::parse_table(&buf);
+    let cluster_size = h.cluster_size();
+    for (i, e) in entries.iter().enumerate() {
+        e.validate(cluster_size)
+            .map_err(|err| Error::corrupt(format!("L1 entry {i}: {}", err.what())))?;
+    }
+    Ok(entries)
+}
+
+async fn open_chain_backing(
+    ih: &ImageHeader,
+    path: Option<&std::path::Path>,
+    opts: &OpenOptions,
+    chain: &[PathBuf],
+) -> Result<Option<super::Backing>> {
+    let (name, format) = match &opts.backing_override {
+        Some(o) => match &o.path {
+            Some(p) => (p.clone(), o.format.clone()),
+            None => return Ok(None),
+        },
+        None => match &ih.backing_file {
+            Some(n) => (
+                resolve_relative(path, n),
+                ih.backing_format().map(str::to_string),
+            ),
+            None => return Ok(None),
+        },
+    };
+    if !opts.follow_backing {
+        return Err(Error::unsupported(format!(
+            "image has a backing file ({}) and following backing files is disabled",
+            name.display()
+        )));
+    }
+    Ok(Some(open_backing(&name, format.as_deref(), opts, chain).await?))
+}
+
+async fn open_data_file(
+    ih: &ImageHeader,
+    file: &Arc<dyn Storage>,
+    path: Option<&std::path::Path>,
+    opts: &OpenOptions,
+) -> Result<(Arc<dyn Storage>, Option<PathBuf>)> {
+    if !ih.header.has_external_data_file() {
+        return Ok((file.clone(), None));
+    }
+    let p = match (&opts.data_file, ih.data_file()) {
+        (Some(p), _) => p.clone(),
+        (None, Some(name)) => resolve_relative(path, name),
+        (None, None) => {
+            return Err(Error::invalid(
+                "image needs an external data file but names none (pass one explicitly)",
+            ));
+        }
+    };
+    let s = FileStorage::open(&p, !opts.writable, opts.direct)
+        .await
+        .map_err(|e| Error::io("opening the external data file", e).in_file(&p))?;
+    Ok((Arc::new(s), Some(p)))
+}

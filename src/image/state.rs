@@ -1,0 +1,83 @@
+//! Write-side state of an image opened read-write: allocator, new-cluster set, in-flight
+//! allocations, request epochs, pending frees, dirty L1 entries, and the poison latch.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::alloc::{Epochs, Inflight, Refcounts};
+use crate::error::{Error, ErrorKind, Result};
+
+/// A host cluster reference to drop once the mapping that dropped it is on disk.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PendingFree {
+    /// Host cluster offset.
+    pub host: u64,
+    /// Punch the host space when the refcount reaches zero.
+    pub punch: bool,
+    /// Request epoch when the mapping dropped the reference.
+    pub epoch: u64,
+    /// The flush generation that persists the dropping mapping.
+    pub generation: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct WriteState {
+    pub refcounts: Refcounts,
+    /// Guest clusters whose mapping is being changed.
+    pub inflight: Inflight,
+    /// L1 indices whose L2 table is being allocated or copied.
+    pub l1_inflight: Inflight,
+    pub epochs: Epochs,
+    pub frees: Mutex<Vec<PendingFree>>,
+    /// L1 indices changed since the last flush.
+    pub l1_dirty: Mutex<BTreeSet<usize>>,
+    /// One flush at a time.
+    pub flush_lock: tokio::sync::Mutex<()>,
+    /// Flush generation (see [`PendingFree::generation`]).
+    pub generation: AtomicU64,
+    poisoned: AtomicBool,
+    /// Wakes the background flusher early (dirty threshold reached).
+    pub flush_wanted: tokio::sync::Notify,
+}
+
+impl WriteState {
+    pub fn new(refcounts: Refcounts) -> Self {
+        WriteState {
+            refcounts,
+            inflight: Inflight::new(),
+            l1_inflight: Inflight::new(),
+            epochs: Epochs::new(),
+            frees: Mutex::new(Vec::new()),
+            l1_dirty: Mutex::new(BTreeSet::new()),
+            flush_lock: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(1),
+            poisoned: AtomicBool::new(false),
+            flush_wanted: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Refuse to continue after a metadata write failure.
+    pub fn check_poison(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Poisoned,
+                "an earlier metadata write failed; reopen the image",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Latch the poison after a metadata write failure; passes the error through.
+    pub fn poison(&self, e: Error) -> Error {
+        self.poisoned.store(true, Ordering::Release);
+        e
+    }
+
+    /// Schedule dropping one reference to host cluster `host`.
+    pub fn defer_free(&self, host: u64, punch: bool) {
+        let generation = self.generation.load(Ordering::Acquire);
+        let epoch = self.epochs.stamp();
+        self.frees.lock().unwrap().push(PendingFree { host, punch, epoch, generation });
+    }
+}

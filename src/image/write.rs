@@ -1,0 +1,228 @@
+//! The write path (DESIGN.md §3).
+//!
+//! Per guest cluster: if the cluster is normal with refcount 1 (COPIED) — and, with extended
+//! L2, every touched subcluster is allocated — the data is written in place and nothing else
+//! changes. Otherwise the request claims the cluster in the in-flight table, looks again
+//! (another request may have just allocated it), and then allocates: it builds the cluster's
+//! new content from the new data plus the old guest view (old data, decompressed data, the
+//! backing image or zeros), writes it, and only then publishes the mapping in the cached L2
+//! slice. The request completes when its data is written; metadata reaches disk later, in
+//! soft-update order (see `flush.rs`).
+
+use super::Image;
+use super::lookup::Mapping;
+use super::read::Source;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
+use crate::units::HostOffset;
+
+/// Zero runs at least this long are written with write-zeroes instead of zero buffers.
+const ZERO_IO_THRESHOLD: u64 = 64 * 1024;
+
+impl Image {
+    /// Write all of `buf` at guest offset `offset`.
+    ///
+    /// Completes when the data is written (not yet durable: call [`Image::flush`]).
+    pub async fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let w = self.write_state()?;
+        self.check_range(offset, buf.len() as u64)?;
+        self.check_data_access()?;
+        let _epoch = w.epochs.enter();
+        let cs = self.inner.geo.cluster_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let n = ((cs - self.inner.geo.in_cluster(off)) as usize).min(buf.len() - done);
+            self.write_piece(&buf[done..done + n], off).await?;
+            done += n;
+        }
+        self.after_metadata_change();
+        Ok(())
+    }
+
+    /// Write `data` (inside one cluster) at guest offset `off`.
+    pub(crate) async fn write_piece(&self, data: &[u8], off: u64) -> Result<()> {
+        let w = self.write_state()?;
+        let gc = self.inner.geo.guest_cluster(off);
+        let m = self.lookup(gc).await?;
+        if let Some(host) = self.in_place_target(&m, off, data.len() as u64) {
+            return self.write_data(data, host).await;
+        }
+        let _guard = w.inflight.lock(gc).await;
+        let m = self.lookup(gc).await?;
+        if let Some(host) = self.in_place_target(&m, off, data.len() as u64) {
+            return self.write_data(data, host).await;
+        }
+        self.allocate_and_write(gc, m, data, off).await
+    }
+
+    /// The host offset to write `len` bytes at `off` in place, if the mapping allows it.
+    fn in_place_target(&self, m: &Mapping, off: u64, len: u64) -> Option<u64> {
+        let L2Entry::Normal { host, copied: true } = m.entry else { return None };
+        let geo = &self.inner.geo;
+        let in_c = geo.in_cluster(off);
+        if geo.l2.extended {
+            let sc = geo.subcluster_size();
+            let (first, last) = ((in_c / sc) as u32, ((in_c + len - 1) / sc) as u32);
+            let all = (first..=last).all(|i| m.bitmap.state(i).ok() == Some(SubclusterState::Allocated));
+            if !all {
+                return None;
+            }
+        }
+        Some(host.0 + in_c)
+    }
+
+    pub(crate) async fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        self.inner
+            .data
+            .write_at(data, host)
+            .await
+            .map_err(|e| Error::io("writing guest data", e).at(host))
+    }
+
+    /// The allocating path, with the cluster's in-flight guard held.
+    async fn allocate_and_write(&self, gc: u64, m: Mapping, data: &[u8], off: u64) -> Result<()> {
+        let geo = self.inner.geo;
+        let cstart = geo.cluster_floor(off);
+        // The span of the cluster to (re)write: whole cluster, or with extended L2 on a cluster
+        // that keeps its other subclusters, just the touched subclusters.
+        let keeps_others = geo.l2.extended
+            && matches!(m.entry, L2Entry::Unallocated | L2Entry::Normal { copied: true, .. });
+        let (span_start, span_end) = if keeps_others {
+            let sc = geo.subcluster_size();
+            let s = (off - cstart) / sc * sc;
+            let e = (off - cstart + data.len() as u64).div_ceil(sc) * sc;
+            (cstart + s, cstart + e)
+        } else {
+            (cstart, cstart + geo.cluster_size)
+        };
+        let table = self.ensure_l2_table(gc).await?;
+        let (host, reused) = match m.entry {
+            L2Entry::Normal { host, copied: true } => (host.0, true),
+            L2Entry::Zero { host: Some(h), copied: true } => (h.0, true),
+            _ => (self.write_state()?.refcounts.alloc(1).await?, false),
+        };
+        let filled = self.write_with_fill(host, cstart, (span_start, span_end), data, off).await;
+        if let Err(e) = filled {
+            if !reused {
+                self.write_state()?.defer_free(host, false);
+            }
+            return Err(e);
+        }
+        let bitmap = if keeps_others {
+            let sc = geo.subcluster_size();
+            let mut b = m.bitmap;
+            let first = ((span_start - cstart) / sc) as u32;
+            b.set_range(first, ((span_end - span_start) / sc) as u32, SubclusterState::Allocated);
+            b
+        } else if geo.l2.extended {
+            SubclusterBitmap::all(SubclusterState::Allocated)
+        } else {
+            SubclusterBitmap(0)
+        };
+        let entry = L2Entry::Normal { host: HostOffset(host), copied: true };
+        self.set_l2(table, gc, entry, bitmap).await?;
+        if !reused {
+            self.release_old(&m.entry);
+        }
+        Ok(())
+    }
+
+    /// Write `data` at guest `off` into host cluster `host` (guest cluster start `cstart`),
+    /// filling the rest of `span` from the old guest view.
+    async fn write_with_fill(
+        &self,
+        host: u64,
+        cstart: u64,
+        (span_start, span_end): (u64, u64),
+        data: &[u8],
+        off: u64,
+    ) -> Result<()> {
+        let head = off - span_start;
+        let tail_start = off + data.len() as u64;
+        let tail = span_end - tail_start;
+        let h = host + (span_start - cstart);
+        let head_fill = self.old_view(span_start, head).await?;
+        let tail_fill = self.old_view(tail_start, tail).await?;
+        let mut buf = Vec::with_capacity((span_end - span_start) as usize);
+        let mut buf_at = h;
+        match head_fill {
+            Some(b) => buf.extend_from_slice(&b),
+            None if head >= ZERO_IO_THRESHOLD => {
+                self.zero_data(h, head).await?;
+                buf_at = h + head;
+            }
+            None => buf.resize(head as usize, 0),
+        }
+        buf.extend_from_slice(data);
+        let tail_h = h + (tail_start - span_start);
+        match tail_fill {
+            Some(b) => buf.extend_from_slice(&b),
+            None if tail >= ZERO_IO_THRESHOLD => self.zero_data(tail_h, tail).await?,
+            None => buf.resize(buf.len() + tail as usize, 0),
+        }
+        self.write_data(&buf, buf_at).await
+    }
+
+    /// The current guest content of `[off, off + len)`, or `None` when it reads as zeros.
+    async fn old_view(&self, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let size = self.virtual_size();
+        let inside = size.saturating_sub(off).min(len);
+        if inside == 0 || self.reads_as_zero(off, inside).await? {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.read_at(&mut buf[..inside as usize], off).await?;
+        Ok(Some(buf))
+    }
+
+    /// Whether `[off, off + len)` (inside one cluster) reads as zeros without reading data.
+    async fn reads_as_zero(&self, off: u64, len: u64) -> Result<bool> {
+        let run = self.next_run(off, len).await?;
+        if run.len < len {
+            return Ok(false);
+        }
+        Ok(match run.source {
+            Source::Zero => true,
+            Source::Backing => self.inner.backing.as_ref().is_none_or(|b| off >= b.size()),
+            _ => false,
+        })
+    }
+
+    pub(crate) async fn zero_data(&self, host: u64, len: u64) -> Result<()> {
+        self.inner
+            .data
+            .write_zeroes(host, len)
+            .await
+            .map_err(|e| Error::io("zeroing guest data", e).at(host))
+    }
+
+    /// Schedule dropping the references the old entry held (after the new mapping is on disk).
+    pub(crate) fn release_old(&self, old: &L2Entry) {
+        let Ok(w) = self.write_state() else { return };
+        let cb = self.inner.geo.cluster_bits;
+        match old {
+            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => {
+                w.defer_free(host.0, true)
+            }
+            L2Entry::Compressed(d) => {
+                let (first, last) = d.host_clusters(cb);
+                for c in first..=last {
+                    w.defer_free(c << cb, false);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) fn write_state(&self) -> Result<&super::state::WriteState> {
+        let w = self.inner.write.as_ref().ok_or_else(|| {
+            Error::new(ErrorKind::ReadOnly, "the image is opened read-only")
+        })?;
+        w.check_poison()?;
+        Ok(w)
+    }
+}
