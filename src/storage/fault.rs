@@ -487,6 +487,22 @@ mod tests {
         assert_eq!(mem.snapshot()[99..109], [0, 9, 9, 9, 0, 0, 0, 0, 0, 0]);
     }
 
+    /// A failed request must not reach the inner storage, even one that starts its IO when
+    /// the future is created (the crash log records at call time).
+    #[tokio::test]
+    async fn failed_requests_never_reach_the_inner_storage() {
+        let crash = Arc::new(crate::storage::CrashStorage::new(Vec::new()));
+        let s = FaultStorage::new(crash.clone());
+        s.set_rule(FaultRule::any().sticky());
+        assert!(s.write_at(&[1], 0).await.is_err());
+        assert!(s.write_zeroes(0, 8).await.is_err());
+        assert!(s.discard(0, 8).await.is_err());
+        assert!(s.set_len(8).await.is_err());
+        assert!(s.flush().await.is_err());
+        assert!(s.allocate(0, 8).await.is_err());
+        assert_eq!(crash.crash_points(), 1, "log: {:?}", crash.log());
+    }
+
     #[tokio::test]
     async fn rules_change_at_runtime() {
         let (_, s) = wrapped();

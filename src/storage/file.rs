@@ -3,7 +3,8 @@
 //! Every syscall blocks, so none runs on the caller's executor: each request is handed to the
 //! `blocking` crate's thread pool (`blocking::unblock`) together with an `Arc` of the open file,
 //! and the pool wakes the caller's task when it is done. This keeps the engine independent of
-//! any async runtime.
+//! any async runtime. The IO is queued when the method is called, not when the returned future
+//! is first polled; dropping the future does not undo an IO that has started.
 //!
 //! Buffers are copied into (writes) or out of (reads) a `Vec` the IO thread owns. Borrowing the
 //! caller's buffer instead would be unsound: if the caller drops (cancels) the future, the

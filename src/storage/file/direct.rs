@@ -270,7 +270,7 @@ impl DirectIo {
         Ok(())
     }
 
-    /// Write zeros to `[start, end)`, which lies within one block or is empty.
+    /// Write zeros to `[start, end)` through the RMW path (a few blocks at most).
     fn write_zero_bytes(&self, file: &File, start: u64, end: u64) -> io::Result<()> {
         if start >= end {
             return Ok(());
