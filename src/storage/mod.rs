@@ -21,6 +21,13 @@ pub mod crash;
 #[cfg(feature = "test-utils")]
 pub mod fault;
 
+pub use file::{FileStorage, OpenFlags};
+pub use memory::MemoryStorage;
+
+#[cfg(feature = "test-utils")]
+pub use crash::{CrashPolicy, CrashStorage};
+#[cfg(feature = "test-utils")]
+pub use fault::{FaultError, FaultRule, FaultStorage, OpCounts, OpKind};
 
 /// A boxed, `Send` future returned by [`Storage`] methods.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
@@ -35,6 +42,8 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + '
 /// - `discard` is a hint that the range's content no longer matters; it may do nothing, and
 ///   afterwards the range reads as either the old data or zeros.
 /// - `flush` makes every write that completed before it durable (fsync).
+// `len` is a byte count that needs an IO to learn; an `is_empty` would add nothing.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Read `buf.len()` bytes at `offset`; past the end reads zeros.
     fn read_at<'a>(&'a self, buf: &'a mut [u8], offset: u64) -> IoFuture<'a, ()>;
@@ -62,8 +71,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Box::pin(async move { Ok((true, len)) })
     }
     /// Allocate (reserve) `len` bytes at `offset` without changing their content where possible.
-    /// The default writes zeros past the current end only, via `write_zeroes`.
+    /// The default writes zeros past the current end only, via `write_zeroes`; bytes already
+    /// inside the storage keep their content.
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.write_zeroes(offset, len)
+        Box::pin(async move {
+            let end = offset
+                .checked_add(len)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))?;
+            let from = self.len().await?.max(offset);
+            if end > from {
+                self.write_zeroes(from, end - from).await?;
+            }
+            Ok(())
+        })
     }
 }

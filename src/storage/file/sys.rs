@@ -1,0 +1,130 @@
+//! Thin, synchronous wrappers over the syscalls the file backend needs: positional reads and
+//! writes that loop over short transfers, `fallocate`, and opening with `O_DIRECT`.
+//!
+//! Everything here blocks; callers run it on an IO thread, never on the async executor.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// `fallocate` modes used by the backend (Linux values; unused elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Falloc {
+    /// Mode 0: allocate blocks, extending the size if the range passes the end.
+    Allocate,
+    /// `FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE`: make the range read as zeros, keep blocks.
+    ZeroRange,
+    /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: deallocate; the range reads as zeros.
+    PunchHole,
+}
+
+/// Whether `err` means "this filesystem or kernel cannot do that" (as opposed to a real failure).
+pub(super) fn is_unsupported(err: &io::Error) -> bool {
+    if err.kind() == io::ErrorKind::Unsupported {
+        return true;
+    }
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
+
+#[cfg(target_os = "linux")]
+pub(super) fn fallocate(file: &File, mode: Falloc, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = match mode {
+        Falloc::Allocate => 0,
+        Falloc::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        Falloc::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    };
+    let off = to_off_t(offset)?;
+    let n = to_off_t(len)?;
+    loop {
+        // SAFETY: `fallocate` takes no pointers; the descriptor is valid for as long as `file` is
+        // borrowed, so it cannot be closed (and reused) during the call.
+        let ret = unsafe { libc::fallocate(file.as_raw_fd(), flags, off, n) };
+        if ret == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn fallocate(_file: &File, _mode: Falloc, _offset: u64, _len: u64) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(target_os = "linux")]
+fn to_off_t(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| invalid_input("offset or length too large"))
+}
+
+/// Read `buf.len()` bytes at `offset`, looping over short reads; bytes past the end of the file
+/// are zero-filled. Returns how many bytes came from the file.
+pub(super) fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(done)
+}
+
+/// Write all of `buf` at `offset`, looping over short writes.
+pub(super) fn write_full(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    // `write_all_at` already loops over short writes and retries on EINTR.
+    file.write_all_at(buf, offset)
+}
+
+/// Open `path` with the given access, optionally with `O_DIRECT` (a clear `Unsupported` error if
+/// the filesystem refuses it, as tmpfs does).
+pub(super) fn open(path: &Path, write: bool, create: bool, direct: bool) -> io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(write);
+    if create {
+        opts.create(true).truncate(true);
+    }
+    if direct {
+        opts.custom_flags(direct_flag()?);
+    }
+    opts.open(path).map_err(|e| {
+        if direct && e.raw_os_error() == Some(libc::EINVAL) {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "O_DIRECT is not supported by the filesystem of {}",
+                    path.display()
+                ),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn direct_flag() -> io::Result<i32> {
+    Ok(libc::O_DIRECT)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn direct_flag() -> io::Result<i32> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "O_DIRECT is only supported on Linux",
+    ))
+}
+
+pub(super) fn invalid_input(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
