@@ -10,6 +10,7 @@
 //!  storage/  the Storage trait and its backends
 //! ```
 
+pub mod alloc;
 pub mod cache;
 pub mod error;
 pub mod format;

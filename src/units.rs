@@ -25,14 +25,14 @@ impl fmt::Display for HostOffset {
 
 impl HostOffset {
     /// The offset `n` bytes further on.
-    pub fn add(self, n: u64) -> HostOffset {
+    pub fn offset_by(self, n: u64) -> HostOffset {
         HostOffset(self.0 + n)
     }
 }
 
 impl GuestOffset {
     /// The offset `n` bytes further on.
-    pub fn add(self, n: u64) -> GuestOffset {
+    pub fn offset_by(self, n: u64) -> GuestOffset {
         GuestOffset(self.0 + n)
     }
 }

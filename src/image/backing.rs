@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, OpenFlags, Storage};
 
 /// A backing image, as the read path sees it.
 #[derive(Debug)]
@@ -102,8 +102,7 @@ pub async fn open_backing(
         return Err(Error::invalid("backing chain contains a loop").in_file(path));
     }
     let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(path, true, opts.direct)
-            .await
+        FileStorage::open(path, OpenFlags { read_only: true, direct: opts.direct })
             .map_err(|e| Error::io("opening the backing file", e).in_file(path))?,
     );
     let fmt = match format {

@@ -58,9 +58,12 @@ impl Image {
         get_slice(self, &self.inner.l2_cache, off, file).await
     }
 
-    /// Called when a cache is full of dirty slices. The read-only engine never dirties a
-    /// slice, so this can only mean every slice is briefly in use: yield and retry.
+    /// Called when the L2 cache is full of dirty or busy slices: flush (which makes dirty
+    /// slices clean and evictable) instead of growing, or yield while slices are busy.
     pub(crate) async fn relieve_cache_pressure(&self) -> Result<()> {
+        if self.inner.write.is_some() && self.inner.l2_cache.dirty_count() > 0 {
+            return self.flush().await;
+        }
         tokio::task::yield_now().await;
         Ok(())
     }
@@ -79,11 +82,16 @@ pub(crate) async fn get_slice(
             Lookup::Full => img.relieve_cache_pressure().await?,
         }
     };
+    // A slice of a new, not yet zeroed metadata cluster must not be read from disk.
+    let cluster = img.inner.geo.cluster_floor(off);
+    let fresh = img.inner.new.contains(cluster);
     let res = slice
         .ensure_loaded(|mut buf| async move {
-            file.read_at(&mut buf, off)
-                .await
-                .map_err(|e| Error::io(format!("loading a {} slice", cache.name()), e).at(off))?;
+            if !fresh {
+                file.read_at(&mut buf, off).await.map_err(|e| {
+                    Error::io(format!("loading a {} slice", cache.name()), e).at(off)
+                })?;
+            }
             Ok(buf)
         })
         .await;

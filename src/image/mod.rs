@@ -14,16 +14,22 @@
 
 mod backing;
 pub mod create;
+mod flush;
 mod geometry;
+mod l2_update;
 mod lookup;
 mod map;
 mod open;
 mod options;
 mod read;
+mod state;
+mod write;
+mod zero;
 
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
+pub use zero::ZeroFlags;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -58,14 +64,20 @@ pub(crate) struct Inner {
     l2_cache: SliceCache,
     backing: Option<Backing>,
     data_file_path: Option<PathBuf>,
+    /// Freshly allocated metadata clusters not yet zeroed on disk.
+    new: Arc<crate::alloc::NewClusters>,
+    /// Write-side state; `None` for read-only images.
+    write: Option<state::WriteState>,
+    flush_interval: Option<std::time::Duration>,
+    dirty_threshold_percent: usize,
 }
 
 impl Image {
     /// Open the image file at `path`.
     pub async fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        let storage = crate::storage::FileStorage::open(path, !opts.writable, opts.direct)
-            .await
+        let flags = crate::storage::OpenFlags { read_only: !opts.writable, direct: opts.direct };
+        let storage = crate::storage::FileStorage::open(path, flags)
             .map_err(|e| Error::io("opening the image", e).in_file(path))?;
         let chain = std::fs::canonicalize(path).map(|p| vec![p]).unwrap_or_default();
         Self::open_chain(Arc::new(storage), opts, chain).await.map_err(|e| e.in_file(path))
@@ -120,6 +132,11 @@ impl Image {
     /// Accounting of the L2 slice cache.
     pub fn l2_cache_stats(&self) -> CacheStats {
         self.inner.l2_cache.stats()
+    }
+
+    /// Accounting of the refcount-block slice cache (`None` for read-only images).
+    pub fn refcount_cache_stats(&self) -> Option<CacheStats> {
+        self.inner.write.as_ref().map(|w| w.refcounts.cache().stats())
     }
 
     /// The storage holding the image file.

@@ -13,7 +13,7 @@ use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
 use crate::format::header::Header;
 use crate::format::l1;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, OpenFlags, Storage};
 
 /// Bytes read first: enough for any header whose cluster is ≤ this; larger clusters are read
 /// whole in a second step.
@@ -144,8 +144,8 @@ async fn open_data_file(
             ));
         }
     };
-    let s = FileStorage::open(&p, !opts.writable, opts.direct)
-        .await
+    let flags = OpenFlags { read_only: !opts.writable, direct: opts.direct };
+    let s = FileStorage::open(&p, flags)
         .map_err(|e| Error::io("opening the external data file", e).in_file(&p))?;
     Ok((Arc::new(s), Some(p)))
 }

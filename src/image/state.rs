@@ -38,7 +38,9 @@ pub(crate) struct WriteState {
     pub generation: AtomicU64,
     poisoned: AtomicBool,
     /// Wakes the background flusher early (dirty threshold reached).
-    pub flush_wanted: tokio::sync::Notify,
+    pub flush_wanted: std::sync::Arc<tokio::sync::Notify>,
+    /// Set by close(): the background flusher stops.
+    pub closed: AtomicBool,
 }
 
 impl WriteState {
@@ -53,7 +55,8 @@ impl WriteState {
             flush_lock: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(1),
             poisoned: AtomicBool::new(false),
-            flush_wanted: tokio::sync::Notify::new(),
+            flush_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
+            closed: AtomicBool::new(false),
         }
     }
 

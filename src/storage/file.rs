@@ -217,6 +217,10 @@ impl Storage for FileStorage {
         Some(&self.path)
     }
 
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, (bool, u64)> {
+        self.run(move |inner| sys::data_status(&inner.file, offset, len))
+    }
+
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.run_write(move |inner| inner.allocate(offset, len))
     }

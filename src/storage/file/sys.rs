@@ -128,3 +128,35 @@ fn direct_flag() -> io::Result<i32> {
 pub(super) fn invalid_input(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
+
+/// Whether `offset` starts data (`true`) or a hole, and the length of that run (≤ `len`),
+/// from `lseek(SEEK_DATA/SEEK_HOLE)`. Filesystems without hole support report all data.
+#[cfg(target_os = "linux")]
+pub(super) fn data_status(file: &File, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+    use std::os::unix::io::AsRawFd;
+    let seek = |whence| {
+        // SAFETY: lseek on a valid, open file descriptor has no memory-safety requirements.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
+    };
+    let data = match seek(libc::SEEK_DATA) {
+        Ok(d) => d,
+        // ENXIO: no data at or after offset — the rest is a hole.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((false, len)),
+        Err(e) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+            return Ok((true, len));
+        }
+        Err(e) => return Err(e),
+    };
+    if data > offset {
+        return Ok((false, (data - offset).min(len)));
+    }
+    let hole = seek(libc::SEEK_HOLE)?;
+    Ok((true, hole.saturating_sub(offset).clamp(1, len.max(1)).min(len)))
+}
+
+/// Non-Linux: no hole information.
+#[cfg(not(target_os = "linux"))]
+pub(super) fn data_status(_file: &File, _offset: u64, len: u64) -> io::Result<(bool, u64)> {
+    Ok((true, len))
+}

@@ -1,0 +1,231 @@
+//! Flushing metadata in soft-update order, the background flusher, and close.
+//!
+//! ```text
+//!  snapshot dirty L1 entries, then dirty L2 slices (copies; updates continue meanwhile)
+//!  fsync data                      ── every mapping in the snapshot points at written data
+//!  refcount blocks → fsync → refcount table → fsync
+//!                                  ── every cluster in the snapshot has refcount ≥ 1
+//!  zero new L2 clusters, write L2 snapshot → fsync
+//!  write L1 snapshot → fsync
+//!  apply frees whose dropping mapping is now on disk and whose readers are gone
+//! ```
+//! Refcount increments always happen before the mapping that uses the cluster is published,
+//! so the refcounts written after the snapshot cover everything the snapshot references.
+//! A crash can leak clusters, never leave a mapping without its refcount.
+
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+
+use super::{Image, Inner};
+use crate::alloc::NewKind;
+use crate::error::{Error, Result};
+use crate::format::l1;
+
+/// Snapshot of dirty L2 slices: (slice, bytes, dirty generation).
+type L2Snapshot = Vec<(std::sync::Arc<crate::cache::Slice>, Vec<u8>, u64)>;
+
+impl Image {
+    /// Make every write that completed before this call durable: data, then metadata in
+    /// soft-update order, ending with fsync. On a read-only image this does nothing.
+    pub async fn flush(&self) -> Result<()> {
+        let Some(w) = self.inner.write.as_ref() else { return Ok(()) };
+        w.check_poison()?;
+        let _one = w.flush_lock.lock().await;
+        let generation = w.generation.fetch_add(1, Ordering::AcqRel);
+        let l1 = self.snapshot_l1();
+        let l2 = self.snapshot_l2();
+        if let Err(e) = self.write_metadata(&l1, &l2).await {
+            return Err(w.poison(e));
+        }
+        self.apply_frees(generation).await.map_err(|e| w.poison(e))
+    }
+
+    /// Flush twice (the second persists the frees the first applied) and stop the
+    /// background flusher. Await this before dropping a writable image: there is no
+    /// async drop, and unflushed metadata is lost (leaving leaked clusters at worst).
+    pub async fn close(&self) -> Result<()> {
+        self.flush().await?;
+        self.flush().await?;
+        if let Some(w) = self.inner.write.as_ref() {
+            w.closed.store(true, Ordering::Release);
+            w.flush_wanted.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Copies of the 512-byte L1 sectors holding dirty entries, as they are now.
+    fn snapshot_l1(&self) -> Vec<(usize, Vec<u8>)> {
+        let w = self.write_state_unpoisoned();
+        let dirty = std::mem::take(&mut *w.l1_dirty.lock().unwrap());
+        let mut sectors: Vec<usize> = dirty.iter().map(|i| i / 64).collect();
+        sectors.dedup();
+        let l1 = self.inner.l1.read().unwrap();
+        sectors
+            .into_iter()
+            .map(|sec| {
+                let end = ((sec + 1) * 64).min(l1.len());
+                let mut buf = vec![0u8; (end - sec * 64) * 8];
+                l1::write_table(&l1[sec * 64..end], &mut buf);
+                (sec, buf)
+            })
+            .collect()
+    }
+
+    fn snapshot_l2(&self) -> L2Snapshot {
+        let mut v = Vec::new();
+        for s in self.inner.l2_cache.dirty_slices() {
+            if let Some((bytes, g)) = s.snapshot_dirty() {
+                s.set_writing(true);
+                v.push((s, bytes, g));
+            }
+        }
+        v
+    }
+
+    async fn write_metadata(&self, l1: &[(usize, Vec<u8>)], l2: &L2Snapshot) -> Result<()> {
+        let w = self.write_state_unpoisoned();
+        let new_l2 = self.inner.new.of_kind(NewKind::L2);
+        self.sync_data().await?;
+        {
+            let mut st = w.refcounts.lock().await;
+            w.refcounts.flush_locked(&mut st).await?;
+        }
+        let cs = self.inner.geo.cluster_size;
+        for &h in &new_l2 {
+            self.inner.file.write_zeroes(h, cs).await.map_err(|e| Error::io("zeroing a new L2 table", e).at(h))?;
+            self.inner.new.remove(h);
+        }
+        let result = self.write_l2_snapshot(l2).await;
+        for (s, _, _) in l2 {
+            s.set_writing(false);
+        }
+        result?;
+        if !l2.is_empty() || !new_l2.is_empty() {
+            self.sync_file().await?;
+        }
+        if !l1.is_empty() {
+            self.write_l1(l1).await?;
+            self.sync_file().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_l2_snapshot(&self, l2: &L2Snapshot) -> Result<()> {
+        for (s, bytes, g) in l2 {
+            self.inner
+                .file
+                .write_at(bytes, s.offset())
+                .await
+                .map_err(|e| Error::io("writing an L2 slice", e).at(s.offset()))?;
+            s.mark_clean(*g);
+        }
+        Ok(())
+    }
+
+    /// Write the L1 sectors of the snapshot.
+    async fn write_l1(&self, sectors: &[(usize, Vec<u8>)]) -> Result<()> {
+        let table_off = self.inner.header.lock().unwrap().header.l1_table_offset;
+        for (sec, buf) in sectors {
+            let at = table_off + *sec as u64 * 512;
+            self.inner
+                .file
+                .write_at(buf, at)
+                .await
+                .map_err(|e| Error::io("writing the L1 table", e).at(at))?;
+        }
+        Ok(())
+    }
+
+    /// Drop the references whose dropping mappings are on disk (generation ≤ `upto`) and whose
+    /// possible readers have finished.
+    async fn apply_frees(&self, upto: u64) -> Result<()> {
+        let w = self.write_state_unpoisoned();
+        let ready: Vec<_> = {
+            let mut frees = w.frees.lock().unwrap();
+            let (ready, keep): (Vec<_>, Vec<_>) = frees
+                .drain(..)
+                .partition(|f| f.generation <= upto && w.epochs.quiesced(f.epoch));
+            *frees = keep;
+            ready
+        };
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let cb = self.inner.geo.cluster_bits;
+        let mut st = w.refcounts.lock().await;
+        for f in ready {
+            let c = f.host >> cb;
+            let cur = w.refcounts.get(&st, c).await?;
+            if cur == 0 {
+                return Err(Error::corrupt("freeing a cluster whose refcount is already 0").at(f.host));
+            }
+            if cur == 1 {
+                self.inner.l2_cache.invalidate_range(f.host, 1 << cb);
+                if f.punch {
+                    let _ = self.inner.data.discard(f.host, 1 << cb).await;
+                }
+            }
+            w.refcounts.set(&mut st, c, cur - 1).await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_data(&self) -> Result<()> {
+        self.inner.data.flush().await.map_err(|e| Error::io("syncing guest data", e))
+    }
+
+    async fn sync_file(&self) -> Result<()> {
+        self.inner.file.flush().await.map_err(|e| Error::io("syncing metadata", e))
+    }
+
+    fn write_state_unpoisoned(&self) -> &super::state::WriteState {
+        self.inner.write.as_ref().expect("flush on a writable image")
+    }
+
+    /// After a request changed metadata: wake the background flusher when enough is dirty.
+    pub(crate) fn after_metadata_change(&self) {
+        if let Some(w) = self.inner.write.as_ref() {
+            let pct = self.inner.dirty_threshold_percent;
+            if self.inner.l2_cache.dirty_above(pct) || w.refcounts.cache().dirty_above(pct) {
+                w.flush_wanted.notify_one();
+            }
+        }
+    }
+
+    /// Start the background flusher on the current tokio runtime, if there is one. It holds
+    /// only a weak reference, so it ends when the image is dropped or closed.
+    pub(crate) fn start_flusher(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let weak = std::sync::Arc::downgrade(&self.inner);
+        let interval = self.inner.flush_interval;
+        rt.spawn(flusher(weak, interval));
+    }
+}
+
+async fn flusher(weak: Weak<Inner>, interval: Option<std::time::Duration>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let img = Image { inner };
+        let Some(w) = img.inner.write.as_ref() else { return };
+        if w.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let wanted = w.flush_wanted.clone().notified_owned();
+        let period = interval.unwrap_or(std::time::Duration::from_secs(3600));
+        // Do not keep the image alive while sleeping.
+        let weak_again = std::sync::Arc::downgrade(&img.inner);
+        drop(img);
+        tokio::select! {
+            _ = wanted => {}
+            _ = tokio::time::sleep(period) => {}
+        }
+        let Some(inner) = weak_again.upgrade() else { return };
+        let img = Image { inner };
+        let dirty = img.inner.l2_cache.dirty_count() > 0
+            || img.inner.write.as_ref().is_some_and(|w| w.refcounts.cache().dirty_count() > 0
+                || !w.l1_dirty.lock().unwrap().is_empty());
+        if dirty && img.flush().await.is_err() {
+            return; // poisoned: writes fail from now on; nothing more to do here
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Zeroing and discarding guest ranges.
+//!
+//! Whole clusters change their mapping (zero clusters on v3, unallocated on images without a
+//! backing file); partial clusters get zeros written through the normal write path. With
+//! extended L2, whole subclusters get their "reads as zero" bit. After either call the range
+//! reads as zeros — discard never lets the backing file's data show through.
+
+use super::Image;
+use crate::error::Result;
+use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
+
+/// Options of [`Image::write_zeroes`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The host space may be released (zero clusters without an allocation). Without it,
+    /// allocated clusters keep their host cluster (preallocated zero clusters).
+    pub may_unmap: bool,
+}
+
+impl Image {
+    /// Make `[offset, offset + len)` read as zeros.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.zero_range(offset, len, flags.may_unmap).await
+    }
+
+    /// Discard `[offset, offset + len)`: it reads as zeros afterwards, its clusters are freed
+    /// (once the new mapping is on disk) and their host space is punched.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, true).await
+    }
+
+    async fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let w = self.write_state()?;
+        self.check_range(offset, len)?;
+        self.check_data_access()?;
+        let _epoch = w.epochs.enter();
+        let geo = self.inner.geo;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let n = (geo.cluster_size - geo.in_cluster(off)).min(end - off);
+            let whole = n == geo.cluster_size || off + n == self.virtual_size();
+            if whole && geo.in_cluster(off) == 0 && self.zero_flag_usable() {
+                self.zero_cluster(geo.guest_cluster(off), unmap).await?;
+            } else if geo.l2.extended {
+                self.zero_subclusters(off, n).await?;
+            } else {
+                self.write_zero_bytes(off, n).await?;
+            }
+            off += n;
+        }
+        self.after_metadata_change();
+        Ok(())
+    }
+
+    /// Whether whole clusters can be turned into zero clusters (v3), or — on v2 without a
+    /// backing file — made unallocated.
+    fn zero_flag_usable(&self) -> bool {
+        self.inner.geo.l2.version3 || self.inner.backing.is_none()
+    }
+
+    async fn write_zero_bytes(&self, off: u64, n: u64) -> Result<()> {
+        let zeros = vec![0u8; n as usize];
+        self.write_piece(&zeros, off).await
+    }
+
+    /// Zero one whole cluster by changing its mapping.
+    async fn zero_cluster(&self, gc: u64, unmap: bool) -> Result<()> {
+        let w = self.write_state()?;
+        let _guard = w.inflight.lock(gc).await;
+        let m = self.lookup(gc).await?;
+        let geo = self.inner.geo;
+        let has_backing = self.inner.backing.as_ref().is_some_and(|b| gc * geo.cluster_size < b.size());
+        if matches!(m.entry, L2Entry::Unallocated) && m.bitmap.alloc_bits() == 0 && !has_backing {
+            let all_unalloc = m.bitmap.zero_bits() == 0;
+            if all_unalloc || !geo.l2.extended {
+                return Ok(()); // already reads as zeros with nothing allocated
+            }
+        }
+        let keep = match m.entry {
+            L2Entry::Normal { host, copied: true } if !unmap => Some(host),
+            L2Entry::Zero { host: Some(h), copied: true } if !unmap => Some(h),
+            _ => None,
+        };
+        let (entry, bitmap) = zero_entry(&geo.l2, keep, has_backing);
+        if entry == m.entry && bitmap == m.bitmap {
+            return Ok(());
+        }
+        let table = self.ensure_l2_table(gc).await?;
+        self.set_l2(table, gc, entry, bitmap).await?;
+        if keep.is_none() {
+            self.release_old(&m.entry);
+        }
+        Ok(())
+    }
+
+    /// Extended L2: whole subclusters get the zero bit, partial ones get zeros written.
+    async fn zero_subclusters(&self, off: u64, n: u64) -> Result<()> {
+        let geo = self.inner.geo;
+        let sc = geo.subcluster_size();
+        let first_full = off.div_ceil(sc) * sc;
+        let last_full = (off + n) / sc * sc;
+        if first_full >= last_full {
+            return self.write_zero_bytes(off, n).await;
+        }
+        if off < first_full {
+            self.write_zero_bytes(off, first_full - off).await?;
+        }
+        self.mark_zero_subclusters(first_full, last_full - first_full).await?;
+        if last_full < off + n {
+            self.write_zero_bytes(last_full, off + n - last_full).await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_zero_subclusters(&self, off: u64, n: u64) -> Result<()> {
+        let w = self.write_state()?;
+        let geo = self.inner.geo;
+        let gc = geo.guest_cluster(off);
+        let _guard = w.inflight.lock(gc).await;
+        let m = self.lookup(gc).await?;
+        if matches!(m.entry, L2Entry::Compressed(_) | L2Entry::Normal { copied: false, .. }) {
+            // Shared or compressed clusters are rewritten whole: zeros through the write path.
+            drop(_guard);
+            return self.write_zero_bytes(off, n).await;
+        }
+        let sc = geo.subcluster_size();
+        let mut bitmap = m.bitmap;
+        let first = (geo.in_cluster(off) / sc) as u32;
+        bitmap.set_range(first, (n / sc) as u32, SubclusterState::Zero);
+        let table = self.ensure_l2_table(gc).await?;
+        self.set_l2(table, gc, m.entry, bitmap).await
+    }
+}
+
+/// The entry that makes a whole cluster read as zeros. `keep` is a host cluster to keep
+/// allocated (preallocated zeros). Without the zero flag (v2, no backing) it is unallocated.
+fn zero_entry(
+    geo: &crate::format::l2::L2Geometry,
+    keep: Option<crate::units::HostOffset>,
+    has_backing: bool,
+) -> (L2Entry, SubclusterBitmap) {
+    if geo.extended {
+        let entry = match keep {
+            Some(host) => L2Entry::Normal { host, copied: true },
+            None => L2Entry::Unallocated,
+        };
+        return (entry, SubclusterBitmap::all(SubclusterState::Zero));
+    }
+    if !geo.version3 {
+        debug_assert!(!has_backing);
+        return (L2Entry::Unallocated, SubclusterBitmap(0));
+    }
+    (L2Entry::Zero { host: keep, copied: keep.is_some() }, SubclusterBitmap(0))
+}
