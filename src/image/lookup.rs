@@ -45,7 +45,12 @@ impl Image {
         let (raw, bitmap) = slice
             .read(|b| l2::read_raw(b, idx, &geo.l2))
             .ok_or_else(|| Error::corrupt("L2 index outside its slice"))?;
-        let entry = L2Entry::decode(raw, &geo.l2).map_err(|e| e.at(slice_off))?;
+        let entry = if self.inner.data_file_path.is_some() {
+            L2Entry::decode_external(raw, &geo.l2)
+        } else {
+            L2Entry::decode(raw, &geo.l2)
+        }
+        .map_err(|e| e.at(slice_off))?;
         if geo.l2.extended {
             bitmap.validate_for(&entry).map_err(|e| e.at(slice_off))?;
         }

@@ -21,6 +21,7 @@ mod lookup;
 mod map;
 mod open;
 mod options;
+mod prepare;
 mod read;
 mod state;
 mod write;

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::backing::{open_backing, resolve_relative};
 use super::geometry::Geometry;
 use super::{Image, Inner, OpenOptions};
+use super::state::WriteState;
+use crate::alloc::{NewClusters, Refcounts};
 use crate::cache::SliceCache;
+use crate::format::refcount;
 use crate::error::{Error, Result};
 use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
@@ -42,7 +45,16 @@ impl Image {
         let path = file.path().map(PathBuf::from);
         let backing = open_chain_backing(&ih, path.as_deref(), opts, &chain).await?;
         let (data, data_file_path) = open_data_file(&ih, &file, path.as_deref(), opts).await?;
+        let new = Arc::new(NewClusters::new());
+        let write = match opts.writable {
+            true => Some(open_write_state(&file, &ih, file_len, opts, &new).await?),
+            false => None,
+        };
         let inner = Inner {
+            new,
+            write,
+            flush_interval: opts.flush_interval,
+            dirty_threshold_percent: opts.dirty_threshold_percent,
             data,
             data_file_path,
             path,
@@ -57,8 +69,53 @@ impl Image {
             header: Mutex::new(ih),
             file,
         };
-        Ok(Image { inner: Arc::new(inner) })
+        let img = Image { inner: Arc::new(inner) };
+        if opts.writable {
+            img.prepare_for_writing().await?;
+            img.start_flusher();
+        }
+        Ok(img)
     }
+}
+
+/// Read the refcount table and set up the allocator.
+async fn open_write_state(
+    file: &Arc<dyn Storage>,
+    ih: &ImageHeader,
+    file_len: u64,
+    opts: &OpenOptions,
+    new: &Arc<NewClusters>,
+) -> Result<WriteState> {
+    let h = &ih.header;
+    if h.is_corrupt() {
+        return Err(Error::corrupt(
+            "the image is marked corrupt; repair it (check -r all) before writing",
+        ));
+    }
+    let clusters = u64::from(h.refcount_table_clusters);
+    // validate() bounded the table to 8 MiB.
+    let mut buf = vec![0u8; (clusters << h.cluster_bits) as usize];
+    file.read_at(&mut buf, h.refcount_table_offset)
+        .await
+        .map_err(|e| Error::io("reading the refcount table", e).at(h.refcount_table_offset))?;
+    let table = refcount::parse_table(&buf);
+    for (i, e) in table.iter().enumerate() {
+        e.validate(h.cluster_size())
+            .map_err(|err| Error::corrupt(format!("refcount table entry {i}: {}", err.what())))?;
+    }
+    let slice = (opts.slice_size.next_power_of_two() as u64).clamp(512, h.cluster_size()) as usize;
+    let rc = Refcounts::new(
+        file.clone(),
+        h.cluster_bits,
+        h.refcount_order,
+        table,
+        h.refcount_table_offset,
+        clusters,
+        file_len,
+        (slice, opts.refcount_cache_bytes),
+        new.clone(),
+    );
+    Ok(WriteState::new(rc))
 }
 
 /// Read and validate cluster 0: header, extensions, backing file name.
