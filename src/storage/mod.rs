@@ -21,7 +21,6 @@ pub mod crash;
 #[cfg(feature = "test-utils")]
 pub mod fault;
 
-
 /// A boxed, `Send` future returned by [`Storage`] methods.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
 
