@@ -65,7 +65,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` describing `what` happened.
     pub fn new(kind: ErrorKind, what: impl Into<String>) -> Self {
-        Error { kind, what: what.into(), offset: None, path: None, source: None }
+        Error {
+            kind,
+            what: what.into(),
+            offset: None,
+            path: None,
+            source: None,
+        }
     }
 
     /// [`ErrorKind::InvalidImage`] with a description.
@@ -97,7 +103,10 @@ impl Error {
         } else {
             ErrorKind::Io
         };
-        Error { source: Some(source), ..Self::new(kind, what) }
+        Error {
+            source: Some(source),
+            ..Self::new(kind, what)
+        }
     }
 
     /// Attach the byte offset (guest or host, as `what` says) the error is about.
