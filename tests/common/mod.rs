@@ -1,0 +1,51 @@
+//! Helpers shared by the integration tests: running QEMU's tools and comparing images.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+/// Run a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Exit code of a command.
+pub fn status(cmd: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `qemu-img check` must report no errors and no leaks.
+pub fn assert_check_clean(img: &Path) {
+    let (code, text) = status("qemu-img", &["check", img.to_str().unwrap()]);
+    assert_eq!(code, 0, "qemu-img check {}:\n{text}", img.display());
+}
+
+/// The reference content of an image, by `qemu-img convert -O raw`.
+pub fn qemu_raw(img: &Path) -> Vec<u8> {
+    let out = img.with_extension("ref.raw");
+    run("qemu-img", &["convert", "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    data
+}
+
+/// Find the first differing offset of two buffers, for readable assertion messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
