@@ -8,7 +8,18 @@ async fn reads_a_qemu_image() {
     let img = dir.path().join("a.qcow2");
     let p = img.to_str().unwrap();
     common::run("qemu-img", &["create", "-q", "-f", "qcow2", p, "4M"]);
-    common::run("qemu-io", &["-c", "write -P 0xab 0 64k", "-c", "write -P 0x11 1M 100k", "-c", "write -z 96k 64k", p]);
+    common::run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0xab 0 64k",
+            "-c",
+            "write -P 0x11 1M 100k",
+            "-c",
+            "write -z 96k 64k",
+            p,
+        ],
+    );
     let want = common::qemu_raw(&img);
     let image = Image::open(&img, &OpenOptions::new()).await.unwrap();
     let mut got = vec![0u8; want.len()];
@@ -22,9 +33,19 @@ async fn writes_and_checks_clean() {
     let img = dir.path().join("w.qcow2");
     let p = img.to_str().unwrap();
     common::run("qemu-img", &["create", "-q", "-f", "qcow2", p, "8M"]);
-    let image = Image::open(&img, &OpenOptions::new().writable(true)).await.unwrap();
+    let image = Image::open(&img, &OpenOptions::new().writable(true))
+        .await
+        .unwrap();
     let mut shadow = vec![0u8; 8 << 20];
-    for (i, (off, len)) in [(0u64, 4096usize), (70_000, 100_000), (3 << 20, 65536), (5_000_000, 7)].iter().enumerate() {
+    for (i, (off, len)) in [
+        (0u64, 4096usize),
+        (70_000, 100_000),
+        (3 << 20, 65536),
+        (5_000_000, 7),
+    ]
+    .iter()
+    .enumerate()
+    {
         let data = vec![i as u8 + 1; *len];
         image.write_at(&data, *off).await.unwrap();
         shadow[*off as usize..*off as usize + len].copy_from_slice(&data);
@@ -37,5 +58,8 @@ async fn writes_and_checks_clean() {
     image.close().await.unwrap();
     drop(image);
     common::assert_check_clean(&img);
-    assert_eq!(common::first_difference(&common::qemu_raw(&img), &shadow), None);
+    assert_eq!(
+        common::first_difference(&common::qemu_raw(&img), &shadow),
+        None
+    );
 }

@@ -79,24 +79,37 @@ async fn task(img: Image, model: Arc<Model>, seed: u64, v: Variant) {
             0..=49 => {
                 let base = (seed as usize).wrapping_mul(31).wrapping_add(o);
                 let data: Vec<u8> = (0..l).map(|i| base.wrapping_add(i) as u8 | 1).collect();
-                img.write_at(&data, off).await.unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
+                img.write_at(&data, off)
+                    .await
+                    .unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
                 model.shadow.lock().unwrap()[o..o + l].copy_from_slice(&data);
             }
             50..=59 => {
-                let flags = ZeroFlags { may_unmap: rng.gen_bool(0.5) };
-                img.write_zeroes(off, len, flags).await.unwrap_or_else(|e| panic!("zero {off}+{len}: {e}"));
+                let flags = ZeroFlags {
+                    may_unmap: rng.gen_bool(0.5),
+                };
+                img.write_zeroes(off, len, flags)
+                    .await
+                    .unwrap_or_else(|e| panic!("zero {off}+{len}: {e}"));
                 model.shadow.lock().unwrap()[o..o + l].fill(0);
             }
             60..=67 => {
-                img.discard(off, len).await.unwrap_or_else(|e| panic!("discard {off}+{len}: {e}"));
+                img.discard(off, len)
+                    .await
+                    .unwrap_or_else(|e| panic!("discard {off}+{len}: {e}"));
                 model.shadow.lock().unwrap()[o..o + l].fill(0);
             }
             68..=95 => {
                 let mut buf = vec![0u8; l];
-                img.read_at(&mut buf, off).await.unwrap_or_else(|e| panic!("read {off}+{len}: {e}"));
+                img.read_at(&mut buf, off)
+                    .await
+                    .unwrap_or_else(|e| panic!("read {off}+{len}: {e}"));
                 let want = model.shadow.lock().unwrap()[o..o + l].to_vec();
                 if let Some(d) = common::first_difference(&buf, &want) {
-                    panic!("{}: read {off}+{len} differs at +{d}: got {} want {}", v.name, buf[d], want[d]);
+                    panic!(
+                        "{}: read {off}+{len} differs at +{d}: got {} want {}",
+                        v.name, buf[d], want[d]
+                    );
                 }
             }
             _ => img.flush().await.unwrap(),
@@ -121,7 +134,21 @@ fn make_backing(dir: &Path, kind: &str, size: u64) -> (std::path::PathBuf, Vec<u
         return (raw, data);
     }
     let q = dir.join("backing.qcow2");
-    common::run("qemu-img", &["convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", raw.to_str().unwrap(), q.to_str().unwrap()]);
+    common::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            raw.to_str().unwrap(),
+            q.to_str().unwrap(),
+        ],
+    );
     (q, data)
 }
 
@@ -136,10 +163,29 @@ async fn run_variant(v: Variant, seed: u64) {
             let (b, data) = make_backing(dir.path(), kind, v.size);
             initial = data;
             let fmt = if kind == "raw" { "raw" } else { "qcow2" };
-            common::run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", v.create_opts, "-b", b.to_str().unwrap(), "-F", fmt, p, &size]);
+            common::run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    v.create_opts,
+                    "-b",
+                    b.to_str().unwrap(),
+                    "-F",
+                    fmt,
+                    p,
+                    &size,
+                ],
+            );
         }
         None => {
-            common::run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", v.create_opts, p, &size]);
+            common::run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", v.create_opts, p, &size],
+            );
         }
     }
     let opts = OpenOptions::new()
@@ -148,19 +194,36 @@ async fn run_variant(v: Variant, seed: u64) {
         .l2_cache_bytes(8 * 512)
         .refcount_cache_bytes(4 * 512);
     let img = Image::open(&img_path, &opts).await.unwrap();
-    let model = Arc::new(Model { shadow: Mutex::new(initial), busy: Mutex::new(Vec::new()) });
+    let model = Arc::new(Model {
+        shadow: Mutex::new(initial),
+        busy: Mutex::new(Vec::new()),
+    });
     let mut handles = Vec::new();
     for t in 0..v.tasks {
         let task_seed = seed.wrapping_mul(1000).wrapping_add(t as u64);
-        handles.push(tokio::spawn(task(img.clone(), model.clone(), task_seed, v.clone())));
+        handles.push(tokio::spawn(task(
+            img.clone(),
+            model.clone(),
+            task_seed,
+            v.clone(),
+        )));
     }
     for h in handles {
-        h.await.unwrap_or_else(|e| panic!("{} seed {seed}: task failed: {e}", v.name));
+        h.await
+            .unwrap_or_else(|e| panic!("{} seed {seed}: task failed: {e}", v.name));
     }
     let stats = img.l2_cache_stats();
-    assert!(stats.peak_bytes <= stats.capacity_bytes, "{}: L2 cache exceeded its bound: {stats:?}", v.name);
+    assert!(
+        stats.peak_bytes <= stats.capacity_bytes,
+        "{}: L2 cache exceeded its bound: {stats:?}",
+        v.name
+    );
     let rstats = img.refcount_cache_stats().unwrap();
-    assert!(rstats.peak_bytes <= rstats.capacity_bytes, "{}: refcount cache exceeded its bound: {rstats:?}", v.name);
+    assert!(
+        rstats.peak_bytes <= rstats.capacity_bytes,
+        "{}: refcount cache exceeded its bound: {rstats:?}",
+        v.name
+    );
     img.close().await.unwrap();
     drop(img);
     let shadow = model.shadow.lock().unwrap().clone();
@@ -168,16 +231,42 @@ async fn run_variant(v: Variant, seed: u64) {
     std::fs::write(&raw, &shadow).unwrap();
     let (code, out) = common::status("qemu-img", &["check", p]);
     assert_eq!(code, 0, "{} seed {seed}: qemu-img check:\n{out}", v.name);
-    let (code, out) = common::status("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", raw.to_str().unwrap(), p]);
+    let (code, out) = common::status(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            raw.to_str().unwrap(),
+            p,
+        ],
+    );
     assert_eq!(code, 0, "{} seed {seed}: qemu-img compare:\n{out}", v.name);
 }
 
-fn variant(name: &'static str, create_opts: &'static str, backing: Option<&'static str>) -> Variant {
-    Variant { name, create_opts, size: 24 << 20, backing, tasks: 16, ops_per_task: 40, max_len: 4 << 20 }
+fn variant(
+    name: &'static str,
+    create_opts: &'static str,
+    backing: Option<&'static str>,
+) -> Variant {
+    Variant {
+        name,
+        create_opts,
+        size: 24 << 20,
+        backing,
+        tasks: 16,
+        ops_per_task: 40,
+        max_len: 4 << 20,
+    }
 }
 
 fn seed() -> u64 {
-    std::env::var("QCOW2_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
+    std::env::var("QCOW2_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
 }
 
 macro_rules! model_test {
@@ -192,14 +281,30 @@ macro_rules! model_test {
 }
 
 model_test!(cluster_64k, "cluster_size=65536", None);
-model_test!(cluster_64k_backing_qcow2, "cluster_size=65536", Some("qcow2"));
+model_test!(
+    cluster_64k_backing_qcow2,
+    "cluster_size=65536",
+    Some("qcow2")
+);
 model_test!(cluster_4k_backing_raw, "cluster_size=4096", Some("raw"));
-model_test!(cluster_512_refcount_1, "cluster_size=512,refcount_bits=1", None);
+model_test!(
+    cluster_512_refcount_1,
+    "cluster_size=512,refcount_bits=1",
+    None
+);
 model_test!(cluster_512_backing, "cluster_size=512", Some("qcow2"));
-model_test!(cluster_2m_refcount_64, "cluster_size=2M,refcount_bits=64", None);
+model_test!(
+    cluster_2m_refcount_64,
+    "cluster_size=2M,refcount_bits=64",
+    None
+);
 model_test!(cluster_2m_backing, "cluster_size=2M", Some("raw"));
 model_test!(refcount_16_4k, "cluster_size=4096,refcount_bits=16", None);
 model_test!(extended_l2, "cluster_size=65536,extended_l2=on", None);
-model_test!(extended_l2_backing, "cluster_size=32768,extended_l2=on", Some("qcow2"));
+model_test!(
+    extended_l2_backing,
+    "cluster_size=32768,extended_l2=on",
+    Some("qcow2")
+);
 model_test!(v2_compat, "compat=0.10,cluster_size=4096", None);
 model_test!(v2_backing, "compat=0.10", Some("qcow2"));

@@ -39,7 +39,10 @@ impl Epochs {
         let mut s = self.inner.lock().unwrap();
         let epoch = s.current;
         *s.running.entry(epoch).or_default() += 1;
-        EpochGuard { epochs: self, epoch }
+        EpochGuard {
+            epochs: self,
+            epoch,
+        }
     }
 
     /// Stamp for a free happening now; requests entering later get a larger epoch.
@@ -81,7 +84,10 @@ mod tests {
         let young = e.enter();
         assert!(!e.quiesced(stamp));
         drop(old);
-        assert!(e.quiesced(stamp), "a request newer than the free does not hold it back");
+        assert!(
+            e.quiesced(stamp),
+            "a request newer than the free does not hold it back"
+        );
         drop(young);
         assert!(e.quiesced(stamp));
     }

@@ -45,7 +45,11 @@ impl Inflight {
                     None => {
                         let notify = Arc::new(Notify::new());
                         map.insert(cluster, notify.clone());
-                        return InflightGuard { table: self, cluster, notify };
+                        return InflightGuard {
+                            table: self,
+                            cluster,
+                            notify,
+                        };
                     }
                 }
             };

@@ -69,7 +69,10 @@ impl Refcounts {
         (slice_size, cache_bytes): (usize, usize),
         new: Arc<NewClusters>,
     ) -> Refcounts {
-        let table = table.iter().map(|e| e.block_offset().map_or(0, |h| h.0)).collect();
+        let table = table
+            .iter()
+            .map(|e| e.block_offset().map_or(0, |h| h.0))
+            .collect();
         let end_cluster = file_len.div_ceil(1 << cluster_bits);
         Refcounts {
             file,
@@ -157,7 +160,9 @@ impl Refcounts {
 
     /// The refcount of host cluster `c`.
     pub async fn get(&self, st: &RefState, c: u64) -> Result<u64> {
-        let Some((off, idx)) = self.locate(st, c) else { return Ok(0) };
+        let Some((off, idx)) = self.locate(st, c) else {
+            return Ok(0);
+        };
         let s = self.slice(off).await?;
         Ok(s.read(|b| refcount::get(b, idx, self.order)))
     }
@@ -190,8 +195,10 @@ impl Refcounts {
             .checked_add_signed(delta)
             .filter(|v| *v <= self.max_refcount())
             .ok_or_else(|| {
-                Error::corrupt(format!("refcount of cluster {c} would become {cur}{delta:+}"))
-                    .at(c << self.cluster_bits)
+                Error::corrupt(format!(
+                    "refcount of cluster {c} would become {cur}{delta:+}"
+                ))
+                .at(c << self.cluster_bits)
             })?;
         self.set(st, c, new).await?;
         Ok(new)
@@ -273,7 +280,9 @@ impl Refcounts {
             self.new.remove(host);
         }
         for s in self.cache.dirty_slices() {
-            let Some((bytes, gen_)) = s.snapshot_dirty() else { continue };
+            let Some((bytes, gen_)) = s.snapshot_dirty() else {
+                continue;
+            };
             s.set_writing(true);
             let r = self.file.write_at(&bytes, s.offset()).await;
             s.set_writing(false);
@@ -294,6 +303,9 @@ impl Refcounts {
     }
 
     async fn sync(&self) -> Result<()> {
-        self.file.flush().await.map_err(|e| Error::io("syncing refcount metadata", e))
+        self.file
+            .flush()
+            .await
+            .map_err(|e| Error::io("syncing refcount metadata", e))
     }
 }

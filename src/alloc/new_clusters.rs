@@ -42,7 +42,10 @@ impl NewClusters {
     /// The new clusters of `kind`, by offset.
     pub fn of_kind(&self, kind: NewKind) -> Vec<u64> {
         let set = self.set.lock().unwrap();
-        set.iter().filter(|(_, k)| **k == kind).map(|(h, _)| *h).collect()
+        set.iter()
+            .filter(|(_, k)| **k == kind)
+            .map(|(h, _)| *h)
+            .collect()
     }
 
     /// Forget a cluster once it has been zeroed on disk (or freed).

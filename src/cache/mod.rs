@@ -140,7 +140,12 @@ impl SliceCache {
     /// All dirty slices, sorted by host offset (so flushes write sequentially).
     pub fn dirty_slices(&self) -> Vec<Arc<Slice>> {
         let map = self.map.lock().unwrap();
-        let mut v: Vec<_> = map.slices.values().filter(|s| s.is_dirty()).cloned().collect();
+        let mut v: Vec<_> = map
+            .slices
+            .values()
+            .filter(|s| s.is_dirty())
+            .cloned()
+            .collect();
         v.sort_by_key(|s| s.offset());
         v
     }

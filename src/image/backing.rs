@@ -77,7 +77,10 @@ pub fn resolve_relative(image_path: Option<&Path>, name: &str) -> PathBuf {
 /// Guess the format of a file from its first bytes: qcow2 by magic, otherwise raw.
 pub async fn probe_format(storage: &dyn Storage) -> Result<&'static str> {
     let mut magic = [0u8; 4];
-    storage.read_at(&mut magic, 0).await.map_err(|e| Error::io("probing the format", e))?;
+    storage
+        .read_at(&mut magic, 0)
+        .await
+        .map_err(|e| Error::io("probing the format", e))?;
     Ok(if &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
 }
 
@@ -102,8 +105,14 @@ pub async fn open_backing(
         return Err(Error::invalid("backing chain contains a loop").in_file(path));
     }
     let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(path, OpenFlags { read_only: true, direct: opts.direct })
-            .map_err(|e| Error::io("opening the backing file", e).in_file(path))?,
+        FileStorage::open(
+            path,
+            OpenFlags {
+                read_only: true,
+                direct: opts.direct,
+            },
+        )
+        .map_err(|e| Error::io("opening the backing file", e).in_file(path))?,
     );
     let fmt = match format {
         Some(f) => f.to_string(),
@@ -111,7 +120,10 @@ pub async fn open_backing(
     };
     match fmt.as_str() {
         "raw" => {
-            let size = storage.len().await.map_err(|e| Error::io("sizing the backing file", e))?;
+            let size = storage
+                .len()
+                .await
+                .map_err(|e| Error::io("sizing the backing file", e))?;
             Ok(Backing::Raw { storage, size })
         }
         "qcow2" => {

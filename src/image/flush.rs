@@ -28,7 +28,9 @@ impl Image {
     /// Make every write that completed before this call durable: data, then metadata in
     /// soft-update order, ending with fsync. On a read-only image this does nothing.
     pub async fn flush(&self) -> Result<()> {
-        let Some(w) = self.inner.write.as_ref() else { return Ok(()) };
+        let Some(w) = self.inner.write.as_ref() else {
+            return Ok(());
+        };
         w.check_poison()?;
         let _one = w.flush_lock.lock().await;
         let generation = w.generation.fetch_add(1, Ordering::AcqRel);
@@ -92,7 +94,11 @@ impl Image {
         }
         let cs = self.inner.geo.cluster_size;
         for &h in &new_l2 {
-            self.inner.file.write_zeroes(h, cs).await.map_err(|e| Error::io("zeroing a new L2 table", e).at(h))?;
+            self.inner
+                .file
+                .write_zeroes(h, cs)
+                .await
+                .map_err(|e| Error::io("zeroing a new L2 table", e).at(h))?;
             self.inner.new.remove(h);
         }
         let result = self.write_l2_snapshot(l2).await;
@@ -157,7 +163,9 @@ impl Image {
             let c = f.host >> cb;
             let cur = w.refcounts.get(&st, c).await?;
             if cur == 0 {
-                return Err(Error::corrupt("freeing a cluster whose refcount is already 0").at(f.host));
+                return Err(
+                    Error::corrupt("freeing a cluster whose refcount is already 0").at(f.host),
+                );
             }
             if cur == 1 {
                 self.inner.l2_cache.invalidate_range(f.host, 1 << cb);
@@ -171,15 +179,26 @@ impl Image {
     }
 
     async fn sync_data(&self) -> Result<()> {
-        self.inner.data.flush().await.map_err(|e| Error::io("syncing guest data", e))
+        self.inner
+            .data
+            .flush()
+            .await
+            .map_err(|e| Error::io("syncing guest data", e))
     }
 
     async fn sync_file(&self) -> Result<()> {
-        self.inner.file.flush().await.map_err(|e| Error::io("syncing metadata", e))
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io("syncing metadata", e))
     }
 
     fn write_state_unpoisoned(&self) -> &super::state::WriteState {
-        self.inner.write.as_ref().expect("flush on a writable image")
+        self.inner
+            .write
+            .as_ref()
+            .expect("flush on a writable image")
     }
 
     /// After a request changed metadata: wake the background flusher when enough is dirty.
@@ -195,7 +214,9 @@ impl Image {
     /// Start the background flusher on the current tokio runtime, if there is one. It holds
     /// only a weak reference, so it ends when the image is dropped or closed.
     pub(crate) fn start_flusher(&self) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let weak = std::sync::Arc::downgrade(&self.inner);
         let interval = self.inner.flush_interval;
         rt.spawn(flusher(weak, interval));
@@ -206,7 +227,9 @@ async fn flusher(weak: Weak<Inner>, interval: Option<std::time::Duration>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let img = Image { inner };
-        let Some(w) = img.inner.write.as_ref() else { return };
+        let Some(w) = img.inner.write.as_ref() else {
+            return;
+        };
         if w.closed.load(Ordering::Acquire) {
             return;
         }
@@ -219,11 +242,14 @@ async fn flusher(weak: Weak<Inner>, interval: Option<std::time::Duration>) {
             _ = wanted => {}
             _ = tokio::time::sleep(period) => {}
         }
-        let Some(inner) = weak_again.upgrade() else { return };
+        let Some(inner) = weak_again.upgrade() else {
+            return;
+        };
         let img = Image { inner };
         let dirty = img.inner.l2_cache.dirty_count() > 0
-            || img.inner.write.as_ref().is_some_and(|w| w.refcounts.cache().dirty_count() > 0
-                || !w.l1_dirty.lock().unwrap().is_empty());
+            || img.inner.write.as_ref().is_some_and(|w| {
+                w.refcounts.cache().dirty_count() > 0 || !w.l1_dirty.lock().unwrap().is_empty()
+            });
         if dirty && img.flush().await.is_err() {
             return; // poisoned: writes fail from now on; nothing more to do here
         }

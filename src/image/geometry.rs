@@ -20,7 +20,11 @@ pub(crate) struct Geometry {
 
 impl Geometry {
     pub fn new(cluster_bits: u32, extended: bool, version3: bool, slice: usize, ro: u32) -> Self {
-        let l2 = L2Geometry { cluster_bits, extended, version3 };
+        let l2 = L2Geometry {
+            cluster_bits,
+            extended,
+            version3,
+        };
         let cluster_size = 1u64 << cluster_bits;
         let entry_size = if extended { 16 } else { 8 };
         let slice_size = (slice.next_power_of_two() as u64).clamp(512, cluster_size);
@@ -64,7 +68,10 @@ impl Geometry {
     /// the entry's index within that slice.
     pub fn l2_slice(&self, l2_table: u64, l2_index: u64) -> (u64, usize) {
         let per = self.slice_entries();
-        (l2_table + (l2_index / per) * self.slice_size, (l2_index % per) as usize)
+        (
+            l2_table + (l2_index / per) * self.slice_size,
+            (l2_index % per) as usize,
+        )
     }
 
     /// Size of a subcluster (the cluster size without extended L2).

@@ -41,7 +41,9 @@ impl Image {
     /// The L2 table of L1 entry `idx` if it exists and is not shared.
     fn private_l2(&self, idx: usize) -> Result<Option<u64>> {
         let l1 = self.inner.l1.read().unwrap();
-        let e = l1.get(idx).ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+        let e = l1
+            .get(idx)
+            .ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
         Ok(e.l2_offset().filter(|_| e.copied()).map(|h| h.0))
     }
 

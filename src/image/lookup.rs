@@ -19,8 +19,10 @@ pub(crate) struct Mapping {
 }
 
 impl Mapping {
-    pub const UNALLOCATED: Mapping =
-        Mapping { entry: L2Entry::Unallocated, bitmap: SubclusterBitmap(0) };
+    pub const UNALLOCATED: Mapping = Mapping {
+        entry: L2Entry::Unallocated,
+        bitmap: SubclusterBitmap(0),
+    };
 }
 
 impl Image {
@@ -30,7 +32,9 @@ impl Image {
         let l1 = self.inner.l1.read().unwrap();
         match l1.get(idx) {
             Some(e) => Ok(e.l2_offset().map(|h| h.0)),
-            None => Err(Error::corrupt(format!("guest cluster {gc} beyond the L1 table"))),
+            None => Err(Error::corrupt(format!(
+                "guest cluster {gc} beyond the L1 table"
+            ))),
         }
     }
 

@@ -87,11 +87,17 @@ impl Image {
             Status::Compressed => Ok(ext(true, false, true, true, None)),
             Status::Zero(host) => Ok(ext(true, true, false, false, host)),
             Status::Data(host) => {
-                let (is_data, n) = self.inner.data.block_status(host, len).await.map_err(|e| {
-                    Error::io("querying host allocation", e).at(host)
-                })?;
+                let (is_data, n) = self
+                    .inner
+                    .data
+                    .block_status(host, len)
+                    .await
+                    .map_err(|e| Error::io("querying host allocation", e).at(host))?;
                 let n = n.clamp(1, len);
-                Ok(Extent { length: n, ..ext(true, !is_data, true, false, Some(host)) })
+                Ok(Extent {
+                    length: n,
+                    ..ext(true, !is_data, true, false, Some(host))
+                })
             }
             Status::Unallocated(host) => match &self.inner.backing {
                 Some(b) if off < b.size() => {

@@ -77,11 +77,18 @@ impl Image {
     /// Open the image file at `path`.
     pub async fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        let flags = crate::storage::OpenFlags { read_only: !opts.writable, direct: opts.direct };
+        let flags = crate::storage::OpenFlags {
+            read_only: !opts.writable,
+            direct: opts.direct,
+        };
         let storage = crate::storage::FileStorage::open(path, flags)
             .map_err(|e| Error::io("opening the image", e).in_file(path))?;
-        let chain = std::fs::canonicalize(path).map(|p| vec![p]).unwrap_or_default();
-        Self::open_chain(Arc::new(storage), opts, chain).await.map_err(|e| e.in_file(path))
+        let chain = std::fs::canonicalize(path)
+            .map(|p| vec![p])
+            .unwrap_or_default();
+        Self::open_chain(Arc::new(storage), opts, chain)
+            .await
+            .map_err(|e| e.in_file(path))
     }
 
     /// Open an image on any storage. Relative backing and data file names are resolved
@@ -137,7 +144,10 @@ impl Image {
 
     /// Accounting of the refcount-block slice cache (`None` for read-only images).
     pub fn refcount_cache_stats(&self) -> Option<CacheStats> {
-        self.inner.write.as_ref().map(|w| w.refcounts.cache().stats())
+        self.inner
+            .write
+            .as_ref()
+            .map(|w| w.refcounts.cache().stats())
     }
 
     /// The storage holding the image file.
@@ -160,7 +170,9 @@ impl Image {
 
     fn check_data_access(&self) -> Result<()> {
         if self.inner.encrypted {
-            return Err(Error::unsupported("encrypted images: data access is not implemented"));
+            return Err(Error::unsupported(
+                "encrypted images: data access is not implemented",
+            ));
         }
         Ok(())
     }

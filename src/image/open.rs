@@ -6,16 +6,16 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::backing::{open_backing, resolve_relative};
 use super::geometry::Geometry;
-use super::{Image, Inner, OpenOptions};
 use super::state::WriteState;
+use super::{Image, Inner, OpenOptions};
 use crate::alloc::{NewClusters, Refcounts};
 use crate::cache::SliceCache;
-use crate::format::refcount;
 use crate::error::{Error, Result};
 use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
 use crate::format::header::Header;
 use crate::format::l1;
+use crate::format::refcount;
 use crate::storage::{FileStorage, OpenFlags, Storage};
 
 /// Bytes read first: enough for any header whose cluster is ≤ this; larger clusters are read
@@ -30,7 +30,10 @@ impl Image {
         opts: &OpenOptions,
         chain: Vec<PathBuf>,
     ) -> Result<Image> {
-        let file_len = file.len().await.map_err(|e| Error::io("sizing the image", e))?;
+        let file_len = file
+            .len()
+            .await
+            .map_err(|e| Error::io("sizing the image", e))?;
         let ih = read_image_header(file.as_ref(), file_len).await?;
         let h = &ih.header;
         let geo = Geometry::new(
@@ -69,7 +72,9 @@ impl Image {
             header: Mutex::new(ih),
             file,
         };
-        let img = Image { inner: Arc::new(inner) };
+        let img = Image {
+            inner: Arc::new(inner),
+        };
         if opts.writable {
             img.prepare_for_writing().await?;
             img.start_flusher();
@@ -121,10 +126,15 @@ async fn open_write_state(
 /// Read and validate cluster 0: header, extensions, backing file name.
 async fn read_image_header(file: &dyn Storage, file_len: u64) -> Result<ImageHeader> {
     let mut first = vec![0u8; FIRST_READ];
-    file.read_at(&mut first, 0).await.map_err(|e| Error::io("reading the header", e))?;
+    file.read_at(&mut first, 0)
+        .await
+        .map_err(|e| Error::io("reading the header", e))?;
     let header = Header::from_bytes(&first)?;
     if !(9..=21).contains(&header.cluster_bits) {
-        return Err(Error::invalid(format!("cluster_bits {} out of range 9..=21", header.cluster_bits)));
+        return Err(Error::invalid(format!(
+            "cluster_bits {} out of range 9..=21",
+            header.cluster_bits
+        )));
     }
     let cluster_size = 1usize << header.cluster_bits;
     let mut cluster0 = first;
@@ -180,7 +190,9 @@ async fn open_chain_backing(
             name.display()
         )));
     }
-    Ok(Some(open_backing(&name, format.as_deref(), opts, chain).await?))
+    Ok(Some(
+        open_backing(&name, format.as_deref(), opts, chain).await?,
+    ))
 }
 
 async fn open_data_file(
@@ -201,7 +213,10 @@ async fn open_data_file(
             ));
         }
     };
-    let flags = OpenFlags { read_only: !opts.writable, direct: opts.direct };
+    let flags = OpenFlags {
+        read_only: !opts.writable,
+        direct: opts.direct,
+    };
     let s = FileStorage::open(&p, flags)
         .map_err(|e| Error::io("opening the external data file", e).in_file(&p))?;
     Ok((Arc::new(s), Some(p)))

@@ -36,7 +36,11 @@ impl Image {
             .write_at(&v.to_be_bytes(), off)
             .await
             .map_err(|e| Error::io("updating the header", e).at(off))?;
-        self.inner.file.flush().await.map_err(|e| Error::io("syncing the header", e))
+        self.inner
+            .file
+            .flush()
+            .await
+            .map_err(|e| Error::io("syncing the header", e))
     }
 
     /// Clear the dirty bit (after refcounts were rebuilt or flushed).

@@ -130,7 +130,12 @@ fn continues(run: Run, next: Run) -> bool {
 fn piece(geo: &super::geometry::Geometry, m: &Mapping, off: u64, max: u64) -> Result<Run> {
     let in_c = geo.in_cluster(off);
     let to_end = (geo.cluster_size - in_c).min(max);
-    let whole = |source| Ok(Run { source, len: to_end });
+    let whole = |source| {
+        Ok(Run {
+            source,
+            len: to_end,
+        })
+    };
     match m.entry {
         L2Entry::Compressed(d) => whole(Source::Compressed(d)),
         L2Entry::Zero { .. } => whole(Source::Zero),
@@ -160,7 +165,9 @@ fn subcluster_piece(
     let source = match (state, m.entry) {
         (SubclusterState::Allocated, L2Entry::Normal { host, .. }) => Source::Data(host.0 + in_c),
         (SubclusterState::Allocated, _) => {
-            return Err(Error::corrupt("allocated subcluster without a host cluster"));
+            return Err(Error::corrupt(
+                "allocated subcluster without a host cluster",
+            ));
         }
         (SubclusterState::Zero, _) => Source::Zero,
         (SubclusterState::Unallocated, _) => Source::Backing,

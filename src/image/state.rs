@@ -81,6 +81,11 @@ impl WriteState {
     pub fn defer_free(&self, host: u64, punch: bool) {
         let generation = self.generation.load(Ordering::Acquire);
         let epoch = self.epochs.stamp();
-        self.frees.lock().unwrap().push(PendingFree { host, punch, epoch, generation });
+        self.frees.lock().unwrap().push(PendingFree {
+            host,
+            punch,
+            epoch,
+            generation,
+        });
     }
 }

@@ -58,13 +58,16 @@ impl Image {
 
     /// The host offset to write `len` bytes at `off` in place, if the mapping allows it.
     fn in_place_target(&self, m: &Mapping, off: u64, len: u64) -> Option<u64> {
-        let L2Entry::Normal { host, copied: true } = m.entry else { return None };
+        let L2Entry::Normal { host, copied: true } = m.entry else {
+            return None;
+        };
         let geo = &self.inner.geo;
         let in_c = geo.in_cluster(off);
         if geo.l2.extended {
             let sc = geo.subcluster_size();
             let (first, last) = ((in_c / sc) as u32, ((in_c + len - 1) / sc) as u32);
-            let all = (first..=last).all(|i| m.bitmap.state(i).ok() == Some(SubclusterState::Allocated));
+            let all =
+                (first..=last).all(|i| m.bitmap.state(i).ok() == Some(SubclusterState::Allocated));
             if !all {
                 return None;
             }
@@ -87,7 +90,10 @@ impl Image {
         // The span of the cluster to (re)write: whole cluster, or with extended L2 on a cluster
         // that keeps its other subclusters, just the touched subclusters.
         let keeps_others = geo.l2.extended
-            && matches!(m.entry, L2Entry::Unallocated | L2Entry::Normal { copied: true, .. });
+            && matches!(
+                m.entry,
+                L2Entry::Unallocated | L2Entry::Normal { copied: true, .. }
+            );
         let (span_start, span_end) = if keeps_others {
             let sc = geo.subcluster_size();
             let s = (off - cstart) / sc * sc;
@@ -99,10 +105,15 @@ impl Image {
         let table = self.ensure_l2_table(gc).await?;
         let (host, reused) = match m.entry {
             L2Entry::Normal { host, copied: true } => (host.0, true),
-            L2Entry::Zero { host: Some(h), copied: true } => (h.0, true),
+            L2Entry::Zero {
+                host: Some(h),
+                copied: true,
+            } => (h.0, true),
             _ => (self.write_state()?.refcounts.alloc(1).await?, false),
         };
-        let filled = self.write_with_fill(host, cstart, (span_start, span_end), data, off).await;
+        let filled = self
+            .write_with_fill(host, cstart, (span_start, span_end), data, off)
+            .await;
         if let Err(e) = filled {
             if !reused {
                 self.write_state()?.defer_free(host, false);
@@ -113,14 +124,21 @@ impl Image {
             let sc = geo.subcluster_size();
             let mut b = m.bitmap;
             let first = ((span_start - cstart) / sc) as u32;
-            b.set_range(first, ((span_end - span_start) / sc) as u32, SubclusterState::Allocated);
+            b.set_range(
+                first,
+                ((span_end - span_start) / sc) as u32,
+                SubclusterState::Allocated,
+            );
             b
         } else if geo.l2.extended {
             SubclusterBitmap::all(SubclusterState::Allocated)
         } else {
             SubclusterBitmap(0)
         };
-        let entry = L2Entry::Normal { host: HostOffset(host), copied: true };
+        let entry = L2Entry::Normal {
+            host: HostOffset(host),
+            copied: true,
+        };
         self.set_l2(table, gc, entry, bitmap).await?;
         if !reused {
             self.release_old(&m.entry);
@@ -205,9 +223,10 @@ impl Image {
         let Ok(w) = self.write_state() else { return };
         let cb = self.inner.geo.cluster_bits;
         match old {
-            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => {
-                w.defer_free(host.0, true)
-            }
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } => w.defer_free(host.0, true),
             L2Entry::Compressed(d) => {
                 let (first, last) = d.host_clusters(cb);
                 for c in first..=last {
@@ -219,9 +238,11 @@ impl Image {
     }
 
     pub(crate) fn write_state(&self) -> Result<&super::state::WriteState> {
-        let w = self.inner.write.as_ref().ok_or_else(|| {
-            Error::new(ErrorKind::ReadOnly, "the image is opened read-only")
-        })?;
+        let w = self
+            .inner
+            .write
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is opened read-only"))?;
         w.check_poison()?;
         Ok(w)
     }

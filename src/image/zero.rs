@@ -70,7 +70,11 @@ impl Image {
         let _guard = w.inflight.lock(gc).await;
         let m = self.lookup(gc).await?;
         let geo = self.inner.geo;
-        let has_backing = self.inner.backing.as_ref().is_some_and(|b| gc * geo.cluster_size < b.size());
+        let has_backing = self
+            .inner
+            .backing
+            .as_ref()
+            .is_some_and(|b| gc * geo.cluster_size < b.size());
         if matches!(m.entry, L2Entry::Unallocated) && m.bitmap.alloc_bits() == 0 && !has_backing {
             let all_unalloc = m.bitmap.zero_bits() == 0;
             if all_unalloc || !geo.l2.extended {
@@ -81,7 +85,10 @@ impl Image {
         let can_keep = !unmap && (geo.l2.version3 || geo.l2.extended);
         let keep = match m.entry {
             L2Entry::Normal { host, copied: true } if can_keep => Some(host),
-            L2Entry::Zero { host: Some(h), copied: true } if can_keep => Some(h),
+            L2Entry::Zero {
+                host: Some(h),
+                copied: true,
+            } if can_keep => Some(h),
             _ => None,
         };
         let (entry, bitmap) = zero_entry(&geo.l2, keep, has_backing);
@@ -108,9 +115,11 @@ impl Image {
         if off < first_full {
             self.write_zero_bytes(off, first_full - off).await?;
         }
-        self.mark_zero_subclusters(first_full, last_full - first_full).await?;
+        self.mark_zero_subclusters(first_full, last_full - first_full)
+            .await?;
         if last_full < off + n {
-            self.write_zero_bytes(last_full, off + n - last_full).await?;
+            self.write_zero_bytes(last_full, off + n - last_full)
+                .await?;
         }
         Ok(())
     }
@@ -121,7 +130,10 @@ impl Image {
         let gc = geo.guest_cluster(off);
         let _guard = w.inflight.lock(gc).await;
         let m = self.lookup(gc).await?;
-        if matches!(m.entry, L2Entry::Compressed(_) | L2Entry::Normal { copied: false, .. }) {
+        if matches!(
+            m.entry,
+            L2Entry::Compressed(_) | L2Entry::Normal { copied: false, .. }
+        ) {
             // Shared or compressed clusters are rewritten whole: zeros through the write path.
             drop(_guard);
             return self.write_zero_bytes(off, n).await;
@@ -153,5 +165,11 @@ fn zero_entry(
         debug_assert!(!has_backing);
         return (L2Entry::Unallocated, SubclusterBitmap(0));
     }
-    (L2Entry::Zero { host: keep, copied: keep.is_some() }, SubclusterBitmap(0))
+    (
+        L2Entry::Zero {
+            host: keep,
+            copied: keep.is_some(),
+        },
+        SubclusterBitmap(0),
+    )
 }

@@ -137,7 +137,11 @@ pub(super) fn data_status(file: &File, offset: u64, len: u64) -> io::Result<(boo
     let seek = |whence| {
         // SAFETY: lseek on a valid, open file descriptor has no memory-safety requirements.
         let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
-        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
     };
     let data = match seek(libc::SEEK_DATA) {
         Ok(d) => d,
@@ -152,7 +156,10 @@ pub(super) fn data_status(file: &File, offset: u64, len: u64) -> io::Result<(boo
         return Ok((false, (data - offset).min(len)));
     }
     let hole = seek(libc::SEEK_HOLE)?;
-    Ok((true, hole.saturating_sub(offset).clamp(1, len.max(1)).min(len)))
+    Ok((
+        true,
+        hole.saturating_sub(offset).clamp(1, len.max(1)).min(len),
+    ))
 }
 
 /// Non-Linux: no hole information.
