@@ -15,8 +15,14 @@ fn damaged(dir: &Path, name: &str, damage: impl Fn(&Path, u64, u64)) -> Vec<u8> 
     let img = dir.join(name);
     let p = img.to_str().unwrap();
     let o = "cluster_size=4096";
-    common::run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", o, p, "4M"]);
-    common::run("qemu-io", &["-c", "write -P 1 0 64k", "-c", "write -P 2 1M 8k", p]);
+    common::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", o, p, "4M"],
+    );
+    common::run(
+        "qemu-io",
+        &["-c", "write -P 1 0 64k", "-c", "write -P 2 1M 8k", p],
+    );
     let bytes = std::fs::read(&img).unwrap();
     let be = |off: usize| u64::from_be_bytes(bytes[off..off + 8].try_into().unwrap());
     let l1 = be(40);
@@ -32,9 +38,12 @@ fn poke(img: &Path, off: u64, bytes: &[u8]) {
 }
 
 async fn corruptions(image: Vec<u8>) -> u64 {
-    let r = check(Arc::new(MemoryStorage::from_vec(image)), &CheckOptions::default())
-        .await
-        .unwrap();
+    let r = check(
+        Arc::new(MemoryStorage::from_vec(image)),
+        &CheckOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.check_errors, 0, "{:?}", r.messages);
     r.corruptions
 }
@@ -48,14 +57,29 @@ async fn crash_everywhere(dir: &Path, image: Vec<u8>) {
     let points = crash.crash_points();
     assert!(points > 2, "the repair wrote something");
     for point in 0..points {
-        for policy in [CrashPolicy::None, CrashPolicy::All, CrashPolicy::SubsetTorn(point as u64)] {
+        for policy in [
+            CrashPolicy::None,
+            CrashPolicy::All,
+            CrashPolicy::SubsetTorn(point as u64),
+        ] {
             let cut = crash.image_at(point, policy);
-            assert!(corruptions(cut.clone()).await <= worst, "point {point} {policy:?}");
+            assert!(
+                corruptions(cut.clone()).await <= worst,
+                "point {point} {policy:?}"
+            );
             let mem = Arc::new(MemoryStorage::from_vec(cut));
             let (_, after) = repair(mem.clone(), RepairMode::All).await.unwrap();
-            assert!(after.is_clean(), "point {point} {policy:?}: {:?}", after.messages);
+            assert!(
+                after.is_clean(),
+                "point {point} {policy:?}: {:?}",
+                after.messages
+            );
             if policy == CrashPolicy::SubsetTorn(point as u64) {
-                assert_eq!(guest_data(dir, &mem.snapshot()), raw_before, "point {point}");
+                assert_eq!(
+                    guest_data(dir, &mem.snapshot()),
+                    raw_before,
+                    "point {point}"
+                );
             }
         }
     }

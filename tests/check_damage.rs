@@ -18,6 +18,7 @@ use qcow2_rs::format::refcount;
 struct Meta {
     cs: u64,
     order: u32,
+    extended: bool,
     reftable: u64,
     refblock0: u64,
     l1_table: u64,
@@ -56,6 +57,7 @@ fn meta(img: &Path) -> Meta {
     Meta {
         cs,
         order: h.refcount_order,
+        extended: h.extended_l2(),
         reftable,
         refblock0: u64s(&read(img, reftable, 8))[0],
         l1_table: h.l1_table_offset,
@@ -68,7 +70,12 @@ fn meta(img: &Path) -> Meta {
 impl Meta {
     /// Host cluster index of guest cluster `i` (a normal cluster of the first L2 table).
     fn data_cluster(&self, i: usize) -> u64 {
-        (self.l2[i] & L2E_OFFSET_MASK) / self.cs
+        (self.l2[i * self.l2_step()] & L2E_OFFSET_MASK) / self.cs
+    }
+
+    /// u64 words per L2 entry: 2 with extended L2 entries.
+    fn l2_step(&self) -> usize {
+        if self.extended { 2 } else { 1 }
     }
 
     /// Overwrite the recorded refcount of host cluster `c` (block 0 only).
@@ -86,13 +93,23 @@ impl Meta {
 
 /// A 64 MiB image with 16 data clusters, one compressed cluster and (optionally) a snapshot.
 fn base(dir: &Path, name: &str, snapshot: bool) -> PathBuf {
+    base_with(dir, name, snapshot, "cluster_size=65536")
+}
+
+/// [`base`] with creation options.
+fn base_with(dir: &Path, name: &str, snapshot: bool, opts: &str) -> PathBuf {
     let img = dir.join(name);
     let p = img.to_str().unwrap();
-    common::run("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
     common::run(
-        "qemu-io",
-        &["-c", "write -P 1 0 1M", "-c", "write -c -P 2 4M 64k", p],
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, p, "64M"],
     );
+    // One compressed cluster (compressed writes are whole clusters).
+    let cs = Header::from_bytes(&read(&img, 0, 4096))
+        .unwrap()
+        .cluster_size();
+    let compressed = format!("write -c -P 2 4M {cs}");
+    common::run("qemu-io", &["-c", "write -P 1 0 1M", "-c", &compressed, p]);
     if snapshot {
         common::run("qemu-img", &["snapshot", "-c", "s1", p]);
     }
@@ -355,4 +372,70 @@ async fn rebuild_refcounts_for_the_engine() {
     let p = img.to_str().unwrap();
     let (code, list) = common::status("qemu-img", &["snapshot", "-l", p]);
     assert!(code == 0 && list.contains("s1"), "{list}");
+}
+
+#[tokio::test]
+async fn refcount_widths_and_cluster_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, opts) in [
+        "refcount_bits=1,cluster_size=4096",
+        "refcount_bits=2,cluster_size=1024",
+        "refcount_bits=64",
+        "cluster_size=2M",
+        "compat=0.10",
+    ]
+    .iter()
+    .enumerate()
+    {
+        // One cluster with refcount 0 (rebuild), one leaked appended cluster.
+        let img = base_with(dir.path(), &format!("w{i}.qcow2"), false, opts);
+        let m = meta(&img);
+        m.set_refcount(&img, m.data_cluster(0), 0);
+        let end = fs::metadata(&img).unwrap().len().div_ceil(m.cs);
+        let f = OpenOptions::new().write(true).open(&img).unwrap();
+        f.set_len((end + 1) * m.cs).unwrap();
+        m.set_refcount(&img, end, 1);
+        scenario(&img, RepairMode::All).await;
+    }
+}
+
+#[tokio::test]
+async fn extended_l2_bitmap_with_allocated_and_zero_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = base_with(dir.path(), "ext.qcow2", false, "extended_l2=on");
+    let m = meta(&img);
+    // Entry 2's bitmap: subcluster 0 both allocated and reads-as-zero.
+    let bitmap = m.l2[2 * 2 + 1] | (1 << 32) | 1;
+    poke(&img, m.l2_table + 2 * 16 + 8, &bitmap.to_be_bytes());
+    // Entry 20 (unallocated) with an allocation bit.
+    poke(&img, m.l2_table + 20 * 16 + 8, &1u64.to_be_bytes());
+    let (_, want) = common::qemu_check(&img, &[]);
+    let got = check(common::storage(&img, true), &CheckOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(numbers(&got), numbers(&want), "{:?}", got.messages);
+    assert_eq!(got.corruptions, 2);
+}
+
+#[tokio::test]
+async fn not_qcow2_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("raw.img");
+    fs::write(&img, vec![0u8; 65536]).unwrap();
+    let err = check(common::storage(&img, true), &CheckOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), qcow2_rs::ErrorKind::InvalidImage);
+}
+
+#[tokio::test]
+async fn memory_limit_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = base(dir.path(), "mem.qcow2", false);
+    let opts = CheckOptions {
+        max_memory: 1024,
+        ..CheckOptions::default()
+    };
+    let err = check(common::storage(&img, true), &opts).await.unwrap_err();
+    assert_eq!(err.kind(), qcow2_rs::ErrorKind::InvalidArgument);
 }

@@ -6,10 +6,7 @@ use std::process::Command;
 
 /// Run a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}\n{}",
@@ -39,16 +36,7 @@ pub fn assert_check_clean(img: &Path) {
 /// The reference content of an image, by `qemu-img convert -O raw`.
 pub fn qemu_raw(img: &Path) -> Vec<u8> {
     let out = img.with_extension("ref.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
+    run("qemu-img", &["convert", "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
     let data = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).ok();
     data
