@@ -5,15 +5,15 @@
 //!
 //! How it works (the same algorithm as QEMU's `qcow2_check_refcounts`):
 //!
-//! 1. **Walk** ([`walk`]): count every reference to every host cluster — header, L1/L2 tables,
+//! 1. **Walk** (`walk.rs`): count every reference to every host cluster — header, L1/L2 tables,
 //!    data and compressed clusters, snapshots, refcount table and blocks, bitmaps — into an
 //!    in-memory refcount array of bounded size, checking each entry on the way.
-//! 2. **Compare** ([`compare`]): recorded refcount lower than counted = corruption, higher =
+//! 2. **Compare** (`compare.rs`): recorded refcount lower than counted = corruption, higher =
 //!    leak; then check every COPIED flag against the recorded refcount.
 //! 3. **Repair** (optional, [`RepairMode`]), ordered so that a crash at any point leaves the
 //!    image no worse: raise low refcounts → flush → lower leaked ones → flush → fix COPIED
 //!    flags → flush → clear the dirty/corrupt bits. When the refcount structure itself is
-//!    broken, [`rebuild`] writes a new one past the end of the file and switches the header.
+//!    broken, `rebuild.rs` writes a new one past the end of the file and switches the header.
 //! 4. **Double check**: after a repair, the image is checked again and that report is
 //!    returned, with the `*_fixed` counters of the repair.
 //!
@@ -56,9 +56,9 @@ use compare::{Fix, check_copied, compare};
 use image::Ctx;
 use ondisk::OnDisk;
 
-/// Default bound on the memory the checker uses for its refcount array and caches: 1 GiB,
-/// enough for a 512 GiB file of 512-byte clusters with 64-bit refcounts (8 TiB with 64 KiB
-/// clusters and 16-bit refcounts... far more).
+/// Default bound on the memory the checker uses for its refcount array and caches: 1 GiB.
+/// The array takes `refcount_bits / 8` bytes per host cluster, so this covers a 2 TiB file of
+/// 512-byte clusters with 16-bit refcounts, or 32 PiB of 64 KiB clusters.
 pub const DEFAULT_MAX_MEMORY: u64 = 1 << 30;
 
 /// How to check.
