@@ -12,6 +12,7 @@
 
 pub mod alloc;
 pub mod cache;
+pub mod check;
 pub mod error;
 pub mod format;
 pub mod image;

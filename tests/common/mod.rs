@@ -61,3 +61,28 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     }
     a.iter().zip(b).position(|(x, y)| x != y)
 }
+
+/// `qemu-img check --output=json [extra...] IMG`: the parsed report and the exit code.
+pub fn qemu_check(img: &Path, extra: &[&str]) -> (i32, qcow2_rs::check::CheckReport) {
+    let mut args = vec!["check", "--output=json"];
+    args.extend_from_slice(extra);
+    args.push(img.to_str().unwrap());
+    let out = Command::new("qemu-img").args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img {args:?}: {e}\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// Open an image file as storage for the library.
+pub fn storage(img: &Path, read_only: bool) -> std::sync::Arc<dyn qcow2_rs::Storage> {
+    let flags = qcow2_rs::storage::OpenFlags {
+        read_only,
+        direct: false,
+    };
+    std::sync::Arc::new(qcow2_rs::storage::FileStorage::open(img, flags).unwrap())
+}

@@ -1,0 +1,207 @@
+//! [`Ctx`]: what the checker knows about an image before walking it — the validated header,
+//! the refcount table, the active L1 table and the snapshot list — and its raw IO helpers.
+//!
+//! Only what QEMU also needs to open an image is required to be sane (the header and the
+//! tables it names); everything below (L2 tables, refcount blocks, snapshot L1 tables) is read
+//! by the walk and reported on, never trusted.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::extensions::ImageHeader;
+use crate::format::header::{self, Header};
+use crate::format::l2::L2Geometry;
+use crate::format::refcount::{self, RefTableEntry};
+use crate::format::snapshot::{self, Snapshot};
+use crate::storage::Storage;
+
+/// The image being checked, as loaded from disk.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    /// The image file.
+    pub storage: Arc<dyn Storage>,
+    /// Cluster 0, parsed and validated.
+    pub ih: ImageHeader,
+    /// log2 of the cluster size.
+    pub bits: u32,
+    /// Cluster size in bytes.
+    pub cs: u64,
+    /// log2 of the refcount width.
+    pub order: u32,
+    /// Length of the image file when loaded.
+    pub file_len: u64,
+    /// How L2 entries are laid out.
+    pub geo: L2Geometry,
+    /// Guest data lives in an external data file (data clusters have no refcounts here).
+    pub data_file: bool,
+    /// The refcount table entries, as stored.
+    pub reftable: Vec<RefTableEntry>,
+    /// The active L1 table, raw entries.
+    pub l1: Vec<u64>,
+    /// The internal snapshots.
+    pub snapshots: Vec<Snapshot>,
+    /// Bytes the snapshot table occupies (no padding after the last entry, as QEMU counts).
+    pub snapshots_size: u64,
+    /// Memory limit for the refcount arrays and caches.
+    pub limit: u64,
+}
+
+impl Ctx {
+    /// Read and validate what opening the image needs. Errors where QEMU could not open the
+    /// image either (bad header, tables outside the file, unsupported features).
+    pub(crate) async fn load(storage: Arc<dyn Storage>, limit: u64) -> Result<Ctx> {
+        let file_len = storage
+            .len()
+            .await
+            .map_err(|e| Error::io("sizing the image", e))?;
+        let ih = read_cluster0(storage.as_ref(), file_len).await?;
+        let h = ih.header.clone();
+        let cs = h.cluster_size();
+        let mut ctx = Ctx {
+            geo: L2Geometry {
+                cluster_bits: h.cluster_bits,
+                extended: h.extended_l2(),
+                version3: h.version >= 3,
+            },
+            data_file: h.has_external_data_file(),
+            bits: h.cluster_bits,
+            order: h.refcount_order,
+            cs,
+            file_len,
+            ih,
+            storage,
+            reftable: Vec::new(),
+            l1: Vec::new(),
+            snapshots: Vec::new(),
+            snapshots_size: 0,
+            limit,
+        };
+        ctx.load_tables(&h).await?;
+        Ok(ctx)
+    }
+
+    /// The refcount table, the active L1 table and the snapshot table.
+    async fn load_tables(&mut self, h: &Header) -> Result<()> {
+        // validate() bounded the refcount table to 8 MiB and the L1 table to 32 MiB.
+        let rt_len = u64::from(h.refcount_table_clusters) * self.cs;
+        let buf = self.read(h.refcount_table_offset, rt_len).await?;
+        self.reftable = refcount::parse_table(&buf);
+        let buf = self
+            .read(h.l1_table_offset, u64::from(h.l1_size) * 8)
+            .await?;
+        self.l1 = be_u64s(&buf);
+        self.load_snapshots(h).await
+    }
+
+    /// Read the snapshot table entry by entry (its length is only known that way).
+    async fn load_snapshots(&mut self, h: &Header) -> Result<()> {
+        let mut off = 0u64;
+        for i in 0..h.nb_snapshots {
+            off = off.next_multiple_of(8);
+            let at = h.snapshots_offset.saturating_add(off);
+            let hdr = self.read(at, snapshot::ENTRY_HEADER_LEN as u64).await?;
+            let len = snapshot::entry_len(&hdr)
+                .map_err(|e| Error::corrupt(format!("snapshot {i}: {}", e.what())).at(at))?;
+            let entry = self.read(at, len as u64).await?;
+            let (snap, len) = snapshot::parse_entry(&entry)?;
+            off += len as u64;
+            if off > snapshot::MAX_TABLE_SIZE as u64 {
+                return Err(Error::corrupt("snapshot table larger than 64 MiB"));
+            }
+            self.snapshots.push(snap);
+        }
+        self.snapshots_size = off;
+        Ok(())
+    }
+
+    /// Read `len` bytes at `offset` (zeros past the end of the file). `len` must already be
+    /// bounded by the caller (a table size checked against QEMU's limits, or one cluster).
+    pub(crate) async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let n = usize::try_from(len).map_err(|_| Error::invalid("table too large"))?;
+        let mut buf = vec![0u8; n];
+        if n > 0 && offset < self.file_len {
+            self.storage
+                .read_at(&mut buf, offset)
+                .await
+                .map_err(|e| Error::io("reading metadata", e).at(offset))?;
+        }
+        Ok(buf)
+    }
+
+    /// Write `buf` at `offset`.
+    pub(crate) async fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.storage
+            .write_at(buf, offset)
+            .await
+            .map_err(|e| Error::io("writing a repair", e).at(offset))
+    }
+
+    /// Make every write so far durable: the barrier between repair steps.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .await
+            .map_err(|e| Error::io("flushing a repair", e))
+    }
+
+    /// The header as parsed.
+    pub(crate) fn header(&self) -> &Header {
+        &self.ih.header
+    }
+
+    /// Clusters the file spans (a partial last cluster counts).
+    pub(crate) fn file_clusters(&self) -> u64 {
+        self.file_len.div_ceil(self.cs)
+    }
+
+    /// Offset within its cluster (non-zero = misaligned).
+    pub(crate) fn misaligned(&self, offset: u64) -> bool {
+        offset & (self.cs - 1) != 0
+    }
+
+    /// Bytes per L2 entry.
+    pub(crate) fn l2_entry_size(&self) -> usize {
+        self.geo.entry_size()
+    }
+
+    /// Entries in one L2 table.
+    pub(crate) fn l2_entries(&self) -> usize {
+        (self.cs / self.l2_entry_size() as u64) as usize
+    }
+
+    /// Entries in one refcount block.
+    pub(crate) fn refblock_entries(&self) -> u64 {
+        refcount::entries_per_block(self.cs, self.order)
+    }
+}
+
+/// Read cluster 0 and validate it the way QEMU does at open.
+async fn read_cluster0(storage: &dyn Storage, file_len: u64) -> Result<ImageHeader> {
+    let mut first = vec![0u8; header::V3_MIN_HEADER_LENGTH.max(512)];
+    storage
+        .read_at(&mut first, 0)
+        .await
+        .map_err(|e| Error::io("reading the header", e))?;
+    let h = Header::from_bytes(&first)?;
+    if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&h.cluster_bits) {
+        return Err(Error::invalid(format!(
+            "cluster_bits {} out of range",
+            h.cluster_bits
+        )));
+    }
+    let mut cluster0 = vec![0u8; 1usize << h.cluster_bits];
+    storage
+        .read_at(&mut cluster0, 0)
+        .await
+        .map_err(|e| Error::io("reading the header cluster", e))?;
+    let ih = ImageHeader::parse(&cluster0)?;
+    ih.validate(file_len)?;
+    Ok(ih)
+}
+
+/// Decode big-endian u64s (a trailing partial entry is ignored).
+pub(crate) fn be_u64s(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
+}
