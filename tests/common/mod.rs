@@ -49,3 +49,35 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     }
     a.iter().zip(b).position(|(x, y)| x != y)
 }
+
+/// Output of one run of the `qcow2` binary.
+pub struct Cli {
+    /// Exit status (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Run the `qcow2` binary built for these tests.
+pub fn qcow2(args: &[&str]) -> Cli {
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2")).args(args).output().unwrap();
+    Cli {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run the `qcow2` binary and return its stdout, panicking unless it exits 0.
+pub fn qcow2_ok(args: &[&str]) -> String {
+    let r = qcow2(args);
+    assert_eq!(r.code, 0, "qcow2 {args:?} failed:\n{}{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+/// A path inside `dir` as a `String`.
+pub fn path_in(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_string()
+}

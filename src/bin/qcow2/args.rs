@@ -31,31 +31,27 @@ fn split_number(s: &str) -> (&str, &str) {
     s.split_at(end)
 }
 
-/// Parse a byte count the way qemu-img and qemu-io do: a decimal (possibly fractional) or
-/// `0x` hexadecimal number with an optional binary suffix: `4096`, `64k`, `1.5G`, `0x10000`.
+/// Parse a byte count the way qemu-img and qemu-io do: a decimal number with an optional
+/// binary suffix (`4096`, `64k`, `1.5G`; a fraction needs a suffix other than `b`), or a
+/// `0x` hexadecimal number without suffix.
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let (num, suffix) = split_number(t);
-    let Some(mult) = suffix_multiplier(suffix) else {
-        bail!("invalid size '{s}': unknown suffix '{suffix}' (use k, M, G, T, P or E)");
-    };
+    let invalid = || anyhow::anyhow!("invalid size '{s}': non-numeric argument or unrecognized suffix");
+    let mult = suffix_multiplier(suffix).ok_or_else(invalid)?;
     let value = if let Some(hex) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
-        u64::from_str_radix(hex, 16)
-            .ok()
-            .and_then(|v| v.checked_mul(mult))
+        match suffix.is_empty() {
+            true => u64::from_str_radix(hex, 16).ok(),
+            false => None,
+        }
     } else if num.contains('.') {
-        let f: f64 = num
-            .parse()
-            .map_err(|_| anyhow::anyhow!("invalid size '{s}'"))?;
+        let f: f64 = num.parse().map_err(|_| invalid())?;
         let v = f * mult as f64;
-        (v.is_finite() && v < u64::MAX as f64).then_some(v as u64)
+        (mult > 1 && v.is_finite() && v < u64::MAX as f64).then_some(v as u64)
     } else {
         num.parse::<u64>().ok().and_then(|v| v.checked_mul(mult))
     };
-    match value {
-        Some(v) if !num.is_empty() => Ok(v),
-        _ => bail!("invalid size '{s}'"),
-    }
+    value.ok_or_else(invalid)
 }
 
 /// Split a qemu-img `-o` list (`key=value,key2=value2`; `,,` is a literal comma) into pairs.
@@ -113,6 +109,7 @@ mod tests {
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size("0x10000").unwrap(), 65536);
         assert_eq!(parse_size("0x1b").unwrap(), 27);
+        assert_eq!(parse_size("0.5k").unwrap(), 512);
         assert_eq!(parse_size("512b").unwrap(), 512);
         for bad in [
             "",

@@ -129,7 +129,8 @@ impl Printer {
     }
 
     fn human(&self, e: &Extent) -> Result<()> {
-        if !e.data {
+        // Zero extents are left out even when preallocated (data with zero).
+        if !e.data || e.zero {
             return Ok(());
         }
         let Some(host) = e.offset else {
