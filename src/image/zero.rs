@@ -77,9 +77,11 @@ impl Image {
                 return Ok(()); // already reads as zeros with nothing allocated
             }
         }
+        // Preallocated zeros need the zero flag (v3) or a zero bitmap (extended L2).
+        let can_keep = !unmap && (geo.l2.version3 || geo.l2.extended);
         let keep = match m.entry {
-            L2Entry::Normal { host, copied: true } if !unmap => Some(host),
-            L2Entry::Zero { host: Some(h), copied: true } if !unmap => Some(h),
+            L2Entry::Normal { host, copied: true } if can_keep => Some(host),
+            L2Entry::Zero { host: Some(h), copied: true } if can_keep => Some(h),
             _ => None,
         };
         let (entry, bitmap) = zero_entry(&geo.l2, keep, has_backing);

@@ -1,0 +1,275 @@
+//! Where each structure of a new image goes, and writing it.
+
+use super::{CreateOptions, Preallocation, io};
+use crate::error::{Error, Result};
+use crate::format::header::{self, l1_entries_for};
+use crate::storage::Storage;
+
+/// L1/L2 entry flag: the cluster's refcount is exactly 1.
+const COPIED: u64 = 1 << 63;
+/// Size of a refcount table entry.
+const REFTABLE_ENTRY_SIZE: u64 = 8;
+/// Largest buffer of zeros written at once for `preallocation=full`.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// The placement of every structure of a new image (all offsets in bytes, in the image file
+/// unless noted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Cluster size.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Refcount table offset (always cluster 1).
+    pub reftable_offset: u64,
+    /// Clusters of the refcount table.
+    pub reftable_clusters: u32,
+    /// Offset of the first refcount block; the others follow.
+    pub refblock_offset: u64,
+    /// Number of refcount blocks.
+    pub refblocks: u64,
+    /// L1 table offset (0 when `l1_size` is 0, as QEMU writes it).
+    pub l1_offset: u64,
+    /// L1 entries.
+    pub l1_size: u32,
+    /// Clusters of the L1 table.
+    pub l1_clusters: u64,
+    /// Offset of the first L2 table; the others follow (preallocation only).
+    pub l2_offset: u64,
+    /// Number of L2 tables (0 without preallocation).
+    pub l2_tables: u64,
+    /// Host offset of guest cluster 0: in the image file, or 0 in an external data file.
+    pub data_offset: u64,
+    /// Mapped guest clusters (0 without preallocation).
+    pub data_clusters: u64,
+    /// Data clusters live in the image file (no external data file).
+    pub data_in_image: bool,
+    /// Clusters of the image file in use, each with refcount 1.
+    pub total_clusters: u64,
+}
+
+/// Refcount blocks and table clusters needed for `fixed` other clusters plus themselves.
+fn refcount_clusters(fixed: u64, per_block: u64, per_table_cluster: u64) -> (u64, u64) {
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let nb = (fixed + blocks + table).div_ceil(per_block);
+        let nt = nb.div_ceil(per_table_cluster);
+        if (nb, nt) == (blocks, table) {
+            return (blocks, table);
+        }
+        (blocks, table) = (nb, nt);
+    }
+}
+
+impl Layout {
+    /// Lay out an image of `size` bytes (already validated against `opts`).
+    pub fn compute(
+        opts: &CreateOptions,
+        size: u64,
+        prealloc: Preallocation,
+        external_data: bool,
+    ) -> Result<Layout> {
+        let cs = opts.cluster_size;
+        let l1_size = l1_entries_for(size, cs.trailing_zeros(), opts.extended_l2);
+        let l1_clusters = (l1_size * header::L1_ENTRY_SIZE).div_ceil(cs);
+        let mapped = prealloc != Preallocation::Off;
+        let l2_tables = if mapped { l1_size } else { 0 };
+        let data_clusters = if mapped { size.div_ceil(cs) } else { 0 };
+        let in_image = if external_data { 0 } else { data_clusters };
+        let fixed = 1 + l1_clusters + l2_tables + in_image;
+        let per_block = cs * 8 / u64::from(opts.refcount_bits);
+        let (refblocks, rt) = refcount_clusters(fixed, per_block, cs / REFTABLE_ENTRY_SIZE);
+        if rt * cs > header::MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::invalid_arg(
+                "image too large to preallocate with this cluster size and refcount width",
+            ));
+        }
+        let refblock_offset = cs * (1 + rt);
+        let l1_at = refblock_offset + refblocks * cs;
+        let l2_offset = l1_at + l1_clusters * cs;
+        Ok(Layout {
+            cluster_size: cs,
+            refcount_bits: opts.refcount_bits,
+            reftable_offset: cs,
+            reftable_clusters: rt as u32,
+            refblock_offset,
+            refblocks,
+            l1_offset: if l1_size == 0 { 0 } else { l1_at },
+            l1_size: l1_size as u32,
+            l1_clusters,
+            l2_offset,
+            l2_tables,
+            data_offset: if external_data {
+                0
+            } else {
+                l2_offset + l2_tables * cs
+            },
+            data_clusters,
+            data_in_image: !external_data,
+            total_clusters: fixed + refblocks + rt,
+        })
+    }
+
+    /// Write the refcount table and blocks, the L1 table and any L2 tables.
+    pub async fn write_metadata(&self, image: &dyn Storage, extended_l2: bool) -> Result<()> {
+        let table = self.reftable();
+        io(
+            image.write_at(&table, self.reftable_offset).await,
+            "writing the refcount table",
+        )?;
+        self.write_refblocks(image).await?;
+        if self.l1_size > 0 {
+            io(
+                image.write_at(&self.l1_table(), self.l1_offset).await,
+                "writing the L1 table",
+            )?;
+        }
+        for t in 0..self.l2_tables {
+            let l2 = self.l2_table(t, extended_l2);
+            let at = self.l2_offset + t * self.cluster_size;
+            io(image.write_at(&l2, at).await, "writing an L2 table")?;
+        }
+        Ok(())
+    }
+
+    /// The refcount table: one entry per refcount block.
+    fn reftable(&self) -> Vec<u8> {
+        let mut t = vec![0u8; (u64::from(self.reftable_clusters) * self.cluster_size) as usize];
+        for (i, e) in t
+            .chunks_exact_mut(8)
+            .take(self.refblocks as usize)
+            .enumerate()
+        {
+            e.copy_from_slice(&(self.refblock_offset + i as u64 * self.cluster_size).to_be_bytes());
+        }
+        t
+    }
+
+    /// Write every refcount block: refcount 1 for clusters `0..total_clusters`.
+    async fn write_refblocks(&self, image: &dyn Storage) -> Result<()> {
+        let per_block = self.cluster_size * 8 / u64::from(self.refcount_bits);
+        let full = self.refblock(per_block);
+        for i in 0..self.refblocks {
+            let used = (self.total_clusters - i * per_block).min(per_block);
+            let partial;
+            let block = if used == per_block {
+                &full
+            } else {
+                partial = self.refblock(used);
+                &partial
+            };
+            let at = self.refblock_offset + i * self.cluster_size;
+            io(image.write_at(block, at).await, "writing a refcount block")?;
+        }
+        Ok(())
+    }
+
+    /// A refcount block whose first `used` entries are 1. Sub-byte entries are packed from the
+    /// least significant bit, as QEMU does; wider ones are big-endian.
+    fn refblock(&self, used: u64) -> Vec<u8> {
+        let mut b = vec![0u8; self.cluster_size as usize];
+        let bits = u64::from(self.refcount_bits);
+        for i in 0..used {
+            let bit = i * bits;
+            if bits < 8 {
+                b[(bit / 8) as usize] |= 1 << (bit % 8);
+            } else {
+                b[((bit + bits) / 8 - 1) as usize] = 1;
+            }
+        }
+        b
+    }
+
+    /// The L1 table, whole clusters; entries point at the L2 tables when preallocating.
+    fn l1_table(&self) -> Vec<u8> {
+        let mut t = vec![0u8; (self.l1_clusters * self.cluster_size) as usize];
+        for (i, e) in t
+            .chunks_exact_mut(8)
+            .take(self.l2_tables as usize)
+            .enumerate()
+        {
+            let l2 = self.l2_offset + i as u64 * self.cluster_size;
+            e.copy_from_slice(&(l2 | COPIED).to_be_bytes());
+        }
+        t
+    }
+
+    /// L2 table `t`: every guest cluster below `data_clusters` mapped to its host cluster.
+    /// Extended entries leave the subcluster bitmap zero (unallocated, reads as zeros or from
+    /// the backing file), as QEMU's preallocation does.
+    fn l2_table(&self, t: u64, extended_l2: bool) -> Vec<u8> {
+        let entry = if extended_l2 { 16 } else { 8 };
+        let per_table = self.cluster_size / entry;
+        let mut b = vec![0u8; self.cluster_size as usize];
+        for (j, e) in b.chunks_exact_mut(entry as usize).enumerate() {
+            let g = t * per_table + j as u64;
+            if g >= self.data_clusters {
+                break;
+            }
+            let host = self.data_offset + g * self.cluster_size;
+            e[..8].copy_from_slice(&(host | COPIED).to_be_bytes());
+        }
+        b
+    }
+
+    /// Size the files and preallocate the data clusters as `prealloc` asks.
+    pub async fn write_data(
+        &self,
+        image: &dyn Storage,
+        data_file: Option<&dyn Storage>,
+        prealloc: Preallocation,
+        size: u64,
+    ) -> Result<()> {
+        let len = self.data_clusters * self.cluster_size;
+        let target = data_file.unwrap_or(image);
+        match prealloc {
+            Preallocation::Off | Preallocation::Metadata => {}
+            Preallocation::Falloc => {
+                io(
+                    target.allocate(self.data_offset, len).await,
+                    "preallocating data",
+                )?;
+            }
+            Preallocation::Full => write_zeros(target, self.data_offset, len).await?,
+        }
+        if let Some(d) = data_file {
+            let data_len = if prealloc == Preallocation::Off {
+                size
+            } else {
+                len
+            };
+            io(d.set_len(data_len).await, "sizing the data file")?;
+        }
+        let image_len = self.total_clusters * self.cluster_size;
+        io(image.set_len(image_len).await, "sizing the image")
+    }
+}
+
+/// Write `len` zero bytes at `offset`, in chunks.
+async fn write_zeros(target: &dyn Storage, offset: u64, len: u64) -> Result<()> {
+    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_CHUNK);
+        io(
+            target.write_at(&zeros[..n as usize], offset + done).await,
+            "writing zeros",
+        )?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Test hook for the refcount fixed point.
+#[cfg(test)]
+pub(super) fn refcount_clusters_for_test(fixed: u64, per_block: u64, per_table: u64) -> (u64, u64) {
+    refcount_clusters(fixed, per_block, per_table)
+}
+
+#[cfg(test)]
+impl Layout {
+    /// Test hook for the refcount block encoding.
+    pub(super) fn refblock_for_test(&self, used: u64) -> Vec<u8> {
+        self.refblock(used)
+    }
+}
