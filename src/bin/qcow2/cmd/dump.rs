@@ -135,9 +135,10 @@ async fn dump_snapshots(file: &dyn Storage, h: &Header) {
     match super::snapshots::read_table(file, h).await {
         Ok(snaps) => {
             for s in snaps {
+                let size = s.disk_size.map_or("unknown".into(), |d| d.to_string());
                 println!(
-                    "    id {:?} name {:?}: L1 table {:#x} ({} entries), disk size {:?}",
-                    s.id, s.name, s.l1_table_offset, s.l1_size, s.disk_size
+                    "    id {:?} name {:?}: L1 table {:#x} ({} entries), disk size {size}",
+                    s.id, s.name, s.l1_table_offset, s.l1_size
                 );
             }
         }
