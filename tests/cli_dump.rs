@@ -10,8 +10,24 @@ fn dumps_a_qemu_image() {
     let base = path_in(dir.path(), "base.qcow2");
     let p = path_in(dir.path(), "a.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "4M"]);
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &p]);
-    run("qemu-io", &["-c", "write -P 1 0 64k", "-c", "write -z 64k 64k", &p]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &p,
+        ],
+    );
+    run(
+        "qemu-io",
+        &["-c", "write -P 1 0 64k", "-c", "write -z 64k 64k", &p],
+    );
     run("qemu-img", &["snapshot", "-c", "s1", &p]);
     let out = qcow2_ok(&["dump", "--l2", "--refcounts", &p]);
     for want in [
@@ -36,17 +52,42 @@ fn compressed_and_extended_entries() {
     let dir = tempfile::tempdir().unwrap();
     let src = path_in(dir.path(), "src.qcow2");
     let c = path_in(dir.path(), "c.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", &src, "1M"]);
-    run("qemu-io", &["-c", "write -P 1 0 4k", "-c", "write -z 8k 4k", &src]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            &src,
+            "1M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &["-c", "write -P 1 0 4k", "-c", "write -z 8k 4k", &src],
+    );
     let out = qcow2_ok(&["dump", "--l2", &src]);
-    assert!(out.contains("subclusters alloc 0x00000003 zero 0x00000030"), "{out}");
+    assert!(
+        out.contains("subclusters alloc 0x00000003 zero 0x00000030"),
+        "{out}"
+    );
     run("qemu-img", &["convert", "-c", "-O", "qcow2", &src, &c]);
     let out = qcow2_ok(&["dump", "--l2", &c]);
     assert!(out.contains("compressed at 0x"), "{out}");
 }
 
 /// Write a v3 header with the given fields; the rest of the cluster is left as `fill`.
-fn hostile_image(path: &str, l1_size: u32, l1_off: u64, rt_off: u64, rt_clusters: u32, body: &[u8]) {
+fn hostile_image(
+    path: &str,
+    l1_size: u32,
+    l1_off: u64,
+    rt_off: u64,
+    rt_clusters: u32,
+    body: &[u8],
+) {
     let mut b = vec![0u8; 65536];
     b[..4].copy_from_slice(b"QFI\xfb");
     b[4..8].copy_from_slice(&3u32.to_be_bytes());
@@ -74,10 +115,14 @@ fn hostile_images_give_bounded_output() {
     hostile_image(&p, u32::MAX, 65536, 65536, u32::MAX, &body);
     let r = qcow2(&["dump", "--l2", "--refcounts", "--limit", "50", &p]);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
-    assert!(r.stdout.lines().count() < 400, "{} lines", r.stdout.lines().count());
+    assert!(
+        r.stdout.lines().count() < 400,
+        "{} lines",
+        r.stdout.lines().count()
+    );
     assert!(r.stdout.contains("raise --limit"), "{}", r.stdout);
     // Garbage everywhere, and a truncated file.
-    hostile_image(&p, 1 << 20, u64::MAX & !0xffff, 0x7fff_0000, 7, &[0xff; 1000]);
+    hostile_image(&p, 1 << 20, !0xffff, 0x7fff_0000, 7, &[0xff; 1000]);
     let r = qcow2(&["dump", "--l2", "--refcounts", &p]);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     std::fs::write(&p, b"QFI\xfb\0\0\0\x03").unwrap();

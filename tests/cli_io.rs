@@ -8,7 +8,11 @@ use common::{assert_check_clean, path_in, qcow2, run, status};
 /// Output lines without qemu-io's timing lines (`4 KiB, 1 ops; ...`), sorted: aio requests
 /// complete in any order.
 fn without_timing(text: &str) -> Vec<String> {
-    let mut v: Vec<String> = text.lines().filter(|l| !l.contains(" ops; ")).map(str::to_string).collect();
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| !l.contains(" ops; "))
+        .map(str::to_string)
+        .collect();
     v.sort();
     v
 }
@@ -18,8 +22,20 @@ fn same_as_qemu_io(opts: &str, size: &str, cmds: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let theirs = path_in(dir.path(), "theirs.qcow2");
     let ours = path_in(dir.path(), "ours.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, &theirs, size]);
-    run("qemu-io", &["-c", "write -P 0x5a 0 192k", "-c", "write -z 1M 128k", &theirs]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, &theirs, size],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x5a 0 192k",
+            "-c",
+            "write -z 1M 128k",
+            &theirs,
+        ],
+    );
     std::fs::copy(&theirs, &ours).unwrap();
     let mut args: Vec<&str> = Vec::new();
     for c in cmds {
@@ -27,8 +43,17 @@ fn same_as_qemu_io(opts: &str, size: &str, cmds: &[&str]) {
     }
     let (qcode, qout) = status("qemu-io", &[args.as_slice(), &[theirs.as_str()]].concat());
     let r = qcow2(&[&["io"], args.as_slice(), &[ours.as_str()]].concat());
-    assert_eq!(r.code, qcode, "exit status; ours:\n{}{}\nqemu-io:\n{qout}", r.stdout, r.stderr);
-    assert_eq!(without_timing(&r.stdout), without_timing(&qout), "output; stderr: {}", r.stderr);
+    assert_eq!(
+        r.code, qcode,
+        "exit status; ours:\n{}{}\nqemu-io:\n{qout}",
+        r.stdout, r.stderr
+    );
+    assert_eq!(
+        without_timing(&r.stdout),
+        without_timing(&qout),
+        "output; stderr: {}",
+        r.stderr
+    );
     assert_check_clean(std::path::Path::new(&ours));
     let (code, text) = status("qemu-img", &["compare", &theirs, &ours]);
     assert_eq!(code, 0, "qemu-img compare: {text}");
@@ -69,7 +94,13 @@ fn same_results_small_clusters_and_v2() {
 fn failures_continue_and_exit_1() {
     // A pattern mismatch, a request past the end, and an unknown command all fail; the
     // commands after them still run; the exit status is 1 (as with qemu-io).
-    let cmds = ["read -P 1 0 4k", "write -P 9 0 4k", "write 16M 4k", "bogus", "read -P 9 0 4k"];
+    let cmds = [
+        "read -P 1 0 4k",
+        "write -P 9 0 4k",
+        "write 16M 4k",
+        "bogus",
+        "read -P 9 0 4k",
+    ];
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "a.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &p, "8M"]);
@@ -80,9 +111,21 @@ fn failures_continue_and_exit_1() {
     args.push(&p);
     let r = qcow2(&args);
     assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("Pattern verification failed at offset 0, 4096 bytes"));
-    assert_eq!(r.stdout.matches("bytes at offset 0").count(), 3, "{}", r.stdout);
-    assert!(r.stderr.contains("command \"bogus\" not found"), "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("Pattern verification failed at offset 0, 4096 bytes")
+    );
+    assert_eq!(
+        r.stdout.matches("bytes at offset 0").count(),
+        3,
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("command \"bogus\" not found"),
+        "{}",
+        r.stderr
+    );
     assert_check_clean(std::path::Path::new(&p));
 }
 
@@ -104,8 +147,16 @@ fn hostile_arguments_do_not_panic() {
     let p = path_in(dir.path(), "a.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &p, "1M"]);
     for c in [
-        "read 0 100G", "write -P 0x1ff 0 1", "read", "write -z -P 1 0 4k", "read 18446744073709551615 1",
-        "discard 0 99999999999999999999", "write -Q 0 1", "read -P", "", "write 1.5 2",
+        "read 0 100G",
+        "write -P 0x1ff 0 1",
+        "read",
+        "write -z -P 1 0 4k",
+        "read 18446744073709551615 1",
+        "discard 0 99999999999999999999",
+        "write -Q 0 1",
+        "read -P",
+        "",
+        "write 1.5 2",
     ] {
         let r = qcow2(&["io", "-c", c, &p]);
         assert_eq!(r.code, 1, "{c:?}: {}{}", r.stdout, r.stderr);

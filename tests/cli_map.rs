@@ -8,17 +8,28 @@ use common::{path_in, qcow2, qcow2_ok, run, status};
 /// Our JSON and human map of `img` must equal qemu-img's, byte for byte.
 fn same_map(img: &str) {
     let want = run("qemu-img", &["map", "--output=json", img]);
-    assert_eq!(qcow2_ok(&["map", "--output=json", img]), want, "JSON map of {img}");
+    assert_eq!(
+        qcow2_ok(&["map", "--output=json", img]),
+        want,
+        "JSON map of {img}"
+    );
     let (code, want) = status("qemu-img", &["map", img]);
     let ours = qcow2(&["map", img]);
-    assert_eq!(ours.code, code, "human map status of {img}: {}", ours.stderr);
+    assert_eq!(
+        ours.code, code,
+        "human map status of {img}: {}",
+        ours.stderr
+    );
     if code == 0 {
         assert_eq!(ours.stdout, want, "human map of {img}");
     }
 }
 
 fn create(img: &str, opts: &str, size: &str) {
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, img, size]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, img, size],
+    );
 }
 
 fn io(img: &str, cmds: &[&str]) {
@@ -102,9 +113,15 @@ fn compressed_clusters() {
     let src = path_in(dir.path(), "src.qcow2");
     create(&src, "cluster_size=64k", "2M");
     io(&src, WORKLOAD[..4].as_ref());
-    for (name, opts) in [("zlib.qcow2", "compression_type=zlib"), ("zstd.qcow2", "compression_type=zstd")] {
+    for (name, opts) in [
+        ("zlib.qcow2", "compression_type=zlib"),
+        ("zstd.qcow2", "compression_type=zstd"),
+    ] {
         let p = path_in(dir.path(), name);
-        run("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", opts, &src, &p]);
+        run(
+            "qemu-img",
+            &["convert", "-c", "-O", "qcow2", "-o", opts, &src, &p],
+        );
         same_map(&p);
     }
 }
@@ -117,14 +134,47 @@ fn backing_chains() {
     let top = path_in(dir.path(), "top.qcow2");
     let over_raw = path_in(dir.path(), "over-raw.qcow2");
     run("qemu-img", &["create", "-q", "-f", "raw", &raw, "4M"]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 7 128k 64k", "-c", "write -P 7 3M 4k", &raw]);
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &raw, "-F", "raw", &over_raw]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 7 128k 64k",
+            "-c",
+            "write -P 7 3M 4k",
+            &raw,
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &raw, "-F", "raw", &over_raw,
+        ],
+    );
     io(&over_raw, &["write -P 1 0 64k", "write -z 3M 64k"]);
     same_map(&over_raw);
     create(&base, "cluster_size=64k", "3M");
     io(&base, WORKLOAD);
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &top, "5M"]);
-    io(&top, &["write -P 5 64k 64k", "write -z 1M 64k", "discard 0 64k"]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &top,
+            "5M",
+        ],
+    );
+    io(
+        &top,
+        &["write -P 5 64k 64k", "write -z 1M 64k", "discard 0 64k"],
+    );
     same_map(&top);
 }
 

@@ -6,7 +6,10 @@ use std::process::Command;
 
 /// Run a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}\n{}",
@@ -36,7 +39,16 @@ pub fn assert_check_clean(img: &Path) {
 /// The reference content of an image, by `qemu-img convert -O raw`.
 pub fn qemu_raw(img: &Path) -> Vec<u8> {
     let out = img.with_extension("ref.raw");
-    run("qemu-img", &["convert", "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
     let data = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).ok();
     data
@@ -62,7 +74,10 @@ pub struct Cli {
 
 /// Run the `qcow2` binary built for these tests.
 pub fn qcow2(args: &[&str]) -> Cli {
-    let out = Command::new(env!("CARGO_BIN_EXE_qcow2")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .args(args)
+        .output()
+        .unwrap();
     Cli {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -73,7 +88,11 @@ pub fn qcow2(args: &[&str]) -> Cli {
 /// Run the `qcow2` binary and return its stdout, panicking unless it exits 0.
 pub fn qcow2_ok(args: &[&str]) -> String {
     let r = qcow2(args);
-    assert_eq!(r.code, 0, "qcow2 {args:?} failed:\n{}{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.code, 0,
+        "qcow2 {args:?} failed:\n{}{}",
+        r.stdout, r.stderr
+    );
     r.stdout
 }
 

@@ -1,4 +1,5 @@
-//! Parsing of numbers, sizes and `-o` option lists as qemu-img and qemu-io write them.
+//! Parsing of numbers and sizes as qemu-img and qemu-io write them (`-o` lists are parsed
+//! by the library's `CreateOptions`).
 
 use anyhow::{Result, bail};
 
@@ -37,7 +38,8 @@ fn split_number(s: &str) -> (&str, &str) {
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let (num, suffix) = split_number(t);
-    let invalid = || anyhow::anyhow!("invalid size '{s}': non-numeric argument or unrecognized suffix");
+    let invalid =
+        || anyhow::anyhow!("invalid size '{s}': non-numeric argument or unrecognized suffix");
     let mult = suffix_multiplier(suffix).ok_or_else(invalid)?;
     let value = if let Some(hex) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
         match suffix.is_empty() {
@@ -52,36 +54,6 @@ pub fn parse_size(s: &str) -> Result<u64> {
         num.parse::<u64>().ok().and_then(|v| v.checked_mul(mult))
     };
     value.ok_or_else(invalid)
-}
-
-/// Split a qemu-img `-o` list (`key=value,key2=value2`; `,,` is a literal comma) into pairs.
-/// A key without `=` means `on`.
-pub fn parse_options(s: &str) -> Result<Vec<(String, String)>> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
-    let mut out = Vec::new();
-    for item in items.into_iter().filter(|i| !i.is_empty()) {
-        let (k, v) = item.split_once('=').unwrap_or((item.as_str(), "on"));
-        if k.is_empty() {
-            bail!("invalid option '{item}': empty name");
-        }
-        out.push((k.to_string(), v.to_string()));
-    }
-    Ok(out)
 }
 
 /// Parse a byte pattern for `-P`: decimal or `0x` hex, 0..=255.
@@ -123,15 +95,6 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn options() {
-        let o = parse_options("cluster_size=4k,lazy_refcounts,backing_file=a,,b").unwrap();
-        assert_eq!(o[0], ("cluster_size".into(), "4k".into()));
-        assert_eq!(o[1], ("lazy_refcounts".into(), "on".into()));
-        assert_eq!(o[2], ("backing_file".into(), "a,b".into()));
-        assert!(parse_options("=x").is_err());
     }
 
     #[test]

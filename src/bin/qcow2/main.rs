@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     match rt.block_on(cli.command.run()) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            report(format!("{e:#}"));
+            report(output::error_text(&e));
             ExitCode::from(1)
         }
     }

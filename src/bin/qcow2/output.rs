@@ -30,6 +30,23 @@ fn open_empty(line: &str) -> String {
     line.to_string()
 }
 
+/// The error and its causes joined by `: `, leaving out causes whose text an outer message
+/// already includes (library errors print their own cause).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
 /// Format `v` with three significant digits and no trailing zeros (C's `%.3g` for the
 /// range 0.9 ≤ v < 1000 used by sizes).
 fn three_digits(v: f64) -> String {

@@ -54,12 +54,15 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.compress {
         bail!("compressed output (-c) is not supported");
     }
+    if a.options.is_some() && a.output_format != "qcow2" {
+        bail!("-o is only supported with -O qcow2");
+    }
     let src = Disk::open(&a.src, a.format.as_deref(), false).await?;
     let size = src.size();
     let dst = match a.output_format.as_str() {
         "raw" => create_raw(&a.dst, size).await?,
         "qcow2" => {
-            super::create::create_qcow2(&a.dst, size, a.options.as_deref(), None).await?;
+            super::create::create_qcow2(&a.dst, size, a.options.as_deref()).await?;
             Disk::Qcow2(open_qcow2(&a.dst, true, false).await?)
         }
         f => bail!("unsupported output format '{f}' (raw or qcow2)"),

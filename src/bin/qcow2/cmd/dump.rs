@@ -142,6 +142,6 @@ async fn dump_snapshots(file: &dyn Storage, h: &Header) {
                 );
             }
         }
-        Err(e) => println!("    error: {e:#}"),
+        Err(e) => println!("    error: {}", crate::output::error_text(&e)),
     }
 }

@@ -138,7 +138,7 @@ async fn fill_qcow2(
     info.snapshots = info.raw_snapshots.iter().map(Into::into).collect();
     info.format_specific = Some(FormatSpecific {
         kind: "qcow2",
-        data: SpecificData::Qcow2(qcow2_data(file, ih).await),
+        data: SpecificData::Qcow2(Box::new(qcow2_data(file, ih).await)),
     });
     info.encrypted = (h.crypt_method != 0).then_some(true);
     let Some(name) = ih.backing_file.clone() else {

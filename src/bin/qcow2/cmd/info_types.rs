@@ -66,7 +66,7 @@ pub struct FormatSpecific {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum SpecificData {
-    Qcow2(Qcow2Data),
+    Qcow2(Box<Qcow2Data>),
     Empty {},
 }
 

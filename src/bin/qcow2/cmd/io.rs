@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::io_ops::{self, Op, Request};
 use crate::disk::Disk;
+use crate::output::error_text;
 
 /// Arguments of `qcow2 io`.
 #[derive(Debug, clap::Args)]
@@ -54,7 +55,7 @@ pub async fn run(a: Args) -> Result<u8> {
     }
     s.drain().await;
     if let Err(e) = s.disk.close().await {
-        eprintln!("qcow2: closing the image: {e:#}");
+        eprintln!("qcow2: closing the image: {}", error_text(&e));
         s.failed = true;
     }
     Ok(u8::from(s.failed))
@@ -66,7 +67,7 @@ impl Session {
         let ok = match io_ops::parse(line) {
             Ok(op) => self.execute(op).await,
             Err(e) => {
-                eprintln!("{e:#}");
+                eprintln!("{}", error_text(&e));
                 false
             }
         };
@@ -108,7 +109,7 @@ pub fn report(r: Result<()>) -> bool {
     match r {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("{e:#}");
+            eprintln!("{}", error_text(&e));
             false
         }
     }

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 
 use crate::args::{parse_pattern, parse_size};
 use crate::disk::Disk;
-use crate::output::io_size;
+use crate::output::{error_text, io_size};
 
 /// Largest read or write buffer one command may ask for.
 const MAX_BUFFER: u64 = 1 << 30;
@@ -218,7 +218,7 @@ pub async fn perform(disk: &Disk, req: &Request) -> bool {
             ok
         }
         Err(e) => {
-            eprintln!("{} failed: {e:#}", verb_of(req));
+            eprintln!("{} failed: {}", verb_of(req), error_text(&e));
             false
         }
     }
