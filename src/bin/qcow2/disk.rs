@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use qcow2_rs::Storage;
 use qcow2_rs::format::extensions::ImageHeader;
-use qcow2_rs::image::{BackingOverride, Extent, Image, OpenOptions, ZeroFlags, probe_format};
+use qcow2_rs::image::{Extent, Image, OpenOptions, ZeroFlags, probe_format};
 use qcow2_rs::storage::{FileStorage, OpenFlags};
 
 /// An open image of either format. Cloning shares the open image (for concurrent requests).
@@ -49,23 +49,16 @@ pub fn open_file(path: &Path, writable: bool) -> Result<FileStorage> {
     FileStorage::open(path, flags).with_context(|| format!("could not open '{}'", path.display()))
 }
 
-/// Open a qcow2 image; `no_backing` skips the backing file (as `qemu-img info` does).
-pub async fn open_qcow2(path: &Path, writable: bool, no_backing: bool) -> Result<Image> {
-    let mut opts = OpenOptions::new().writable(writable);
-    if no_backing {
-        opts = opts.backing(BackingOverride {
-            path: None,
-            format: None,
-        });
-    }
-    Ok(Image::open(path, &opts).await?)
+/// Open a qcow2 image with its backing chain.
+pub async fn open_qcow2(path: &Path, writable: bool) -> Result<Image> {
+    Ok(Image::open(path, &OpenOptions::new().writable(writable)).await?)
 }
 
 impl Disk {
     /// Open `path` in `format` (probed when `None`) with its backing chain.
     pub async fn open(path: &Path, format: Option<&str>, writable: bool) -> Result<Disk> {
         match detect_format(path, format).await? {
-            "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable, false).await?)),
+            "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable).await?)),
             _ => {
                 let storage = open_file(path, writable)?;
                 let size = storage

@@ -59,17 +59,25 @@ fn report(msg: impl std::fmt::Display) {
 /// Parse the command line; usage errors become one line and status 1.
 fn parse() -> Result<Cli, ExitCode> {
     Cli::try_parse().map_err(|e| {
-        use clap::error::ErrorKind::{DisplayHelp, DisplayVersion};
-        if matches!(e.kind(), DisplayHelp | DisplayVersion)
-            || e.use_stderr()
-                && e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-        {
+        use clap::error::ErrorKind::{
+            DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion,
+        };
+        // Help and version are not errors; `qcow2` alone prints the help and fails.
+        if matches!(
+            e.kind(),
+            DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+            return ExitCode::from(u8::from(e.use_stderr()));
         }
+        // clap's message is a few lines before a blank line and the usage: join them.
         let rendered = e.to_string();
-        let first = rendered.lines().next().unwrap_or("invalid arguments");
-        report(first.trim_start_matches("error: "));
+        let lines: Vec<&str> = rendered
+            .lines()
+            .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+            .map(str::trim)
+            .collect();
+        report(lines.join(" ").trim_start_matches("error: "));
         ExitCode::from(1)
     })
 }

@@ -63,7 +63,7 @@ pub async fn run(a: Args) -> Result<u8> {
         "raw" => create_raw(&a.dst, size).await?,
         "qcow2" => {
             super::create::create_qcow2(&a.dst, size, a.options.as_deref()).await?;
-            Disk::Qcow2(open_qcow2(&a.dst, true, false).await?)
+            Disk::Qcow2(open_qcow2(&a.dst, true).await?)
         }
         f => bail!("unsupported output format '{f}' (raw or qcow2)"),
     };
