@@ -72,6 +72,12 @@ const SCRIPT: &[&str] = &[
     "aio_write -P 2 5M 8k",
     "aio_write -P 3 0x600000 0x10000",
     "aio_flush",
+    // Three requests racing to allocate the same cluster.
+    "aio_write -P 8 3M 4k",
+    "aio_write -P 9 0x301000 4k",
+    "aio_write -P 10 0x302000 56k",
+    "aio_flush",
+    "read -P 9 0x301000 4k",
     "read -P 1 4M 64k",
     "read -P 0x5a 128k 64k",
     "read -q -P 0 7M 1M",
