@@ -86,3 +86,42 @@ pub fn storage(img: &Path, read_only: bool) -> std::sync::Arc<dyn qcow2_rs::Stor
     };
     std::sync::Arc::new(qcow2_rs::storage::FileStorage::open(img, flags).unwrap())
 }
+
+/// Output of one run of the `qcow2` binary.
+pub struct Cli {
+    /// Exit status (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Run the `qcow2` binary built for these tests.
+pub fn qcow2(args: &[&str]) -> Cli {
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .args(args)
+        .output()
+        .unwrap();
+    Cli {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run the `qcow2` binary and return its stdout, panicking unless it exits 0.
+pub fn qcow2_ok(args: &[&str]) -> String {
+    let r = qcow2(args);
+    assert_eq!(
+        r.code, 0,
+        "qcow2 {args:?} failed:\n{}{}",
+        r.stdout, r.stderr
+    );
+    r.stdout
+}
+
+/// A path inside `dir` as a `String`.
+pub fn path_in(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_string()
+}

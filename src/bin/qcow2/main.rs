@@ -1,1 +1,107 @@
-fn main() {}
+//! `qcow2`: a command-line tool for qcow2 images, modelled on qemu-img and qemu-io.
+//!
+//! Every command is a small module under `cmd/`. Errors print one line, `qcow2: <message>`,
+//! to stderr and exit with status 1 (or the command's documented status).
+
+mod args;
+mod cmd;
+mod disk;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// qcow2 disk image tool.
+#[derive(Debug, Parser)]
+#[command(name = "qcow2", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new image.
+    Create(cmd::create::Args),
+    /// Show information about an image.
+    Info(cmd::info::Args),
+    /// Show the allocation map of an image.
+    Map(cmd::map::Args),
+    /// Convert an image to another format.
+    Convert(cmd::convert::Args),
+    /// Dump the on-disk structures of a qcow2 image (works on damaged images).
+    Dump(cmd::dump::Args),
+    /// Run qemu-io style commands on an image.
+    Io(cmd::io::Args),
+}
+
+impl Command {
+    /// Run the command; `Ok` carries the exit status.
+    async fn run(self) -> anyhow::Result<u8> {
+        match self {
+            Command::Create(a) => cmd::create::run(a).await,
+            Command::Info(a) => cmd::info::run(a).await,
+            Command::Map(a) => cmd::map::run(a).await,
+            Command::Convert(a) => cmd::convert::run(a).await,
+            Command::Dump(a) => cmd::dump::run(a).await,
+            Command::Io(a) => cmd::io::run(a).await,
+        }
+    }
+}
+
+/// Print an error as one line.
+fn report(msg: impl std::fmt::Display) {
+    let text = msg.to_string().replace('\n', " ");
+    eprintln!("qcow2: {}", text.trim());
+}
+
+/// Parse the command line; usage errors become one line and status 1.
+fn parse() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind::{
+            DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion,
+        };
+        // Help and version are not errors; `qcow2` alone prints the help and fails.
+        if matches!(
+            e.kind(),
+            DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            let _ = e.print();
+            return ExitCode::from(u8::from(e.use_stderr()));
+        }
+        // clap's message is a few lines before a blank line and the usage: join them.
+        let rendered = e.to_string();
+        let lines: Vec<&str> = rendered
+            .lines()
+            .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+            .map(str::trim)
+            .collect();
+        report(lines.join(" ").trim_start_matches("error: "));
+        ExitCode::from(1)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match parse() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report(format!("could not start the runtime: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(cli.command.run()) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            report(output::error_text(&e));
+            ExitCode::from(1)
+        }
+    }
+}

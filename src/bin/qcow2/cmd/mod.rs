@@ -1,0 +1,22 @@
+//! One module per command.
+
+pub mod convert;
+pub mod create;
+pub mod dump;
+mod dump_tables;
+pub mod info;
+mod info_luks;
+mod info_types;
+pub mod io;
+mod io_ops;
+pub mod map;
+mod snapshots;
+
+/// `--output=human|json`, shared by info and map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    Human,
+    /// JSON in qemu-img's layout.
+    Json,
+}

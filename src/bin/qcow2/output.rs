@@ -1,0 +1,121 @@
+//! Output helpers: JSON in qemu-img's layout and human-readable sizes.
+
+use anyhow::Result;
+use serde::Serialize;
+
+/// Print `value` as JSON indented by 4 spaces, as qemu-img does.
+pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    value.serialize(&mut ser)?;
+    for line in String::from_utf8_lossy(&out).lines() {
+        println!("{}", open_empty(line));
+    }
+    Ok(())
+}
+
+/// qemu-img writes an empty list or object over two lines (`[` and an indented `]`).
+fn open_empty(line: &str) -> String {
+    let body = line.strip_suffix(',').unwrap_or(line);
+    let comma = &line[body.len()..];
+    let indent = &line[..line.len() - line.trim_start().len()];
+    for (empty, open, close) in [("[]", "[", "]"), ("{}", "{", "}")] {
+        if let Some(head) = body.strip_suffix(empty) {
+            if head.trim().is_empty() || head.ends_with(": ") {
+                return format!("{head}{open}\n{indent}{close}{comma}");
+            }
+        }
+    }
+    line.to_string()
+}
+
+/// The error and its causes joined by `: `, leaving out causes whose text an outer message
+/// already includes (library errors print their own cause).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
+/// Format `v` with three significant digits and no trailing zeros (C's `%.3g` for the
+/// range 0.9 ≤ v < 1000 used by sizes).
+fn three_digits(v: f64) -> String {
+    let decimals = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else if v >= 1.0 {
+        2
+    } else {
+        3
+    };
+    let s = format!("{v:.decimals$}");
+    match s.contains('.') {
+        true => s.trim_end_matches('0').trim_end_matches('.').to_string(),
+        false => s,
+    }
+}
+
+const UNITS: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+
+/// A size the way qemu-img prints it in human output: `0 B`, `512 B`, `64 KiB`, `1.5 GiB`.
+/// The next unit is used from 1000 of the smaller one, so there are at most three digits.
+pub fn size_to_str(bytes: u64) -> String {
+    let mut unit = 0;
+    // Switch up when the value would print as 1000 or more in the current unit.
+    while unit + 1 < UNITS.len()
+        && bytes as f64 >= 1000.0 / 1024.0 * (1u64 << (10 * (unit + 1))) as f64
+    {
+        unit += 1;
+    }
+    let v = bytes as f64 / (1u64 << (10 * unit)) as f64;
+    format!("{} {}B", three_digits(v), UNITS[unit])
+}
+
+/// A size the way qemu-io prints it: `512 bytes`, `4 KiB`, `1.500 MiB`.
+pub fn io_size(bytes: u64) -> String {
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut unit = 1;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    let s = format!("{:.3}", bytes as f64 / (1u64 << (10 * unit)) as f64);
+    format!("{} {}B", s.strip_suffix(".000").unwrap_or(&s), UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_img_sizes() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(999), "999 B");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(339968), "332 KiB");
+        assert_eq!(size_to_str(459264), "448 KiB");
+        assert_eq!(size_to_str(1 << 20), "1 MiB");
+        assert_eq!(size_to_str(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn qemu_io_sizes() {
+        assert_eq!(io_size(32), "32 bytes");
+        assert_eq!(io_size(4096), "4 KiB");
+        assert_eq!(io_size(128 << 10), "128 KiB");
+        assert_eq!(io_size(1536 << 10), "1.500 MiB");
+    }
+}
