@@ -25,6 +25,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use crate::cache::{Lookup, Slice, SliceCache};
 use crate::error::{Error, Result};
+use crate::format::header::Header;
 use crate::format::refcount::{self, RefTableEntry};
 use crate::storage::Storage;
 
@@ -60,15 +61,15 @@ impl Refcounts {
     /// Set up from the refcount table read at open.
     pub fn new(
         file: Arc<dyn Storage>,
-        cluster_bits: u32,
-        order: u32,
+        header: &Header,
         table: Vec<RefTableEntry>,
-        table_offset: u64,
-        table_clusters: u64,
         file_len: u64,
         (slice_size, cache_bytes): (usize, usize),
         new: Arc<NewClusters>,
     ) -> Refcounts {
+        let (cluster_bits, order) = (header.cluster_bits, header.refcount_order);
+        let table_offset = header.refcount_table_offset;
+        let table_clusters = u64::from(header.refcount_table_clusters);
         let table = table
             .iter()
             .map(|e| e.block_offset().map_or(0, |h| h.0))

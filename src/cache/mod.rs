@@ -195,7 +195,7 @@ mod tests {
         let c = SliceCache::new("t", 512, 4 * 512);
         for k in 0..4u64 {
             let s = slice(&c, k * 512);
-            s.ensure_loaded(|_| async { Ok(()) }).await.unwrap();
+            s.ensure_loaded(|b| async move { Ok(b) }).await.unwrap();
         }
         slice(&c, 0).update(|b| b[0] = 1);
         // Key 512 is the least recently used clean slice.
@@ -210,7 +210,7 @@ mod tests {
         let c = SliceCache::new("t", 512, 4 * 512);
         for k in 0..4u64 {
             let s = slice(&c, k * 512);
-            s.ensure_loaded(|_| async { Ok(()) }).await.unwrap();
+            s.ensure_loaded(|b| async move { Ok(b) }).await.unwrap();
             s.update(|b| b[0] = 1);
         }
         assert!(matches!(c.get(9 * 512), Lookup::Full));

@@ -15,11 +15,10 @@ pub(crate) struct Geometry {
     pub entry_size: u64,
     /// Bytes per cache slice (≤ cluster size).
     pub slice_size: u64,
-    pub refcount_order: u32,
 }
 
 impl Geometry {
-    pub fn new(cluster_bits: u32, extended: bool, version3: bool, slice: usize, ro: u32) -> Self {
+    pub fn new(cluster_bits: u32, extended: bool, version3: bool, slice: usize) -> Self {
         let l2 = L2Geometry {
             cluster_bits,
             extended,
@@ -35,7 +34,6 @@ impl Geometry {
             l2_entries: cluster_size / entry_size,
             entry_size,
             slice_size,
-            refcount_order: ro,
         }
     }
 
@@ -82,10 +80,5 @@ impl Geometry {
     /// Round `off` down to a cluster boundary.
     pub fn cluster_floor(&self, off: u64) -> u64 {
         off & !(self.cluster_size - 1)
-    }
-
-    /// Bytes needed rounded up to whole clusters.
-    pub fn clusters_for(&self, bytes: u64) -> u64 {
-        bytes.div_ceil(self.cluster_size)
     }
 }

@@ -41,7 +41,6 @@ impl Image {
             h.extended_l2(),
             h.version >= 3,
             opts.slice_size,
-            h.refcount_order,
         );
         let compression = CompressionType::from_u8(h.compression_type)?;
         let l1 = read_l1(file.as_ref(), h).await?;
@@ -109,17 +108,8 @@ async fn open_write_state(
             .map_err(|err| Error::corrupt(format!("refcount table entry {i}: {}", err.what())))?;
     }
     let slice = (opts.slice_size.next_power_of_two() as u64).clamp(512, h.cluster_size()) as usize;
-    let rc = Refcounts::new(
-        file.clone(),
-        h.cluster_bits,
-        h.refcount_order,
-        table,
-        h.refcount_table_offset,
-        clusters,
-        file_len,
-        (slice, opts.refcount_cache_bytes),
-        new.clone(),
-    );
+    let cache = (slice, opts.refcount_cache_bytes);
+    let rc = Refcounts::new(file.clone(), h, table, file_len, cache, new.clone());
     Ok(WriteState::new(rc))
 }
 

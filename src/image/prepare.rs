@@ -1,25 +1,20 @@
 //! Steps on a read-write open before the first write: clear autoclear feature bits we do not
-//! maintain (so, e.g., persistent bitmaps are known to be stale), and refuse dirty images
-//! whose refcounts would have to be rebuilt first.
+//! maintain (so, e.g., persistent bitmaps are known to be stale). Dirty images (lazy
+//! refcounts) have their refcounts rebuilt by `open` before this runs.
 
 use super::Image;
 use crate::error::{Error, Result};
 use crate::format::features;
 
-/// Header offset of `incompatible_features` (v3).
-const INCOMPATIBLE_OFFSET: u64 = 72;
 /// Header offset of `autoclear_features` (v3).
 const AUTOCLEAR_OFFSET: u64 = 88;
 
 impl Image {
     pub(crate) async fn prepare_for_writing(&self) -> Result<()> {
-        let (version, autoclear, dirty) = {
+        let (version, autoclear) = {
             let h = &self.inner.header.lock().unwrap().header;
-            (h.version, h.autoclear_features, h.is_dirty())
+            (h.version, h.autoclear_features)
         };
-        if dirty {
-            self.rebuild_refcounts_on_open().await?;
-        }
         // We keep only the raw-external-data bit: bitmaps are not updated by our writes.
         let keep = autoclear & features::RAW_EXTERNAL;
         if version >= 3 && keep != autoclear {
@@ -41,21 +36,5 @@ impl Image {
             .flush()
             .await
             .map_err(|e| Error::io("syncing the header", e))
-    }
-
-    /// Clear the dirty bit (after refcounts were rebuilt or flushed).
-    pub(crate) async fn clear_dirty_bit(&self) -> Result<()> {
-        let inc = {
-            let mut hdr = self.inner.header.lock().unwrap();
-            hdr.header.incompatible_features &= !features::DIRTY;
-            hdr.header.incompatible_features
-        };
-        self.write_header_u64(INCOMPATIBLE_OFFSET, inc).await
-    }
-
-    async fn rebuild_refcounts_on_open(&self) -> Result<()> {
-        Err(Error::unsupported(
-            "the image is dirty (lazy refcounts): repair it with `qcow2 check -r all` first",
-        ))
     }
 }
