@@ -74,7 +74,6 @@ fn data_and_zero_clusters() {
 /// asks the file system when it detects metadata preallocation), the engine splits it into
 /// `zero: true` pieces.
 #[test]
-#[ignore = "engine map splits data clusters at host file holes (reported bug)"]
 fn partial_cluster_writes() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "partial.qcow2");
@@ -99,7 +98,6 @@ fn preallocation_metadata_and_empty() {
 /// clusters as data (zero: false) because it only asks the file system when it detects
 /// metadata preallocation; the engine always asks and reports zero: true.
 #[test]
-#[ignore = "engine map reports fallocated clusters as zero (reported bug)"]
 fn preallocation_falloc() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "falloc.qcow2");

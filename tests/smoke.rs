@@ -63,3 +63,35 @@ async fn writes_and_checks_clean() {
         None
     );
 }
+
+#[tokio::test]
+async fn encrypted_images_open_for_info_but_refuse_data_access() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("enc.qcow2");
+    let p = img.to_str().unwrap();
+    common::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=sec0,data=123456",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            p,
+            "1M",
+        ],
+    );
+    let image = Image::open(&img, &OpenOptions::new()).await.unwrap();
+    assert!(image.is_encrypted());
+    assert_eq!(image.virtual_size(), 1 << 20);
+    let mut buf = [0u8; 512];
+    let err = image.read_at(&mut buf, 0).await.unwrap_err();
+    assert_eq!(err.kind(), qcow2_rs::ErrorKind::Unsupported, "{err}");
+    let err = Image::open(&img, &OpenOptions::new().writable(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), qcow2_rs::ErrorKind::Unsupported, "{err}");
+}

@@ -86,7 +86,8 @@ impl Image {
         match status {
             Status::Compressed => Ok(ext(true, false, true, true, None)),
             Status::Zero(host) => Ok(ext(true, true, false, false, host)),
-            Status::Data(host) => {
+            // Like QEMU, ask the host file about holes only for metadata-preallocated images.
+            Status::Data(host) if self.metadata_preallocated().await? => {
                 let (is_data, n) = self
                     .inner
                     .data
@@ -99,6 +100,7 @@ impl Image {
                     ..ext(true, !is_data, true, false, Some(host))
                 })
             }
+            Status::Data(host) => Ok(ext(true, false, true, false, Some(host))),
             Status::Unallocated(host) => match &self.inner.backing {
                 Some(b) if off < b.size() => {
                     backing_status(b, off, len.min(b.size() - off), depth + 1).await

@@ -21,6 +21,7 @@ mod lookup;
 mod map;
 mod open;
 mod options;
+mod prealloc;
 mod prepare;
 mod read;
 mod state;
@@ -71,6 +72,8 @@ pub(crate) struct Inner {
     write: Option<state::WriteState>,
     flush_interval: Option<std::time::Duration>,
     dirty_threshold_percent: usize,
+    /// Whether the image looks metadata-preallocated (see `prealloc.rs`), once computed.
+    prealloc: std::sync::OnceLock<bool>,
 }
 
 impl Image {

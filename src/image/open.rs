@@ -56,6 +56,7 @@ impl Image {
             new,
             write,
             flush_interval: opts.flush_interval,
+            prealloc: std::sync::OnceLock::new(),
             dirty_threshold_percent: opts.dirty_threshold_percent,
             data,
             data_file_path,
@@ -91,6 +92,11 @@ async fn open_write_state(
     new: &Arc<NewClusters>,
 ) -> Result<WriteState> {
     let h = &ih.header;
+    if h.crypt_method != 0 {
+        return Err(Error::unsupported(
+            "encrypted images can only be opened read-only (for info and map)",
+        ));
+    }
     if h.is_corrupt() {
         return Err(Error::corrupt(
             "the image is marked corrupt; repair it (check -r all) before writing",

@@ -217,6 +217,11 @@ impl Storage for FileStorage {
         Some(&self.path)
     }
 
+    fn allocated_size(&self) -> IoFuture<'_, Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        self.run(|inner| Ok(Some(inner.file.metadata()?.blocks() * 512)))
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, (bool, u64)> {
         self.run(move |inner| sys::data_status(&inner.file, offset, len))
     }

@@ -70,6 +70,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = offset;
         Box::pin(async move { Ok((true, len)) })
     }
+    /// Bytes the storage really occupies (a sparse file's allocated blocks), if known.
+    fn allocated_size(&self) -> IoFuture<'_, Option<u64>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Allocate (reserve) `len` bytes at `offset` without changing their content where possible.
     /// The default writes zeros past the current end only, via `write_zeroes`; bytes already
     /// inside the storage keep their content.

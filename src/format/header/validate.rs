@@ -184,16 +184,12 @@ impl Header {
         Ok(())
     }
 
-    /// crypt_method 0, 1 or 2; encryption is valid but not implemented here.
+    /// crypt_method 0, 1 or 2. Encrypted images are valid: the engine opens them (so `info`
+    /// and `map` work) and refuses data access itself.
     fn check_crypt_method(&self) -> Result<()> {
         let at = CRYPT_METHOD_OFFSET as u64;
         match self.crypt_method {
-            CRYPT_NONE => Ok(()),
-            CRYPT_AES | CRYPT_LUKS => Err(Error::unsupported(format!(
-                "crypt_method {} (encrypted images are not supported)",
-                self.crypt_method
-            ))
-            .at(at)),
+            CRYPT_NONE | CRYPT_AES | CRYPT_LUKS => Ok(()),
             m => Err(Error::invalid(format!("crypt_method {m} unknown")).at(at)),
         }
     }
