@@ -11,6 +11,7 @@
 //! ```
 
 pub mod alloc;
+pub mod blocking;
 pub mod cache;
 pub mod check;
 pub mod error;
