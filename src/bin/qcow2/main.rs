@@ -34,6 +34,8 @@ enum Command {
     Dump(cmd::dump::Args),
     /// Run qemu-io style commands on an image.
     Io(cmd::io::Args),
+    /// Time a read or write workload (qemu-img bench's knobs).
+    Bench(cmd::bench::Args),
 }
 
 impl Command {
@@ -46,6 +48,7 @@ impl Command {
             Command::Convert(a) => cmd::convert::run(a).await,
             Command::Dump(a) => cmd::dump::run(a).await,
             Command::Io(a) => cmd::io::run(a).await,
+            Command::Bench(a) => cmd::bench::run(a).await,
         }
     }
 }

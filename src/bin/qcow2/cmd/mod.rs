@@ -1,5 +1,6 @@
 //! One module per command.
 
+pub mod bench;
 pub mod convert;
 pub mod create;
 pub mod dump;
