@@ -35,6 +35,8 @@ impl Image {
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.check_data_access()?;
+        // A cluster this read maps must not be freed and reused before the read is done.
+        let _epoch = self.inner.write.as_ref().map(|w| w.epochs.enter());
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;

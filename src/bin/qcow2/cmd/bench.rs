@@ -61,7 +61,11 @@ pub async fn run(a: Args) -> Result<u8> {
         "writeback" | "writethrough" | "unsafe" => false,
         other => bail!("unknown cache mode '{other}'"),
     };
-    let img = Image::open(&a.file, &OpenOptions::new().writable(a.write).direct(direct)).await?;
+    let img = Image::open(
+        &a.file,
+        &OpenOptions::new().writable(a.write).direct(direct),
+    )
+    .await?;
     let step = a.step.unwrap_or(a.size);
     let kind = if a.write { "write" } else { "read" };
     println!(
@@ -72,9 +76,16 @@ pub async fn run(a: Args) -> Result<u8> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..a.depth.min(a.count) {
-        let job = Job { img: img.clone(), next: next.clone(), count: a.count, size: a.size };
+        let job = Job {
+            img: img.clone(),
+            next: next.clone(),
+            count: a.count,
+            size: a.size,
+        };
         let (offset, write, flush_every) = (a.offset, a.write, a.flush_interval);
-        tasks.push(tokio::spawn(async move { job.run(offset, step, write, flush_every).await }));
+        tasks.push(tokio::spawn(async move {
+            job.run(offset, step, write, flush_every).await
+        }));
     }
     for t in tasks {
         t.await??;
@@ -82,7 +93,10 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.write {
         img.flush().await?;
     }
-    println!("Run completed in {:.3} seconds.", start.elapsed().as_secs_f64());
+    println!(
+        "Run completed in {:.3} seconds.",
+        start.elapsed().as_secs_f64()
+    );
     img.close().await?;
     Ok(0)
 }
@@ -99,7 +113,10 @@ impl Job {
     async fn run(self, offset: u64, step: u64, write: bool, flush_every: u64) -> Result<()> {
         let disk = self.img.virtual_size();
         if self.size > disk {
-            bail!("request size {} is larger than the image ({disk} bytes)", self.size);
+            bail!(
+                "request size {} is larger than the image ({disk} bytes)",
+                self.size
+            );
         }
         let mut buf = vec![0xa5u8; self.size as usize];
         loop {
@@ -109,7 +126,11 @@ impl Job {
             }
             // Wrap around exactly like qemu-img bench, so both touch the same offsets.
             let span = disk - self.size;
-            let off = if span == 0 { 0 } else { (offset + i * step) % span };
+            let off = if span == 0 {
+                0
+            } else {
+                (offset + i * step) % span
+            };
             if write {
                 self.img.write_at(&buf, off).await?;
                 if flush_every > 0 && (i + 1) % flush_every == 0 {
