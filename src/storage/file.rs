@@ -32,6 +32,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{IoFuture, Storage};
 use direct::{Bounce, DirectIo};
@@ -80,6 +81,8 @@ pub struct FileStorage {
 #[derive(Debug)]
 struct Inner {
     file: File,
+    /// Whether non-blocking buffered writes are worth trying (cleared on EOPNOTSUPP).
+    nowait_writes: AtomicBool,
     /// `Some` when opened with `O_DIRECT`.
     direct: Option<DirectIo>,
 }
@@ -125,7 +128,12 @@ impl FileStorage {
         } else {
             None
         };
-        let inner = Arc::new(Inner { file, direct });
+        let nowait_writes = AtomicBool::new(true);
+        let inner = Arc::new(Inner {
+            file,
+            nowait_writes,
+            direct,
+        });
         Ok(FileStorage {
             inner,
             path: path.to_path_buf(),
@@ -174,15 +182,42 @@ fn read_only_error() -> io::Error {
 
 impl Storage for FileStorage {
     fn read_at<'a>(&'a self, buf: &'a mut [u8], offset: u64) -> IoFuture<'a, ()> {
-        let len = buf.len();
-        let task = self.run(move |inner| inner.read(len, offset));
+        // Fast path: data in the page cache is copied right here, without a thread handoff.
+        let done = match self.inner.direct {
+            None => sys::read_nowait(&self.inner.file, buf, offset),
+            Some(_) => 0,
+        };
+        if done == buf.len() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let rest = &mut buf[done..];
+        let (len, at) = (rest.len(), offset + done as u64);
+        let task = self.run(move |inner| inner.read(len, at));
         Box::pin(async move {
-            buf.copy_from_slice(task.await?.data());
+            rest.copy_from_slice(task.await?.data());
             Ok(())
         })
     }
 
     fn write_at<'a>(&'a self, buf: &'a [u8], offset: u64) -> IoFuture<'a, ()> {
+        if self.flags.read_only {
+            return Box::pin(std::future::ready(Err(read_only_error())));
+        }
+        // Fast path: a write the page cache takes without blocking completes right here.
+        let done = match self.inner.direct {
+            None if self.inner.nowait_writes.load(Ordering::Relaxed) => {
+                let (done, unsupported) = sys::write_nowait(&self.inner.file, buf, offset);
+                if unsupported {
+                    self.inner.nowait_writes.store(false, Ordering::Relaxed);
+                }
+                done
+            }
+            _ => 0,
+        };
+        if done == buf.len() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let (buf, offset) = (&buf[done..], offset + done as u64);
         let data = match self.inner.direct {
             None => Ok(OwnedBuf::Plain(buf.to_vec())),
             Some(_) => Bounce::with_data(buf, offset).map(OwnedBuf::Aligned),

@@ -167,3 +167,76 @@ pub(super) fn data_status(file: &File, offset: u64, len: u64) -> io::Result<(boo
 pub(super) fn data_status(_file: &File, _offset: u64, len: u64) -> io::Result<(bool, u64)> {
     Ok((true, len))
 }
+
+/// Read from the page cache without blocking: `preadv2(RWF_NOWAIT)` loops until `buf` is full,
+/// the file ends (rest zero-filled) or the kernel would have to wait for the disk. Returns how
+/// many bytes of `buf` are done; the caller does the rest on an IO thread.
+#[cfg(target_os = "linux")]
+pub(super) fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    use std::os::unix::io::AsRawFd;
+    let mut done = 0;
+    while done < buf.len() {
+        let Ok(off) = to_off_t(offset + done as u64) else {
+            return done;
+        };
+        let rest = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        // SAFETY: `iov` describes `rest`, a live, exclusively borrowed buffer, and the call is
+        // synchronous: the kernel is done with the buffer when it returns.
+        let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        match r {
+            0 => {
+                buf[done..].fill(0);
+                return buf.len();
+            }
+            n if n > 0 => done += n as usize,
+            // EAGAIN (not cached), EOPNOTSUPP (no RWF_NOWAIT) or anything else: let the IO
+            // thread do it the blocking way and report real errors.
+            _ => return done,
+        }
+    }
+    done
+}
+
+/// Non-Linux: never completes without blocking.
+#[cfg(not(target_os = "linux"))]
+pub(super) fn read_nowait(_file: &File, _buf: &mut [u8], _offset: u64) -> usize {
+    0
+}
+
+/// Write into the page cache without blocking: `pwritev2(RWF_NOWAIT)`; returns how many bytes
+/// were written (0 when the kernel would block) and whether the filesystem refuses
+/// non-blocking buffered writes altogether (ext4 on older kernels: then stop trying).
+#[cfg(target_os = "linux")]
+pub(super) fn write_nowait(file: &File, buf: &[u8], offset: u64) -> (usize, bool) {
+    use std::os::unix::io::AsRawFd;
+    let mut done = 0;
+    while done < buf.len() {
+        let Ok(off) = to_off_t(offset + done as u64) else {
+            return (done, false);
+        };
+        let rest = &buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut _,
+            iov_len: rest.len(),
+        };
+        // SAFETY: `iov` describes `rest`, a live buffer the kernel only reads, and the call is
+        // synchronous.
+        let r = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+        if r <= 0 {
+            let unsupported = io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP);
+            return (done, r < 0 && unsupported);
+        }
+        done += r as usize;
+    }
+    (done, false)
+}
+
+/// Non-Linux: never completes without blocking.
+#[cfg(not(target_os = "linux"))]
+pub(super) fn write_nowait(_file: &File, _buf: &[u8], _offset: u64) -> (usize, bool) {
+    (0, true)
+}
