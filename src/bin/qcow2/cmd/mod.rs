@@ -1,5 +1,6 @@
 //! One module per command.
 
+pub mod check;
 pub mod convert;
 pub mod create;
 pub mod dump;
@@ -12,7 +13,7 @@ mod io_ops;
 pub mod map;
 mod snapshots;
 
-/// `--output=human|json`, shared by info and map.
+/// `--output=human|json`, shared by info, map and check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     /// Human-readable text.
