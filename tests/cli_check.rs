@@ -267,3 +267,39 @@ fn raw_images_and_missing_files() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.starts_with("qcow2: "), "{}", r.stderr);
 }
+
+#[test]
+fn refcount_block_pointer_outside_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "out.qcow2", "cluster_size=65536", false);
+    poke(
+        &img,
+        header(&img).refcount_table_offset,
+        &(1u64 << 32).to_be_bytes(),
+    );
+    let code = assert_same_check(&img);
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn dirty_lazy_refcounts_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "lazy.qcow2", "lazy_refcounts=on", false);
+    let p = img.to_str().unwrap();
+    // qemu-io dies without closing the image: the dirty bit stays set.
+    let cmds = [
+        "-c",
+        "write -P 5 2M 1M",
+        "-c",
+        "flush",
+        "-c",
+        "sigraise 9",
+        p,
+    ];
+    common::status("qemu-io", &cmds);
+    assert!(header(&img).is_dirty());
+    assert_same_check(&img);
+    let (_, ours) = assert_same_repair(&img, "all");
+    assert_eq!(ours.code, 0, "{ours:?}");
+    assert!(!header(&img).is_dirty());
+}
