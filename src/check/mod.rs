@@ -186,7 +186,11 @@ async fn run(
         }
         Some(_) if rebuild => rep.check_error("ERROR need to rebuild refcount structures"),
         Some(mode) if rep.leaks > 0 || rep.corruptions > 0 => {
+            let seen = std::mem::take(&mut rep.messages);
             rep = fix_refcounts(&ctx, &mut disk, &walk.imrt, pre, mode).await?;
+            // QEMU prints the findings of the first comparison, then the repairs.
+            rep.messages = [seen, rep.messages].concat();
+            rep.messages.truncate(MAX_MESSAGES);
         }
         _ => {}
     }
@@ -205,7 +209,8 @@ async fn run(
 }
 
 /// Repair refcount mismatches in two durable steps, raising before lowering, and return the
-/// report of the comparison that did it (based on `pre`, the report before comparing).
+/// report of the comparison that did it (based on `pre`, the report before comparing); its
+/// messages are the repairs only.
 async fn fix_refcounts(
     ctx: &Ctx,
     disk: &mut OnDisk,
@@ -213,6 +218,7 @@ async fn fix_refcounts(
     pre: CheckReport,
     mode: RepairMode,
 ) -> Result<CheckReport> {
+    let base = pre.messages.len();
     let mut raised = pre.clone();
     if mode == RepairMode::All {
         let raise = Fix {
@@ -230,6 +236,11 @@ async fn fix_refcounts(
     };
     compare(ctx, disk, imrt, &mut rep, lower).await?;
     disk.write_back(ctx).await?;
+    let mut messages = raised.messages.split_off(base.min(raised.messages.len()));
+    // The raising pass also reports the leaks it leaves to the lowering pass: once is enough.
+    messages.retain(|m| !m.starts_with("Leaked cluster"));
+    messages.extend(rep.messages.drain(base.min(rep.messages.len())..));
+    rep.messages = messages;
     Ok(rep)
 }
 
@@ -263,6 +274,9 @@ async fn rebuild_and_recount(
     rep.leaks_fixed += old.leaks.saturating_sub(rep.leaks);
     rep.leaks += fresh.leaks;
     rep.corruptions += fresh.corruptions;
+    for msg in fresh.messages {
+        rep.note(msg);
+    }
     Ok(cmp.highest)
 }
 

@@ -30,11 +30,7 @@ impl Image {
         opts: &OpenOptions,
         chain: Vec<PathBuf>,
     ) -> Result<Image> {
-        let file_len = file
-            .len()
-            .await
-            .map_err(|e| Error::io("sizing the image", e))?;
-        let ih = read_image_header(file.as_ref(), file_len).await?;
+        let (ih, file_len) = read_header_for_open(&file, opts.writable).await?;
         let h = &ih.header;
         let geo = Geometry::new(
             h.cluster_bits,
@@ -81,6 +77,30 @@ impl Image {
         }
         Ok(img)
     }
+}
+
+/// Read the header and the file length. A dirty image (lazy refcounts, not closed cleanly)
+/// opened for writing has its refcounts rebuilt first — the allocator trusts them — and the
+/// header is read again (the rebuild may move the refcount table and clears the dirty bit).
+/// A read-only open changes nothing: reads do not use refcounts.
+async fn read_header_for_open(
+    file: &Arc<dyn Storage>,
+    writable: bool,
+) -> Result<(ImageHeader, u64)> {
+    let file_len = file
+        .len()
+        .await
+        .map_err(|e| Error::io("sizing the image", e))?;
+    let ih = read_image_header(file.as_ref(), file_len).await?;
+    if !(writable && ih.header.is_dirty() && !ih.header.is_corrupt()) {
+        return Ok((ih, file_len));
+    }
+    crate::check::rebuild_refcounts(file.clone()).await?;
+    let file_len = file
+        .len()
+        .await
+        .map_err(|e| Error::io("sizing the image", e))?;
+    Ok((read_image_header(file.as_ref(), file_len).await?, file_len))
 }
 
 /// Read the refcount table and set up the allocator.

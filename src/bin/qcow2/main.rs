@@ -26,6 +26,8 @@ enum Command {
     Create(cmd::create::Args),
     /// Show information about an image.
     Info(cmd::info::Args),
+    /// Check (and optionally repair) the consistency of a qcow2 image.
+    Check(cmd::check::Args),
     /// Show the allocation map of an image.
     Map(cmd::map::Args),
     /// Convert an image to another format.
@@ -44,6 +46,7 @@ impl Command {
         match self {
             Command::Create(a) => cmd::create::run(a).await,
             Command::Info(a) => cmd::info::run(a).await,
+            Command::Check(a) => cmd::check::run(a).await,
             Command::Map(a) => cmd::map::run(a).await,
             Command::Convert(a) => cmd::convert::run(a).await,
             Command::Dump(a) => cmd::dump::run(a).await,

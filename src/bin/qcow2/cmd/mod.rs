@@ -1,6 +1,7 @@
 //! One module per command.
 
 pub mod bench;
+pub mod check;
 pub mod convert;
 pub mod create;
 pub mod dump;
@@ -13,7 +14,7 @@ mod io_ops;
 pub mod map;
 mod snapshots;
 
-/// `--output=human|json`, shared by info and map.
+/// `--output=human|json`, shared by info, map and check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     /// Human-readable text.
