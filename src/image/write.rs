@@ -160,6 +160,10 @@ impl Image {
         let tail_start = off + data.len() as u64;
         let tail = span_end - tail_start;
         let h = host + (span_start - cstart);
+        if head == 0 && tail == 0 {
+            // A whole (sub)cluster overwrite needs no fill and no bounce copy.
+            return self.write_data(data, h).await;
+        }
         let head_fill = self.old_view(span_start, head).await?;
         let tail_fill = self.old_view(tail_start, tail).await?;
         let mut buf = Vec::with_capacity((span_end - span_start) as usize);
