@@ -94,15 +94,16 @@ pub(crate) fn read_from(data: &[u8], buf: &mut [u8], offset: u64) {
     buf[n..].fill(0);
 }
 
-/// `[offset, offset + len)` as in-memory indices, refused when it does not fit in memory.
+/// The largest in-memory disk: a hostile image can point writes at any 56-bit offset, and
+/// growing a `Vec` to match would abort the process instead of failing the request.
+pub const MAX_MEMORY_LEN: u64 = 4 << 30;
+
+/// `[offset, offset + len)` as in-memory indices; EFBIG past [`MAX_MEMORY_LEN`].
 pub(crate) fn range(offset: u64, len: u64) -> io::Result<(usize, usize)> {
-    let end = offset.checked_add(len).filter(|&e| e <= isize::MAX as u64);
+    let end = offset.checked_add(len).filter(|&e| e <= MAX_MEMORY_LEN);
     match end {
         Some(end) => Ok((offset as usize, end as usize)),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "range too large for memory",
-        )),
+        None => Err(io::Error::from_raw_os_error(libc::EFBIG)),
     }
 }
 
