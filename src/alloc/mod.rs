@@ -2,12 +2,12 @@
 //! space search, refcount-table growth, and the bookkeeping that makes freeing safe.
 //!
 //! Mind-map questions answered here:
-//! - *"mutex is ok?"* Yes: one async mutex ([`Refcounts::state`]) serializes refcount
+//! - *"mutex is ok?"* Yes: one async mutex (`Refcounts::state`) serializes refcount
 //!   decisions. Its critical sections are cache lookups and, on a miss, one slice load; data
 //!   IO never happens under it, so it does not serialize requests' data transfers.
 //! - *Where is free space?* A hint remembers where free space was last found; the search
 //!   scans forward from it, and frees move it back.
-//! - *Refcount table full?* [`grow`] writes a bigger table plus the blocks covering it in
+//! - *Refcount table full?* `grow.rs` writes a bigger table plus the blocks covering it in
 //!   fresh space at the end of the file, fsyncs, then switches the header to it.
 
 mod epochs;
