@@ -95,3 +95,77 @@ async fn encrypted_images_open_for_info_but_refuse_data_access() {
         .unwrap_err();
     assert_eq!(err.kind(), qcow2_rs::ErrorKind::Unsupported, "{err}");
 }
+
+#[tokio::test]
+async fn backing_loops_and_overlong_chains_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    common::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"],
+    );
+    common::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            b.to_str().unwrap(),
+        ],
+    );
+    // Point a at b: a -> b -> a.
+    common::run(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            a.to_str().unwrap(),
+        ],
+    );
+    let err = Image::open(&b, &OpenOptions::new()).await.unwrap_err();
+    assert!(err.to_string().contains("loop"), "{err}");
+
+    // A chain of 5 with a depth limit of 3.
+    let mut prev = dir.path().join("c0.qcow2");
+    common::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", prev.to_str().unwrap(), "1M"],
+    );
+    for i in 1..5 {
+        let next = dir.path().join(format!("c{i}.qcow2"));
+        let name = prev.file_name().unwrap().to_str().unwrap();
+        common::run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                name,
+                "-F",
+                "qcow2",
+                next.to_str().unwrap(),
+            ],
+        );
+        prev = next;
+    }
+    let err = Image::open(&prev, &OpenOptions::new().max_chain_depth(3))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("backing chain longer"), "{err}");
+    let ok = Image::open(&prev, &OpenOptions::new()).await.unwrap();
+    let mut buf = [1u8; 512];
+    ok.read_at(&mut buf, 0).await.unwrap();
+    assert_eq!(buf, [0u8; 512]);
+}

@@ -40,7 +40,7 @@ impl Default for OpenOptions {
             slice_size: 4096,
             flush_interval: Some(Duration::from_secs(1)),
             dirty_threshold_percent: 50,
-            max_chain_depth: 16,
+            max_chain_depth: 64,
             direct: false,
         }
     }

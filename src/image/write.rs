@@ -248,6 +248,11 @@ impl Image {
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is opened read-only"))?;
         w.check_poison()?;
+        if w.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::invalid_arg(
+                "the image was closed; reopen it to write",
+            ));
+        }
         Ok(w)
     }
 }
