@@ -56,6 +56,8 @@ async fn writes_and_checks_clean() {
     image.read_at(&mut got, 0).await.unwrap();
     assert_eq!(common::first_difference(&got, &shadow), None);
     image.close().await.unwrap();
+    let err = image.write_at(&[1], 0).await.unwrap_err();
+    assert_eq!(err.kind(), qcow2_rs::ErrorKind::InvalidArgument, "{err}");
     drop(image);
     common::assert_check_clean(&img);
     assert_eq!(
