@@ -112,6 +112,7 @@ fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
     if cmds.is_empty() {
         return;
     }
+    pattern_file(dir);
     let mut args = vec!["-f", "qcow2"];
     for c in cmds {
         args.extend(["-c", c.as_str()]);
@@ -125,6 +126,46 @@ fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
     );
 }
 
+/// Name of the pattern file (in each image directory) for `qemu-io write -s`: data that
+/// differs at every offset (so a read from the wrong place inside a cluster shows) and whose
+/// compressibility varies from none to high every few hundred bytes (so compressed clusters
+/// have varied sizes, straddle host clusters, and some stay uncompressed).
+const PAT: &str = "mixed.pat";
+
+/// Create `dir/PAT` if missing.
+fn pattern_file(dir: &Path) {
+    let path = dir.join(PAT);
+    if path.exists() {
+        return;
+    }
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let len = M as usize + 4093;
+    let mut data = Vec::with_capacity(len);
+    let mut block = 0u64;
+    while data.len() < len {
+        let kind = next() % 4;
+        let n = 200 + (next() % 3000) as usize;
+        for i in 0..n {
+            let r = next();
+            data.push(match kind {
+                0 => r as u8,
+                1 => (r & 3) as u8,
+                2 => b'a' + ((block + i as u64 / 7) % 26) as u8,
+                _ => (i as u8) ^ (block as u8),
+            });
+        }
+        block += 1;
+    }
+    data.truncate(len);
+    std::fs::write(&path, data).unwrap();
+}
+
 /// The standard workload for cluster size `c` on an image of `size` bytes (at least
 /// `std_size(c)`): full and partial patterned writes at unaligned offsets, in-place
 /// overwrites, full and partial `write -z` (with and without unmap) over data and over
@@ -134,9 +175,9 @@ fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
 fn workload(c: u64, size: u64, compress: bool) -> Vec<String> {
     assert!(size >= std_size(c), "{size} too small for cluster {c}");
     let mut w = vec![
-        format!("write -P 0x11 0 {}", 3 * c),
+        format!("write -s {PAT} 0 {}", 3 * c),
         format!("write -P 0x22 {} {}", c + 7, c / 2 + 3),
-        format!("write -P 0x33 {} {}", 3 * c + c / 3 + 1, 2 * c + 5),
+        format!("write -s {PAT} {} {}", 3 * c + c / 3 + 1, 2 * c + 5),
         format!("write -z {} {}", 6 * c, 2 * c),
         format!("write -P 0x44 {} {}", 8 * c, 2 * c),
         format!("write -z {} {}", 8 * c + c / 4, c / 2 + 1),
@@ -150,10 +191,10 @@ fn workload(c: u64, size: u64, compress: bool) -> Vec<String> {
     ];
     if compress {
         w.extend([
-            format!("write -c -P 0x55 {} {}", 10 * c, 2 * c),
+            format!("write -c -s {PAT} {} {}", 10 * c, 2 * c),
             format!("write -P 0x66 {} {}", 10 * c + c / 2 - 3, 7),
             format!("write -c -P 0x77 {} {}", 12 * c, c),
-            format!("write -c -P 0x78 {} {}", 13 * c, c),
+            format!("write -c -s {PAT} {} {}", 13 * c, c),
             format!("discard {} {}", 13 * c, c),
         ]);
     } else {
@@ -165,7 +206,7 @@ fn workload(c: u64, size: u64, compress: bool) -> Vec<String> {
         c + c / 2 + 7
     };
     w.extend([
-        format!("write -P 0x88 {} {}", 16 * c + 3, big),
+        format!("write -s {PAT} {} {}", 16 * c + 3, big),
         format!("write -P 0x99 {} {}", 2 * M - 5000, 10007),
         format!("write -P 0xaa {} {}", size - 1000, 1000),
         format!("write -P 0xab {} {}", size / 2 + 11, c + 2),
@@ -267,56 +308,65 @@ fn odd_chunks(c: u64, total: u64) -> Vec<(u64, usize)> {
 }
 
 fn check_library(img: &Path, want: &[u8]) -> Result<(), String> {
-    rt().block_on(async {
-        let image = Image::open(img, &OpenOptions::new())
-            .await
-            .map_err(|e| format!("open: {e}"))?;
-        if image.virtual_size() != want.len() as u64 {
-            return Err(format!(
-                "virtual size {} instead of {}",
-                image.virtual_size(),
-                want.len()
-            ));
-        }
-        let mut got = vec![0xeeu8; want.len()];
+    // Default options, then the smallest cache (4 slices of 512 bytes) to force evictions
+    // and reloads of L2 slices during the reads.
+    let tiny = OpenOptions::new().slice_size(512).l2_cache_bytes(0);
+    for (what, opts) in [("default cache", OpenOptions::new()), ("tiny cache", tiny)] {
+        rt().block_on(check_library_with(img, want, &opts))
+            .map_err(|e| format!("{what}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn check_library_with(img: &Path, want: &[u8], opts: &OpenOptions) -> Result<(), String> {
+    let image = Image::open(img, opts)
+        .await
+        .map_err(|e| format!("open: {e}"))?;
+    if image.virtual_size() != want.len() as u64 {
+        return Err(format!(
+            "virtual size {} instead of {}",
+            image.virtual_size(),
+            want.len()
+        ));
+    }
+    let mut got = vec![0xeeu8; want.len()];
+    image
+        .read_at(&mut got, 0)
+        .await
+        .map_err(|e| format!("read_at(0, {}): {e}", want.len()))?;
+    if let Some(d) = diff(&got, want, 0) {
+        return Err(format!("whole-disk read: {d}"));
+    }
+    let chunks = odd_chunks(image.cluster_size(), want.len() as u64);
+    for &(off, len) in &chunks {
+        let mut buf = vec![0xeeu8; len];
         image
-            .read_at(&mut got, 0)
+            .read_at(&mut buf, off)
             .await
-            .map_err(|e| format!("read_at(0, {}): {e}", want.len()))?;
-        if let Some(d) = diff(&got, want, 0) {
-            return Err(format!("whole-disk read: {d}"));
+            .map_err(|e| format!("read_at({off}, {len}): {e}"))?;
+        if let Some(d) = diff(&buf, &want[off as usize..off as usize + len], off) {
+            return Err(format!("read_at({off}, {len}): {d}"));
         }
-        let chunks = odd_chunks(image.cluster_size(), want.len() as u64);
-        for &(off, len) in &chunks {
+    }
+    // The same chunks again, all in flight at once.
+    let mut set = tokio::task::JoinSet::new();
+    for &(off, len) in chunks.iter().rev() {
+        let image = image.clone();
+        set.spawn(async move {
             let mut buf = vec![0xeeu8; len];
-            image
-                .read_at(&mut buf, off)
-                .await
-                .map_err(|e| format!("read_at({off}, {len}): {e}"))?;
-            if let Some(d) = diff(&buf, &want[off as usize..off as usize + len], off) {
-                return Err(format!("read_at({off}, {len}): {d}"));
-            }
+            let r = image.read_at(&mut buf, off).await;
+            (off, buf, r)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let (off, buf, r) = r.unwrap();
+        r.map_err(|e| format!("concurrent read_at({off}, {}): {e}", buf.len()))?;
+        if let Some(d) = diff(&buf, &want[off as usize..off as usize + buf.len()], off) {
+            return Err(format!("concurrent read_at({off}, {}): {d}", buf.len()));
         }
-        // The same chunks again, all in flight at once.
-        let mut set = tokio::task::JoinSet::new();
-        for &(off, len) in chunks.iter().rev() {
-            let image = image.clone();
-            set.spawn(async move {
-                let mut buf = vec![0xeeu8; len];
-                let r = image.read_at(&mut buf, off).await;
-                (off, buf, r)
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            let (off, buf, r) = r.unwrap();
-            r.map_err(|e| format!("concurrent read_at({off}, {}): {e}", buf.len()))?;
-            if let Some(d) = diff(&buf, &want[off as usize..off as usize + buf.len()], off) {
-                return Err(format!("concurrent read_at({off}, {}): {d}", buf.len()));
-            }
-        }
-        image.close().await.map_err(|e| format!("close: {e}"))?;
-        Ok(())
-    })
+    }
+    image.close().await.map_err(|e| format!("close: {e}"))?;
+    Ok(())
 }
 
 /// Run the `qcow2` binary in `cwd`.
@@ -810,6 +860,7 @@ fn backing_chain_raw_base() {
             &base_size.to_string(),
         ],
     );
+    pattern_file(d);
     run_in(
         d,
         "qemu-io",
@@ -817,7 +868,7 @@ fn backing_chain_raw_base() {
             "-f",
             "raw",
             "-c",
-            "write -P 0xb1 0 3M",
+            "write -s mixed.pat 0 3M",
             "-c",
             "write -P 0xb2 1000 3000",
             "-c",
@@ -848,11 +899,11 @@ fn backing_chain_raw_base() {
         d,
         "sub/middle.qcow2",
         &[
-            "write -P 0xc1 4096 8192".into(),
+            format!("write -s {PAT} 4096 8192"),
             "write -P 0xc2 10001 5000".into(),
             "write -z 65536 65536".into(),
             "discard 131072 8192".into(),
-            "write -c -P 0xc3 1048576 8192".into(),
+            format!("write -c -s {PAT} 1048576 8192"),
             "write -P 0xc4 3144000 5000".into(),
             "write -z 2097152 4096".into(),
             "write -P 0xc5 4194304 4096".into(),
@@ -882,10 +933,10 @@ fn backing_chain_raw_base() {
         "top.qcow2",
         &[
             "write -P 0xd1 7 100".into(),
-            "write -P 0xd2 70000 1000".into(),
+            format!("write -s {PAT} 70000 1000"),
             "write -z 196608 65536".into(),
             "discard 2097152 65536".into(),
-            "write -c -P 0xd3 2162688 65536".into(),
+            format!("write -c -s {PAT} 2162688 65536"),
             "write -P 0xd4 3145000 2000".into(),
             "write -z 1048576 4096".into(),
             "write -P 0xd5 6291000 456".into(),
@@ -987,11 +1038,12 @@ fn backing_chain_qcow2_base() {
 /// A small mixed workload for a 2 MiB image with pattern bytes starting at `p`.
 fn workload_small(p: u8) -> Vec<String> {
     vec![
-        format!("write -P {} 0 100000", p),
+        format!("write -s {PAT} 0 100000"),
         format!("write -P {} 512 513", p + 1),
         "write -z 4096 4096".to_string(),
         "discard 20480 4096".to_string(),
-        format!("write -c -P {} 131072 4096", p + 2),
+        format!("write -c -s {PAT} 131072 8192"),
+        format!("write -c -P {} 139264 4096", p + 2),
         format!("write -P {} 1048000 5000", p + 3),
         "write -z -u 1050000 3000".to_string(),
     ]
