@@ -38,6 +38,10 @@ struct Variant {
     convert_c: Option<(String, Vec<String>)>,
     /// `qemu-io -c` commands applied to the image, in order.
     io: Vec<String>,
+    /// Then these commands (program and arguments; `IMG` stands for the image file), each
+    /// followed by `qemu-io` with `after_io` when that is not empty.
+    after: Vec<Vec<String>>,
+    after_io: Vec<String>,
 }
 
 impl Variant {
@@ -48,6 +52,8 @@ impl Variant {
             size,
             convert_c: None,
             io,
+            after: Vec::new(),
+            after_io: Vec::new(),
         }
     }
 
@@ -85,6 +91,20 @@ impl Variant {
             }
         }
         qemu_io(dir, &file, &self.io);
+        for cmd in &self.after {
+            let args: Vec<&str> = cmd[1..]
+                .iter()
+                .map(|a| {
+                    if a == "IMG" {
+                        file.as_str()
+                    } else {
+                        a.as_str()
+                    }
+                })
+                .collect();
+            run_in(dir, &cmd[0], &args);
+            qemu_io(dir, &file, &self.after_io);
+        }
         img
     }
 }
@@ -241,8 +261,9 @@ enum MapOutcome {
 }
 
 /// All the read-side checks for `img`: library reads (whole, odd chunks, concurrent odd
-/// chunks), `qcow2 convert -O raw` and `qcow2 map --output=json` against QEMU. The `qcow2`
-/// binary runs in another working directory than the image's, to exercise relative names.
+/// chunks; default and tiny cache), `qcow2 convert -O raw`, `qcow2 info --output=json` and
+/// `qcow2 map --output=json` against QEMU. The `qcow2` binary runs in another working
+/// directory than the image's, to exercise relative names.
 /// Returns the failures (empty when all is well); known map differences are printed.
 fn check_image(name: &str, img: &Path) -> Vec<String> {
     let mut errors = Vec::new();
@@ -252,6 +273,9 @@ fn check_image(name: &str, img: &Path) -> Vec<String> {
     }
     if let Err(e) = check_convert(img, &want) {
         errors.push(format!("{name}: qcow2 convert -O raw: {e}"));
+    }
+    if let Err(e) = check_info(img) {
+        errors.push(format!("{name}: qcow2 info --output=json: {e}"));
     }
     match check_map(img) {
         Ok(MapOutcome::Same) => {}
@@ -522,6 +546,31 @@ fn compare_maps(ours: &str, theirs: &str) -> Result<MapOutcome, String> {
         "ours zero:true where qemu says zero:false in {}",
         known.join(" ")
     )))
+}
+
+/// `qcow2 info --output=json` prints exactly what `qemu-img info --output=json` prints.
+fn check_info(img: &Path) -> Result<(), String> {
+    let p = img.to_str().unwrap();
+    let theirs = run_in(
+        &elsewhere(),
+        "qemu-img",
+        &["info", "--output=json", "-U", p],
+    );
+    let ours = qcow2_in(&elsewhere(), &["info", "--output=json", p])?;
+    if ours == theirs {
+        return Ok(());
+    }
+    let i = ours
+        .lines()
+        .zip(theirs.lines())
+        .position(|(a, b)| a != b)
+        .unwrap_or(ours.lines().count().min(theirs.lines().count()));
+    Err(format!(
+        "first differing line {}:\n  ours:   {}\n  theirs: {}",
+        i + 1,
+        ours.lines().nth(i).unwrap_or("<none>"),
+        theirs.lines().nth(i).unwrap_or("<none>")
+    ))
 }
 
 fn check_map(img: &Path) -> Result<MapOutcome, String> {
@@ -835,6 +884,88 @@ fn lazy_refcounts_dirty() {
     report(errors);
 }
 
+/// Images reshaped by `qemu-img amend`, `resize` and `snapshot -a/-d` (moved L1 tables, new
+/// refcount structures, expanded zero clusters), written again after each step.
+#[test]
+fn reshaped_by_qemu_img() {
+    let cmd = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut variants = Vec::new();
+    let mut v = |name: &str, opts: &str, c: u64, compress: bool, after: Vec<Vec<String>>| {
+        let mut v = std_variant(name, opts, c, compress);
+        let size = v.size;
+        v.after = after;
+        v.after_io = vec![
+            format!("write -s {PAT} {} {}", free_area(c, size) + 3, c + 5),
+            format!("write -z {} {}", free_area(c, size) + 2 * c, c),
+        ];
+        variants.push(v);
+    };
+    v(
+        "amend_refcount_bits_64",
+        "cluster_size=4k",
+        4 * K,
+        true,
+        vec![cmd(&["qemu-img", "amend", "-o", "refcount_bits=64", "IMG"])],
+    );
+    v(
+        "amend_refcount_bits_2",
+        "cluster_size=512,refcount_bits=16",
+        512,
+        false,
+        vec![cmd(&["qemu-img", "amend", "-o", "refcount_bits=2", "IMG"])],
+    );
+    v(
+        "amend_compat_0.10",
+        "cluster_size=64k",
+        64 * K,
+        true,
+        vec![cmd(&["qemu-img", "amend", "-o", "compat=0.10", "IMG"])],
+    );
+    v(
+        "amend_compat_1.1_lazy",
+        "cluster_size=64k,compat=0.10",
+        64 * K,
+        true,
+        vec![cmd(&[
+            "qemu-img",
+            "amend",
+            "-o",
+            "compat=1.1,lazy_refcounts=on",
+            "IMG",
+        ])],
+    );
+    v(
+        "resize_grow_512",
+        "cluster_size=512",
+        512,
+        true,
+        vec![
+            cmd(&["qemu-img", "resize", "IMG", "+3M"]),
+            cmd(&["qemu-img", "resize", "IMG", "9437696"]),
+        ],
+    );
+    v(
+        "resize_shrink_4k",
+        "cluster_size=4k",
+        4 * K,
+        true,
+        vec![cmd(&["qemu-img", "resize", "--shrink", "IMG", "3670528"])],
+    );
+    v(
+        "snapshot_apply_delete",
+        "cluster_size=4k",
+        4 * K,
+        true,
+        vec![
+            cmd(&["qemu-img", "snapshot", "-c", "a", "IMG"]),
+            cmd(&["qemu-img", "snapshot", "-c", "b", "IMG"]),
+            cmd(&["qemu-img", "snapshot", "-a", "a", "IMG"]),
+            cmd(&["qemu-img", "snapshot", "-d", "b", "IMG"]),
+        ],
+    );
+    run_variants(&variants);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backing chains
 
@@ -1112,7 +1243,19 @@ fn external_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut errors = Vec::new();
+    // A backing file for the overlay with a data file (data_file_raw=on excludes backing).
+    run_in(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "dfbase.qcow2", "5M"],
+    );
+    qemu_io(d, "dfbase.qcow2", &[format!("write -s {PAT} 0 5M")]);
     for (name, extra, c) in [
+        (
+            "data_file_backing",
+            ",backing_file=dfbase.qcow2,backing_fmt=qcow2",
+            64 * K,
+        ),
         ("data_file", "", 64 * K),
         ("data_file_raw", ",data_file_raw=on", 64 * K),
         ("data_file_4k", ",cluster_size=4k", 4 * K),
@@ -1384,6 +1527,44 @@ fn sparse_equal(a: &Path, b: &Path) -> Result<(), String> {
         pos = pos.max(e);
     }
     Ok(())
+}
+
+/// The images whose maps differ only by the known host-hole difference (tolerated, and printed,
+/// by the other tests), compared strictly: run with `--ignored` once the engine's map asks the
+/// file system only when QEMU does (metadata preallocation detected).
+#[test]
+#[ignore = "known engine map difference: host-file holes consulted for every data cluster"]
+fn map_strict_host_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = std_size(64 * K);
+    let variants = [
+        Variant::new(
+            "partial_write",
+            "cluster_size=64k",
+            M,
+            vec!["write -P 2 100k 20k".into()],
+        ),
+        Variant::new("falloc", "preallocation=falloc", M, vec![]),
+        Variant::new(
+            "data_file_raw",
+            format!("data_file={},data_file_raw=on", d.join("r.data").display()),
+            size,
+            workload(64 * K, size, false),
+        ),
+    ];
+    let mut errors = Vec::new();
+    for v in &variants {
+        let p = v.build(d);
+        let p = p.to_str().unwrap();
+        let theirs = run_in(d, "qemu-img", &["map", "--output=json", p]);
+        match qcow2_in(d, &["map", "--output=json", p]) {
+            Ok(ours) if ours == theirs => {}
+            Ok(ours) => errors.push(format!("{}:\nours:\n{ours}theirs:\n{theirs}", v.name)),
+            Err(e) => errors.push(format!("{}: {e}", v.name)),
+        }
+    }
+    report(errors);
 }
 
 // ---------------------------------------------------------------------------------------------
