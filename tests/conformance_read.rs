@@ -262,7 +262,8 @@ enum MapOutcome {
 
 /// All the read-side checks for `img`: library reads (whole, odd chunks, concurrent odd
 /// chunks; default and tiny cache), `qcow2 convert -O raw`, `qcow2 info --output=json` and
-/// `qcow2 map --output=json` against QEMU. The `qcow2` binary runs in another working
+/// `qcow2 map --output=json` against QEMU, and `qcow2 convert -O qcow2` (our write path)
+/// checked and compared by QEMU. The `qcow2` binary runs in another working
 /// directory than the image's, to exercise relative names.
 /// Returns the failures (empty when all is well); known map differences are printed.
 fn check_image(name: &str, img: &Path) -> Vec<String> {
@@ -273,6 +274,9 @@ fn check_image(name: &str, img: &Path) -> Vec<String> {
     }
     if let Err(e) = check_convert(img, &want) {
         errors.push(format!("{name}: qcow2 convert -O raw: {e}"));
+    }
+    if let Err(e) = check_convert_qcow2(img) {
+        errors.push(format!("{name}: qcow2 convert -O qcow2: {e}"));
     }
     if let Err(e) = check_info(img) {
         errors.push(format!("{name}: qcow2 info --output=json: {e}"));
@@ -434,6 +438,34 @@ fn check_convert(img: &Path, want: &[u8]) -> Result<(), String> {
         Some(d) => Err(d),
         None => Ok(()),
     }
+}
+
+/// `qcow2 convert -O qcow2` (our write path, with the source's cluster size) gives an image
+/// that passes `qemu-img check` and that `qemu-img compare` finds identical to the source.
+fn check_convert_qcow2(img: &Path) -> Result<(), String> {
+    let out = img.with_extension("ours.qcow2");
+    let (p, o) = (img.to_str().unwrap(), out.to_str().unwrap());
+    let info: serde_json::Value = serde_json::from_str(&run_in(
+        &elsewhere(),
+        "qemu-img",
+        &["info", "--output=json", "-U", p],
+    ))
+    .unwrap();
+    let opts = format!("cluster_size={}", info["cluster-size"]);
+    qcow2_in(&elsewhere(), &["convert", "-O", "qcow2", "-o", &opts, p, o])?;
+    let r = (|| {
+        let (code, text) = common::status("qemu-img", &["check", o]);
+        if code != 0 {
+            return Err(format!("qemu-img check exit {code}: {text}"));
+        }
+        let (code, text) = common::status("qemu-img", &["compare", "-U", p, o]);
+        if code != 0 {
+            return Err(format!("qemu-img compare exit {code}: {text}"));
+        }
+        Ok(())
+    })();
+    std::fs::remove_file(&out).ok();
+    r
 }
 
 /// One extent of a JSON map.
