@@ -120,10 +120,13 @@ pub async fn open_backing(
     };
     match fmt.as_str() {
         "raw" => {
+            // QEMU sees a raw file as whole 512-byte sectors: the partial last sector is
+            // padded with zeros (and counts as part of the backing image for `map`).
             let size = storage
                 .len()
                 .await
-                .map_err(|e| Error::io("sizing the backing file", e))?;
+                .map_err(|e| Error::io("sizing the backing file", e))?
+                .next_multiple_of(512);
             Ok(Backing::Raw { storage, size })
         }
         "qcow2" => {

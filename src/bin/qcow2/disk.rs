@@ -61,10 +61,12 @@ impl Disk {
             "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable).await?)),
             _ => {
                 let storage = open_file(path, writable)?;
+                // Like QEMU, a raw image's size is its length rounded up to whole sectors.
                 let size = storage
                     .len()
                     .await
-                    .with_context(|| path.display().to_string())?;
+                    .with_context(|| path.display().to_string())?
+                    .next_multiple_of(512);
                 Ok(Disk::Raw(RawDisk {
                     storage: Arc::new(storage),
                     size,
