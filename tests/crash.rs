@@ -21,8 +21,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const SECTOR: usize = 512;
-/// Crash points verified per run (each with four policies); CI time scales with this.
-const MAX_POINTS_PER_RUN: usize = 700;
+/// Crash points cut per run for a 4 MiB disk (each with two policies); bigger disks get
+/// proportionally fewer, since every cut copies and reads the whole disk. CI time scales
+/// with this.
+const POINTS_PER_4MIB: u64 = 3000;
 
 /// One workload operation and where its storage IO sits in the crash log.
 #[derive(Debug, Clone)]
@@ -374,15 +376,10 @@ async fn run(
             eprintln!("log {i}: {d}");
         }
     }
-    let policies = [
-        CrashPolicy::None,
-        CrashPolicy::All,
-        CrashPolicy::Subset(seed),
-        CrashPolicy::SubsetTorn(seed ^ 0x5a5a),
-    ];
     // Every point when there are few, else an even sample plus every flush boundary.
-    let stride = points.div_ceil(MAX_POINTS_PER_RUN).max(1);
-    let mut checked = 0;
+    let budget = (POINTS_PER_4MIB * (4 << 20) / setup.size).max(100) as usize;
+    let stride = points.div_ceil(budget).max(1);
+    let (mut checked, mut distinct) = (0, 0);
     let (mut durable, mut durable_at) = (setup.initial_disk.clone(), 0usize);
     for p in 0..points {
         let near_flush = steps
@@ -396,6 +393,14 @@ async fn run(
             apply(&mut durable, &steps[durable_at].op);
             durable_at += 1;
         }
+        distinct += 1;
+        // Two power-cut variants per point, alternating so every policy is used often:
+        // nothing / a random subset, or everything / a random subset with torn sectors.
+        let salt = seed ^ (p as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let policies = match p % 2 {
+            0 => [CrashPolicy::None, CrashPolicy::Subset(salt)],
+            _ => [CrashPolicy::All, CrashPolicy::SubsetTorn(salt)],
+        };
         for (k, policy) in policies.iter().enumerate() {
             let bytes = verify_point(&setup, &crash, &steps, &durable, p, *policy)
                 .await
@@ -413,7 +418,9 @@ async fn run(
             }
         }
     }
-    eprintln!("{name}: seed {seed}: {points} crash points, {checked} crash images verified");
+    eprintln!(
+        "{name}: seed {seed}: {points} crash points, {distinct} cut, {checked} crash images verified"
+    );
     checked
 }
 
@@ -425,7 +432,7 @@ async fn crash_4k_refcount_1() {
         4 << 20,
         false,
         false,
-        60,
+        150,
         200_000,
     )
     .await;
@@ -439,7 +446,7 @@ async fn crash_64k_refcount_16() {
         4 << 20,
         false,
         false,
-        200,
+        600,
         300_000,
     )
     .await;
@@ -453,7 +460,7 @@ async fn crash_64k_refcount_1_compressed() {
         2 << 20,
         true,
         false,
-        150,
+        400,
         100_000,
     )
     .await;
@@ -467,7 +474,7 @@ async fn crash_64k_refcount_1() {
         4 << 20,
         false,
         false,
-        150,
+        600,
         200_000,
     )
     .await;
@@ -481,7 +488,7 @@ async fn crash_4k_refcount_16() {
         4 << 20,
         false,
         false,
-        60,
+        150,
         150_000,
     )
     .await;
@@ -495,7 +502,7 @@ async fn crash_4k_refcount_16_backing() {
         2 << 20,
         false,
         true,
-        50,
+        120,
         100_000,
     )
     .await;
