@@ -273,3 +273,52 @@ async fn discard_on_overlay_never_exposes_backing() {
     want[1_500_000..1_501_000].fill(0);
     assert_equals_shadow(&top, &want);
 }
+
+/// Writes, zeroes and discards at the end of a disk whose size is not a multiple of the
+/// cluster size (the last cluster is partly outside the disk).
+async fn odd_size_tail(opts: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let size = (5 << 20) + 1536;
+    let p = create(dir.path(), "odd.qcow2", opts, &size.to_string());
+    let img = open_rw(&p).await;
+    let mut shadow = vec![0u8; size];
+    let ops: [(usize, usize, u8); 4] = [
+        (size - 100, 100, 0x61),
+        (size - 70_000, 3_000, 0x62),
+        (size - 1536, 1536, 0x63),
+        (size - 5000, 10, 0x64),
+    ];
+    for (off, len, val) in ops {
+        img.write_at(&vec![val; len], off as u64).await.unwrap();
+        shadow[off..off + len].fill(val);
+    }
+    img.write_zeroes((size - 1024) as u64, 512, ZeroFlags { may_unmap: true })
+        .await
+        .unwrap();
+    shadow[size - 1024..size - 512].fill(0);
+    img.discard((size - 1536) as u64, 1536).await.unwrap();
+    shadow[size - 1536..].fill(0);
+    img.write_at(&[0x65; 7], (size - 7) as u64).await.unwrap();
+    shadow[size - 7..].fill(0x65);
+    let err = img.write_at(&[1; 8], (size - 7) as u64).await.unwrap_err();
+    assert_eq!(err.kind(), qcow2_rs::ErrorKind::OutOfRange);
+    img.close().await.unwrap();
+    drop(img);
+    common::assert_check_clean(&p);
+    assert_equals_shadow(&p, &shadow);
+}
+
+#[tokio::test]
+async fn odd_size_tail_64k() {
+    odd_size_tail("cluster_size=65536").await;
+}
+
+#[tokio::test]
+async fn odd_size_tail_extended_l2() {
+    odd_size_tail("cluster_size=65536,extended_l2=on").await;
+}
+
+#[tokio::test]
+async fn odd_size_tail_v2() {
+    odd_size_tail("compat=0.10,cluster_size=4096").await;
+}
