@@ -322,3 +322,32 @@ async fn odd_size_tail_extended_l2() {
 async fn odd_size_tail_v2() {
     odd_size_tail("compat=0.10,cluster_size=4096").await;
 }
+
+/// The background flusher writes metadata on its own: without any flush() call, a copy of
+/// the file taken a little later already maps the written data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_flusher_persists_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "bg.qcow2", "cluster_size=65536", "4M");
+    let opts = OpenOptions::new()
+        .writable(true)
+        .flush_interval(Some(std::time::Duration::from_millis(50)));
+    let img = Image::open(&p, &opts).await.unwrap();
+    img.write_at(&[0x77; 100_000], 12345).await.unwrap();
+    let copy = dir.path().join("copy.qcow2");
+    let mut mapped = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        std::fs::copy(&p, &copy).unwrap();
+        let seen = Image::open(&copy, &OpenOptions::new()).await.unwrap();
+        let mut buf = vec![0u8; 100_000];
+        seen.read_at(&mut buf, 12345).await.unwrap();
+        if buf.iter().all(|&b| b == 0x77) {
+            mapped = true;
+            break;
+        }
+    }
+    assert!(mapped, "the background flusher never wrote the mapping");
+    common::assert_check_clean(&copy);
+    img.close().await.unwrap();
+}
