@@ -153,11 +153,13 @@ impl FileStorage {
     }
 
     /// The open file (for other backends of this module tree that drive it themselves).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
     pub(super) fn file(&self) -> &File {
         &self.inner.file
     }
 
     /// The `O_DIRECT` state, when opened with `direct`.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
     pub(super) fn direct_io(&self) -> Option<&DirectIo> {
         self.inner.direct.as_ref()
     }

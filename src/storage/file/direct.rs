@@ -91,6 +91,7 @@ impl Bounce {
     }
 
     /// The file offset of the aligned area's first byte.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
     pub(crate) fn aligned_offset(&self) -> u64 {
         self.aligned_offset
     }
@@ -188,6 +189,7 @@ impl DirectIo {
     /// a concurrent read-modify-write that grows the file cannot truncate below it. Never
     /// blocks: `false` when the length is locked by a write in progress (use
     /// [`DirectIo::write`] then, which waits).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
     pub(crate) fn try_reserve(&self, end: u64) -> bool {
         match self.size.try_lock() {
             Ok(mut size) => {
