@@ -3,6 +3,8 @@
 # `qemu-img bench` (same knobs, same image kind), plus a raw-file baseline through
 # qemu-img bench. Prints the median of N runs per workload and the ratio ours/QEMU
 # (below 1.00 = we are faster). Usage: scripts/bench.sh [RUNS] [CACHE: writeback|none]
+# QCOW2_AIO=threads|io_uring picks our IO backend (default: io_uring where available);
+# qemu-img bench keeps its default (threads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -28,7 +30,7 @@ run_case() {
       done
       qemu-img bench -w -c 16384 -d 16 -s 64k -f raw "$dir/c.raw" >/dev/null
     fi
-    ours+=("$("$Q" bench -t "$cache" "$@" "$dir/a.qcow2" | secs)")
+    ours+=("$("$Q" bench -t "$cache" ${QCOW2_AIO:+-i "$QCOW2_AIO"} "$@" "$dir/a.qcow2" | secs)")
     qemu+=("$(qemu-img bench -t "$cache" -f qcow2 --pattern=0xa5 "$@" "$dir/b.qcow2" | secs)")
     raw+=("$(qemu-img bench -t "$cache" -f raw --pattern=0xa5 "$@" "$dir/c.raw" | secs)")
   done
@@ -39,7 +41,7 @@ run_case() {
     "$(echo "$o / $q" | bc -l)"
 }
 
-echo "cache=$cache, median of $runs runs, 4 GiB images, 64 KiB clusters"
+echo "cache=$cache, ours -i ${QCOW2_AIO:-default}, median of $runs runs, 4 GiB images, 64 KiB clusters"
 run_case "alloc write 4k seq d64"   fresh   -w -c 100000 -d 64 -s 4k
 run_case "alloc write 64k seq d16"  fresh   -w -c 16384 -d 16 -s 64k
 run_case "rewrite 4k stride 1M d32" prefill -w -c 50000 -d 32 -s 4k -S 1M

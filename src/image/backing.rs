@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, OpenFlags, Storage};
+use crate::storage::{OpenFlags, Storage};
 
 /// A backing image, as the read path sees it.
 #[derive(Debug)]
@@ -104,16 +104,12 @@ pub async fn open_backing(
     if chain.contains(&canon) {
         return Err(Error::invalid("backing chain contains a loop").in_file(path));
     }
-    let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(
-            path,
-            OpenFlags {
-                read_only: true,
-                direct: opts.direct,
-            },
-        )
-        .map_err(|e| Error::io("opening the backing file", e).in_file(path))?,
-    );
+    let flags = OpenFlags {
+        read_only: true,
+        direct: opts.direct,
+    };
+    let storage = crate::storage::open_file(path, flags, opts.io_backend)
+        .map_err(|e| Error::io("opening the backing file", e).in_file(path))?;
     let fmt = match format {
         Some(f) => f.to_string(),
         None => probe_format(storage.as_ref()).await?.to_string(),

@@ -28,6 +28,7 @@ mod state;
 mod write;
 mod zero;
 
+pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
@@ -84,12 +85,12 @@ impl Image {
             read_only: !opts.writable,
             direct: opts.direct,
         };
-        let storage = crate::storage::FileStorage::open(path, flags)
+        let storage = crate::storage::open_file(path, flags, opts.io_backend)
             .map_err(|e| Error::io("opening the image", e).in_file(path))?;
         let chain = std::fs::canonicalize(path)
             .map(|p| vec![p])
             .unwrap_or_default();
-        Self::open_chain(Arc::new(storage), opts, chain)
+        Self::open_chain(storage, opts, chain)
             .await
             .map_err(|e| e.in_file(path))
     }

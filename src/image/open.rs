@@ -16,7 +16,7 @@ use crate::format::extensions::ImageHeader;
 use crate::format::header::Header;
 use crate::format::l1;
 use crate::format::refcount;
-use crate::storage::{FileStorage, OpenFlags, Storage};
+use crate::storage::{OpenFlags, Storage};
 
 /// Bytes read first: enough for any header whose cluster is ≤ this; larger clusters are read
 /// whole in a second step.
@@ -233,7 +233,7 @@ async fn open_data_file(
         read_only: !opts.writable,
         direct: opts.direct,
     };
-    let s = FileStorage::open(&p, flags)
+    let s = crate::storage::open_file(&p, flags, opts.io_backend)
         .map_err(|e| Error::io("opening the external data file", e).in_file(&p))?;
-    Ok((Arc::new(s), Some(p)))
+    Ok((s, Some(p)))
 }

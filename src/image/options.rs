@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::storage::IoBackend;
+
 /// How to open an image. Build with [`OpenOptions::new`] and the setters.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -17,6 +19,7 @@ pub struct OpenOptions {
     pub(crate) dirty_threshold_percent: usize,
     pub(crate) max_chain_depth: usize,
     pub(crate) direct: bool,
+    pub(crate) io_backend: IoBackend,
 }
 
 /// Replaces the backing file named in the header.
@@ -42,6 +45,7 @@ impl Default for OpenOptions {
             dirty_threshold_percent: 50,
             max_chain_depth: 64,
             direct: false,
+            io_backend: IoBackend::Auto,
         }
     }
 }
@@ -111,6 +115,13 @@ impl OpenOptions {
     /// Open files with O_DIRECT.
     pub fn direct(mut self, on: bool) -> Self {
         self.direct = on;
+        self
+    }
+
+    /// Which backend does the IO of the image, backing and data files (default
+    /// [`IoBackend::Auto`]: io_uring where available, else IO threads).
+    pub fn io_backend(mut self, b: IoBackend) -> Self {
+        self.io_backend = b;
         self
     }
 

@@ -35,8 +35,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{IoFuture, Storage};
-use direct::{Bounce, DirectIo};
 use sys::Falloc;
+
+pub(super) use direct::{ALIGN, Bounce, DirectIo};
 
 /// Largest zero buffer written at once when zeroing must be done by writing.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -151,6 +152,41 @@ impl FileStorage {
         self.flags
     }
 
+    /// The open file (for other backends of this module tree that drive it themselves).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
+    pub(super) fn file(&self) -> &File {
+        &self.inner.file
+    }
+
+    /// The `O_DIRECT` state, when opened with `direct`.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
+    pub(super) fn direct_io(&self) -> Option<&DirectIo> {
+        self.inner.direct.as_ref()
+    }
+
+    /// Read what the page cache holds without blocking (`preadv2(RWF_NOWAIT)`); returns how
+    /// many leading bytes of `buf` are done (always 0 with `O_DIRECT`).
+    pub(super) fn read_cached(&self, buf: &mut [u8], offset: u64) -> usize {
+        match self.inner.direct {
+            None => sys::read_nowait(&self.inner.file, buf, offset),
+            Some(_) => 0,
+        }
+    }
+
+    /// Write into the page cache without blocking (`pwritev2(RWF_NOWAIT)`); returns how many
+    /// leading bytes of `buf` are done (always 0 with `O_DIRECT`, or once the filesystem has
+    /// refused non-blocking writes).
+    pub(super) fn write_cached(&self, buf: &[u8], offset: u64) -> usize {
+        if self.inner.direct.is_some() || !self.inner.nowait_writes.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let (done, unsupported) = sys::write_nowait(&self.inner.file, buf, offset);
+        if unsupported {
+            self.inner.nowait_writes.store(false, Ordering::Relaxed);
+        }
+        done
+    }
+
     /// Run `f` on an IO thread.
     fn run<T, F>(&self, f: F) -> IoFuture<'_, T>
     where
@@ -173,7 +209,7 @@ impl FileStorage {
     }
 }
 
-fn read_only_error() -> io::Error {
+pub(super) fn read_only_error() -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
         "storage is opened read-only",
@@ -183,10 +219,7 @@ fn read_only_error() -> io::Error {
 impl Storage for FileStorage {
     fn read_at<'a>(&'a self, buf: &'a mut [u8], offset: u64) -> IoFuture<'a, ()> {
         // Fast path: data in the page cache is copied right here, without a thread handoff.
-        let done = match self.inner.direct {
-            None => sys::read_nowait(&self.inner.file, buf, offset),
-            Some(_) => 0,
-        };
+        let done = self.read_cached(buf, offset);
         if done == buf.len() {
             return Box::pin(std::future::ready(Ok(())));
         }
@@ -204,16 +237,7 @@ impl Storage for FileStorage {
             return Box::pin(std::future::ready(Err(read_only_error())));
         }
         // Fast path: a write the page cache takes without blocking completes right here.
-        let done = match self.inner.direct {
-            None if self.inner.nowait_writes.load(Ordering::Relaxed) => {
-                let (done, unsupported) = sys::write_nowait(&self.inner.file, buf, offset);
-                if unsupported {
-                    self.inner.nowait_writes.store(false, Ordering::Relaxed);
-                }
-                done
-            }
-            _ => 0,
-        };
+        let done = self.write_cached(buf, offset);
         if done == buf.len() {
             return Box::pin(std::future::ready(Ok(())));
         }

@@ -5,24 +5,31 @@
 //! crash-simulating wrappers. Futures are boxed so that backends of different types can be
 //! mixed in one backing chain (`Arc<dyn Storage>`); the allocation is small next to an IO.
 //!
-//! Backends bring their own IO threads and wake the caller's task, so the engine does not
-//! depend on any particular async runtime.
+//! Backends bring their own IO threads (or io_uring ring thread) and wake the caller's task, so
+//! the engine does not depend on any particular async runtime. [`open_file`] picks the file
+//! backend: [`UringStorage`] where io_uring works (Linux), else [`FileStorage`].
 
 use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
 
+mod backend;
 pub mod file;
 pub mod memory;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
 #[cfg(feature = "test-utils")]
 pub mod crash;
 #[cfg(feature = "test-utils")]
 pub mod fault;
 
+pub use backend::{IoBackend, open_file};
 pub use file::{FileStorage, OpenFlags};
 pub use memory::MemoryStorage;
+#[cfg(target_os = "linux")]
+pub use uring::UringStorage;
 
 #[cfg(feature = "test-utils")]
 pub use crash::{CrashPolicy, CrashStorage};

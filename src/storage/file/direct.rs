@@ -29,12 +29,12 @@ use super::ZERO_CHUNK;
 use super::sys::{self, Falloc};
 
 /// Alignment of offsets, lengths and buffer addresses for `O_DIRECT` transfers.
-pub(super) const ALIGN: u64 = 4096;
+pub(crate) const ALIGN: u64 = 4096;
 const ALIGN_USIZE: usize = ALIGN as usize;
 
 /// A heap buffer whose data area starts on an [`ALIGN`] boundary, covering the file range
 /// `[aligned_offset, aligned_offset + span)`; the caller's bytes live at `skip..skip + len`.
-pub(super) struct Bounce {
+pub(crate) struct Bounce {
     raw: Vec<u8>,
     base: usize,
     skip: usize,
@@ -45,7 +45,7 @@ pub(super) struct Bounce {
 
 impl Bounce {
     /// A zeroed buffer covering `len` bytes at `offset`, widened to whole blocks.
-    pub(super) fn new(offset: u64, len: usize) -> io::Result<Bounce> {
+    pub(crate) fn new(offset: u64, len: usize) -> io::Result<Bounce> {
         let aligned_offset = align_down(offset);
         let skip = (offset - aligned_offset) as usize;
         let end = checked_end(offset, len as u64)?;
@@ -66,14 +66,14 @@ impl Bounce {
     }
 
     /// A buffer for writing `data` at `offset`.
-    pub(super) fn with_data(data: &[u8], offset: u64) -> io::Result<Bounce> {
+    pub(crate) fn with_data(data: &[u8], offset: u64) -> io::Result<Bounce> {
         let mut b = Bounce::new(offset, data.len())?;
         b.data_mut().copy_from_slice(data);
         Ok(b)
     }
 
     /// The caller's bytes.
-    pub(super) fn data(&self) -> &[u8] {
+    pub(crate) fn data(&self) -> &[u8] {
         &self.raw[self.base + self.skip..self.base + self.skip + self.len]
     }
 
@@ -82,12 +82,18 @@ impl Bounce {
     }
 
     /// The whole aligned area.
-    fn aligned(&self) -> &[u8] {
+    pub(crate) fn aligned(&self) -> &[u8] {
         &self.raw[self.base..self.base + self.span]
     }
 
-    fn aligned_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn aligned_mut(&mut self) -> &mut [u8] {
         &mut self.raw[self.base..self.base + self.span]
+    }
+
+    /// The file offset of the aligned area's first byte.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
+    pub(crate) fn aligned_offset(&self) -> u64 {
+        self.aligned_offset
     }
 
     fn aligned_end(&self) -> u64 {
@@ -159,7 +165,7 @@ impl Drop for BlockGuard<'_> {
 
 /// State of a file opened with `O_DIRECT`.
 #[derive(Debug)]
-pub(super) struct DirectIo {
+pub(crate) struct DirectIo {
     locks: BlockLocks,
     /// The logical length; held across any write that may grow the file.
     size: Mutex<u64>,
@@ -176,6 +182,27 @@ impl DirectIo {
 
     pub(super) fn len(&self) -> u64 {
         *lock(&self.size)
+    }
+
+    /// Prepare a whole-block write ending at `end` that bypasses [`DirectIo::write`] (the
+    /// io_uring backend submits those itself): raise the logical length to `end` first, so that
+    /// a concurrent read-modify-write that grows the file cannot truncate below it. Never
+    /// blocks: `false` when the length is locked by a write in progress (use
+    /// [`DirectIo::write`] then, which waits).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // used by the io_uring backend
+    pub(crate) fn try_reserve(&self, end: u64) -> bool {
+        match self.size.try_lock() {
+            Ok(mut size) => {
+                *size = (*size).max(end);
+                true
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                let mut size = p.into_inner();
+                *size = (*size).max(end);
+                true
+            }
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
     }
 
     pub(super) fn read(&self, file: &File, len: usize, offset: u64) -> io::Result<Bounce> {

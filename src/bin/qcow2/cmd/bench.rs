@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use qcow2_rs::image::{Image, OpenOptions};
+use qcow2_rs::image::{Image, IoBackend, OpenOptions};
 
 use crate::args::parse_size;
 
@@ -41,7 +41,8 @@ pub struct Args {
     /// Image format (only qcow2).
     #[arg(short = 'f', long)]
     format: Option<String>,
-    /// Accepted for qemu-img compatibility; the engine picks its own IO backend.
+    /// IO backend: `io_uring`, `threads`, or `native` (= the default: io_uring where
+    /// available, else threads).
     #[arg(short = 'i', long)]
     aio: Option<String>,
     /// The image.
@@ -61,11 +62,15 @@ pub async fn run(a: Args) -> Result<u8> {
         "writeback" | "writethrough" | "unsafe" => false,
         other => bail!("unknown cache mode '{other}'"),
     };
-    let img = Image::open(
-        &a.file,
-        &OpenOptions::new().writable(a.write).direct(direct),
-    )
-    .await?;
+    let backend = match a.aio.as_deref() {
+        None | Some("native") => IoBackend::Auto,
+        Some(other) => other.parse().map_err(anyhow::Error::msg)?,
+    };
+    let opts = OpenOptions::new()
+        .writable(a.write)
+        .direct(direct)
+        .io_backend(backend);
+    let img = Image::open(&a.file, &opts).await?;
     let step = a.step.unwrap_or(a.size);
     let kind = if a.write { "write" } else { "read" };
     println!(
