@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Requests run concurrently and reply in completion order (the spec allows it). Memory is
-//! bounded per connection: a request takes its size out of a byte budget ([`BUDGET`]) before
+//! bounded per connection: a request takes its size out of a byte budget (64 MiB) before
 //! its payload is read or its read buffer allocated, and gives it back after its reply, so
 //! a client that pipelines more than the budget simply stops being read.
 
