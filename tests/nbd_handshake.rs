@@ -246,3 +246,32 @@ async fn shutdown_closes_idle_clients_and_handshakes() {
     assert!(haggling.closed().await);
     assert!(!socket.exists(), "the socket file is removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_queues_extra_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    create_image(&img, SIZE).await;
+    let srv = TestServer::start_limited(dir.path(), &[("", &img, true)], 1).await;
+    let mut first = Raw::connect_with(&srv.socket, BOTH).await;
+    first.go("", false, false).await;
+    // The second client is accepted by the kernel but not served: no greeting yet.
+    let mut second = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
+    let mut b = [0u8; 18];
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        tokio::io::AsyncReadExt::read_exact(&mut second, &mut b),
+    )
+    .await;
+    assert!(early.is_err(), "served beyond the connection limit");
+    drop(first);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_exact(&mut second, &mut b),
+    )
+    .await
+    .expect("queued client never served")
+    .unwrap();
+    assert_eq!(&b[..8], b"NBDMAGIC");
+    srv.stop().await.unwrap();
+}

@@ -223,3 +223,32 @@ async fn disconnect_mid_request() {
     assert!(raw[..4096].iter().all(|&b| b == 0x11));
     assert!(raw[65536..65536 + 4096].iter().all(|&b| b == 0x33));
 }
+
+/// Shutdown does not wait for a client stalled mid-payload, and still flushes and closes the
+/// image cleanly with the acknowledged writes in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_a_stalled_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, img) = server(dir.path()).await;
+    let mut c = client(&srv, "disk", false).await;
+    c.request(CMD_WRITE, 0, 1, 0, 4096, &[0x44; 4096]).await;
+    assert_eq!(c.simple().await, (0, 1));
+    let req = qcow2_rs::nbd::frame::Request {
+        flags: 0,
+        kind: CMD_WRITE,
+        cookie: 2,
+        offset: 0,
+        len: 1 << 20,
+    };
+    c.send(&req.encode()).await;
+    c.send(&[0x55; 1000]).await;
+    // Let the server get stuck waiting for the rest of the payload.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    srv.stop().await.unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert!(c.closed().await);
+    common::assert_check_clean(&img);
+    let raw = common::qemu_raw(&img);
+    assert!(raw[..4096].iter().all(|&b| b == 0x44));
+}

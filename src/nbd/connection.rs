@@ -125,7 +125,12 @@ impl Transmission {
             if req.kind == CMD_DISC {
                 return Ok(());
             }
-            self.request(rd, req).await?;
+            // A client that stalls mid-payload (or a full budget) must not hold up shutdown.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|&s| s) => return Ok(()),
+                r = self.request(rd, req) => r?,
+            }
         }
     }
 

@@ -34,6 +34,15 @@ pub struct TestServer {
 impl TestServer {
     /// Serve `exports` (name, image path, writable) on `dir/nbd.sock`.
     pub async fn start(dir: &Path, exports: &[(&str, &Path, bool)]) -> TestServer {
+        Self::start_limited(dir, exports, 16).await
+    }
+
+    /// [`TestServer::start`] with at most `max` connections at once.
+    pub async fn start_limited(
+        dir: &Path,
+        exports: &[(&str, &Path, bool)],
+        max: usize,
+    ) -> TestServer {
         let mut list = Vec::new();
         for (name, path, writable) in exports {
             let img = Image::open(path, &OpenOptions::new().writable(*writable))
@@ -44,7 +53,9 @@ impl TestServer {
         let socket = dir.join("nbd.sock");
         let listener = Listener::unix(&socket).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::new(list).handshake_timeout(Duration::from_secs(5));
+        let server = Server::new(list)
+            .handshake_timeout(Duration::from_secs(5))
+            .max_connections(max);
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
