@@ -3,6 +3,7 @@
 //! Layers, top to bottom (each depends only on the ones below it):
 //!
 //! ```text
+//!  nbd/      NBD server exporting images (uses only the public API below)
 //!  image/    open/create, read path, write path, zero/discard, flush
 //!  alloc/    cluster allocator, in-flight allocation tracking
 //!  cache/    metadata cache: L2 and refcount-block slices, dirty tracking
@@ -17,6 +18,7 @@ pub mod check;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod nbd;
 pub mod storage;
 pub mod units;
 

@@ -38,6 +38,8 @@ enum Command {
     Io(cmd::io::Args),
     /// Time a read or write workload (qemu-img bench's knobs).
     Bench(cmd::bench::Args),
+    /// Export an image over NBD until SIGINT/SIGTERM.
+    Serve(cmd::serve::Args),
 }
 
 impl Command {
@@ -52,6 +54,7 @@ impl Command {
             Command::Dump(a) => cmd::dump::run(a).await,
             Command::Io(a) => cmd::io::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,
+            Command::Serve(a) => cmd::serve::run(a).await,
         }
     }
 }

@@ -12,6 +12,7 @@ mod info_types;
 pub mod io;
 mod io_ops;
 pub mod map;
+pub mod serve;
 mod snapshots;
 
 /// `--output=human|json`, shared by info, map and check.

@@ -1,0 +1,97 @@
+//! `qcow2 serve`: export an image over NBD until SIGINT or SIGTERM, then shut down
+//! gracefully: finish the requests in flight, flush and close the image.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use qcow2_rs::nbd::{BlockDevice, Export, Listener, RawDevice, Server};
+
+use crate::disk::{detect_format, open_file, open_qcow2};
+
+/// Arguments of `qcow2 serve`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("address").required(true).args(["socket", "port"])))]
+pub struct Args {
+    /// Image format (qcow2 or raw); probed when omitted.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Export read-only (writes fail with EPERM).
+    #[arg(short = 'r', long)]
+    read_only: bool,
+    /// The export's name (clients use nbd://HOST/NAME); the empty name also selects it.
+    #[arg(short = 'x', long, default_value = "")]
+    export_name: String,
+    /// Listen on this Unix socket (created; removed on exit).
+    #[arg(short = 'k', long)]
+    socket: Option<PathBuf>,
+    /// Listen on this TCP port.
+    #[arg(short = 'p', long)]
+    port: Option<u16>,
+    /// Address to bind the TCP port to.
+    #[arg(short = 'b', long, default_value = "127.0.0.1", requires = "port")]
+    bind: String,
+    /// Clients served at once; more wait until one leaves.
+    #[arg(short = 'e', long, default_value_t = 16)]
+    max_connections: usize,
+    /// The image file.
+    file: PathBuf,
+}
+
+/// Run `qcow2 serve`.
+pub async fn run(a: Args) -> Result<u8> {
+    let device = open_device(&a).await?;
+    let listener = match (&a.socket, a.port) {
+        (Some(path), _) => Listener::unix(path)
+            .with_context(|| format!("could not listen on '{}'", path.display()))?,
+        (None, Some(port)) => {
+            let addr = if a.bind.contains(':') {
+                format!("[{}]:{port}", a.bind)
+            } else {
+                format!("{}:{port}", a.bind)
+            };
+            Listener::tcp(&addr)
+                .await
+                .with_context(|| format!("could not listen on {addr}"))?
+        }
+        (None, None) => unreachable!("clap requires --socket or --port"),
+    };
+    let server = Server::new(vec![Export::new(a.export_name.clone(), device)])
+        .max_connections(a.max_connections);
+    server
+        .run(listener, stop_signal())
+        .await
+        .with_context(|| format!("closing '{}'", a.file.display()))?;
+    Ok(0)
+}
+
+/// Open the image as a device of its format.
+async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
+    let writable = !a.read_only;
+    Ok(match detect_format(&a.file, a.format.as_deref()).await? {
+        "qcow2" => Arc::new(open_qcow2(&a.file, writable).await?),
+        _ => {
+            let storage = Arc::new(open_file(&a.file, writable)?);
+            let raw = RawDevice::new(storage, writable)
+                .await
+                .with_context(|| a.file.display().to_string())?;
+            Arc::new(raw)
+        }
+    })
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! One client connection: the handshake, then the transmission loop.
+//!
+//! ```text
+//!            ┌──────────── reader (this task) ────────────┐
+//!  socket ──▶│ header ─▶ validate ─▶ payload ─▶ spawn ────┼──▶ request task ─┐
+//!            └────────────────────────────────────────────┘    (any number)  │
+//!  socket ◀── Replies (mutex: one whole reply at a time) ◀───────────────────┘
+//! ```
+//!
+//! Requests run concurrently and reply in completion order (the spec allows it). Memory is
+//! bounded per connection: a request takes its size out of a byte budget (64 MiB) before
+//! its payload is read or its read buffer allocated, and gives it back after its reply, so
+//! a client that pipelines more than the budget simply stops being read.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use super::cmd::{self, Ctx};
+use super::export::Exports;
+use super::frame::{Limits, REQUEST_LEN, Reply, Request};
+use super::handshake::{Session, negotiate};
+use super::proto::*;
+
+/// Bytes of request payload and read data one connection may have in flight.
+const BUDGET: u32 = 2 * MAX_PAYLOAD;
+/// What a request without data counts against the budget (bounds the number of tasks).
+const MIN_COST: u32 = 64 << 10;
+/// A client that does not take a reply within this long is treated as gone.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn protocol(msg: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// Serve one client until it disconnects, misbehaves, or `shutdown` turns true.
+pub async fn serve<S>(
+    stream: S,
+    exports: Exports,
+    mut shutdown: watch::Receiver<bool>,
+    handshake_timeout: Duration,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let handshake = tokio::time::timeout(handshake_timeout, negotiate(&mut rd, &mut wr, &exports));
+    let session = tokio::select! {
+        r = handshake => r.map_err(|_| protocol("handshake timed out"))??,
+        _ = shutdown.wait_for(|&s| s) => return Ok(()),
+    };
+    let Some(session) = session else {
+        return Ok(());
+    };
+    let mut t = Transmission::new(session, Box::new(wr));
+    let r = t.requests(&mut rd, &mut shutdown).await;
+    // Whether the client said NBD_CMD_DISC, hung up, or we are shutting down: requests
+    // already started finish (their writes land) before the connection closes.
+    cmd::disconnect::run(&mut t.inflight).await;
+    r
+}
+
+/// The transmission phase of one connection.
+struct Transmission {
+    ctx: Ctx,
+    limits: Limits,
+    replies: Arc<Replies>,
+    budget: Arc<Semaphore>,
+    inflight: JoinSet<()>,
+}
+
+impl Transmission {
+    fn new(s: Session, writer: BoxWrite) -> Self {
+        let device = s.export.device.clone();
+        let limits = Limits {
+            size: device.size(),
+            writable: device.is_writable(),
+            structured: s.structured,
+            block_status: s.block_status,
+        };
+        Transmission {
+            ctx: Ctx { device },
+            limits,
+            replies: Arc::new(Replies {
+                writer: Mutex::new(Some(writer)),
+                structured: s.structured,
+                broken: Notify::new(),
+            }),
+            budget: Arc::new(Semaphore::new(BUDGET as usize)),
+            inflight: JoinSet::new(),
+        }
+    }
+
+    /// Read requests until the client leaves (`Ok`) or breaks the protocol (`Err`).
+    async fn requests<R>(
+        &mut self,
+        rd: &mut R,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+    {
+        loop {
+            while self.inflight.try_join_next().is_some() {}
+            let mut h = [0u8; REQUEST_LEN];
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|&s| s) => return Ok(()),
+                _ = self.replies.broken.notified() => return Err(protocol("reply stream broken")),
+                r = rd.read_exact(&mut h) => match r {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                },
+            }
+            // A bad magic means we lost the framing: nothing after it can be trusted.
+            let req = Request::parse(&h).map_err(protocol)?;
+            if req.kind == CMD_DISC {
+                return Ok(());
+            }
+            // A client that stalls mid-payload (or a full budget) must not hold up shutdown.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|&s| s) => return Ok(()),
+                r = self.request(rd, req) => r?,
+            }
+        }
+    }
+
+    /// Take in one request: consume its payload, then reject it or start it.
+    async fn request<R: AsyncRead + Unpin>(&mut self, rd: &mut R, req: Request) -> io::Result<()> {
+        let verdict = req.validate(&self.limits);
+        if req.payload_len() > MAX_PAYLOAD {
+            // Too big to buffer: skip it in small pieces so the stream stays in sync.
+            drain(rd, req.payload_len()).await?;
+        }
+        let cost = match req.kind {
+            CMD_READ | CMD_WRITE => req.len.clamp(MIN_COST, MAX_PAYLOAD),
+            _ => MIN_COST,
+        };
+        let permit = self.budget.clone().acquire_many_owned(cost).await;
+        let permit = permit.map_err(|_| protocol("budget closed"))?;
+        let mut payload = Vec::new();
+        if req.payload_len() <= MAX_PAYLOAD {
+            payload.resize(req.payload_len() as usize, 0);
+            rd.read_exact(&mut payload).await?;
+        }
+        if let Err(rej) = verdict {
+            let reply = Reply::error(rej.errno, rej.message);
+            self.replies.send(req.cookie, reply).await;
+            return Ok(());
+        }
+        let (ctx, replies) = (self.ctx.clone(), self.replies.clone());
+        self.inflight.spawn(async move {
+            let reply = cmd::dispatch(&ctx, &req, payload).await;
+            replies.send(req.cookie, reply).await;
+            drop(permit);
+        });
+        Ok(())
+    }
+}
+
+/// Read and drop `n` bytes with a fixed-size buffer.
+async fn drain<R: AsyncRead + Unpin>(rd: &mut R, n: u32) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut rd.take(n.into()), &mut tokio::io::sink()).await?;
+    if copied < n.into() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// The write side: whole replies, one at a time.
+struct Replies {
+    /// `None` once a write failed: a half-written reply leaves the stream unusable.
+    writer: Mutex<Option<BoxWrite>>,
+    structured: bool,
+    /// Tells the reader to stop when the stream broke.
+    broken: Notify,
+}
+
+impl Replies {
+    /// Send `reply` for `cookie`. Failures are not reported to the request: the reader
+    /// learns of them through `broken` and closes the connection.
+    async fn send(&self, cookie: u64, reply: Reply) {
+        let enc = reply.encode(cookie, self.structured);
+        let mut guard = self.writer.lock().await;
+        let Some(w) = guard.as_mut() else {
+            return;
+        };
+        let write = async {
+            w.write_all(&enc.head).await?;
+            w.write_all(&enc.body).await?;
+            w.flush().await
+        };
+        if !matches!(tokio::time::timeout(REPLY_TIMEOUT, write).await, Ok(Ok(()))) {
+            *guard = None;
+            self.broken.notify_one();
+        }
+    }
+}
