@@ -36,7 +36,12 @@ impl Image {
         let generation = w.generation.fetch_add(1, Ordering::AcqRel);
         let l1 = self.snapshot_l1();
         let l2 = self.snapshot_l2();
-        if let Err(e) = self.write_metadata(&l1, &l2).await {
+        let written = self.write_metadata(&l1, &l2).await;
+        // Whatever happened, the slices are no longer being written (evictable once clean).
+        for (s, _, _) in &l2 {
+            s.set_writing(false);
+        }
+        if let Err(e) = written {
             return Err(w.poison(e));
         }
         self.apply_frees(generation).await.map_err(|e| w.poison(e))
@@ -101,11 +106,7 @@ impl Image {
                 .map_err(|e| Error::io("zeroing a new L2 table", e).at(h))?;
             self.inner.new.remove(h);
         }
-        let result = self.write_l2_snapshot(l2).await;
-        for (s, _, _) in l2 {
-            s.set_writing(false);
-        }
-        result?;
+        self.write_l2_snapshot(l2).await?;
         if !l2.is_empty() || !new_l2.is_empty() {
             self.sync_file().await?;
         }
