@@ -24,6 +24,7 @@ mod options;
 mod prealloc;
 mod prepare;
 mod read;
+mod resize;
 mod state;
 mod write;
 mod zero;

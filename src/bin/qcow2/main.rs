@@ -34,6 +34,8 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Convert an image to another format.
     Convert(cmd::convert::Args),
+    /// Change the virtual size of an image.
+    Resize(cmd::resize::Args),
     /// Dump the on-disk structures of a qcow2 image (works on damaged images).
     Dump(cmd::dump::Args),
     /// Run qemu-io style commands on an image.
@@ -54,6 +56,7 @@ impl Command {
             Command::Map(a) => cmd::map::run(a).await,
             Command::Compare(a) => cmd::compare::run(a).await,
             Command::Convert(a) => cmd::convert::run(a).await,
+            Command::Resize(a) => cmd::resize::run(a).await,
             Command::Dump(a) => cmd::dump::run(a).await,
             Command::Io(a) => cmd::io::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,

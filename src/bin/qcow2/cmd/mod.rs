@@ -13,6 +13,7 @@ mod info_types;
 pub mod io;
 mod io_ops;
 pub mod map;
+pub mod resize;
 pub mod serve;
 mod snapshots;
 
