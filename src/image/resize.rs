@@ -94,6 +94,17 @@ impl Image {
                 format!("the new size {new_size} needs an L1 table over QEMU's 32 MiB limit"),
             ));
         }
+        let have = self.inner.l1.read().unwrap().len() as u64;
+        let clusters = (need * L1_ENTRY_SIZE).div_ceil(self.inner.geo.cluster_size);
+        // The allocator places a missing refcount block at the start of the range it covers,
+        // so it cannot hand out a contiguous run spanning a whole block's range.
+        let epb = self.write_state()?.refcounts.entries_per_block();
+        if need > have && clusters >= epb {
+            return Err(Error::unsupported(format!(
+                "an L1 table of {clusters} clusters (a refcount block covers {epb}); \
+                 use larger clusters or a smaller size"
+            )));
+        }
         Ok(())
     }
 
