@@ -1,4 +1,4 @@
-//! A qcow2 image: open, the read path, the write path, zero/discard, flush.
+//! A qcow2 image: open, the read path, the write path, zero/discard, flush, resize.
 //!
 //! [`Image`] is a cheap handle (`Clone` shares the same open image) whose methods all take
 //! `&self`, so any number of requests can be in flight from many tasks and threads.
