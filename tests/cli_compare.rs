@@ -172,3 +172,20 @@ fn large_sparse_images() {
     assert_eq!(same_compare(&[&a, &raw]), 1);
     assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
 }
+
+/// Strict mode across formats: allocated data matches a raw file's data; an empty qcow2
+/// (unallocated) does not match an empty raw file (a hole is allocated for raw).
+#[test]
+fn strict_qcow2_vs_raw() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, e) = (path_in(d.path(), "a.qcow2"), path_in(d.path(), "e.qcow2"));
+    let (ar, er) = (path_in(d.path(), "a.raw"), path_in(d.path(), "e.raw"));
+    create(&a, "qcow2", "1M");
+    io(&a, "qcow2", "write -P 1 0 1M");
+    run("qemu-img", &["convert", "-O", "raw", &a, &ar]);
+    create(&e, "qcow2", "1M");
+    create(&er, "raw", "1M");
+    assert_eq!(same_compare(&["-s", &a, &ar]), 0);
+    assert_eq!(same_compare(&["-s", &e, &er]), 1);
+    assert_eq!(same_compare(&["-s", &er, &er]), 0);
+}
