@@ -33,6 +33,13 @@ impl Image {
         };
         w.check_poison()?;
         let _one = w.flush_lock.lock().await;
+        self.flush_held().await
+    }
+
+    /// [`Image::flush`]'s work, with `flush_lock` already held by the caller (resize).
+    pub(crate) async fn flush_held(&self) -> Result<()> {
+        let w = self.write_state_unpoisoned();
+        w.check_poison()?;
         let generation = w.generation.fetch_add(1, Ordering::AcqRel);
         let l1 = self.snapshot_l1();
         let l2 = self.snapshot_l2();
@@ -187,7 +194,7 @@ impl Image {
             .map_err(|e| Error::io("syncing guest data", e))
     }
 
-    async fn sync_file(&self) -> Result<()> {
+    pub(crate) async fn sync_file(&self) -> Result<()> {
         self.inner
             .file
             .flush()

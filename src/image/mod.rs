@@ -1,4 +1,4 @@
-//! A qcow2 image: open, the read path, the write path, zero/discard, flush.
+//! A qcow2 image: open, the read path, the write path, zero/discard, flush, resize.
 //!
 //! [`Image`] is a cheap handle (`Clone` shares the same open image) whose methods all take
 //! `&self`, so any number of requests can be in flight from many tasks and threads.
@@ -24,6 +24,7 @@ mod options;
 mod prealloc;
 mod prepare;
 mod read;
+mod resize;
 mod state;
 mod write;
 mod zero;

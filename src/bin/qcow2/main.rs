@@ -30,8 +30,12 @@ enum Command {
     Check(cmd::check::Args),
     /// Show the allocation map of an image.
     Map(cmd::map::Args),
+    /// Compare the contents of two images (exit 0 same, 1 different, 2 error).
+    Compare(cmd::compare::Args),
     /// Convert an image to another format.
     Convert(cmd::convert::Args),
+    /// Change the virtual size of an image.
+    Resize(cmd::resize::Args),
     /// Dump the on-disk structures of a qcow2 image (works on damaged images).
     Dump(cmd::dump::Args),
     /// Run qemu-io style commands on an image.
@@ -50,7 +54,9 @@ impl Command {
             Command::Info(a) => cmd::info::run(a).await,
             Command::Check(a) => cmd::check::run(a).await,
             Command::Map(a) => cmd::map::run(a).await,
+            Command::Compare(a) => cmd::compare::run(a).await,
             Command::Convert(a) => cmd::convert::run(a).await,
+            Command::Resize(a) => cmd::resize::run(a).await,
             Command::Dump(a) => cmd::dump::run(a).await,
             Command::Io(a) => cmd::io::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,

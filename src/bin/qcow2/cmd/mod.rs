@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod dump;
@@ -12,6 +13,7 @@ mod info_types;
 pub mod io;
 mod io_ops;
 pub mod map;
+pub mod resize;
 pub mod serve;
 mod snapshots;
 
