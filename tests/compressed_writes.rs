@@ -85,7 +85,11 @@ impl Config {
 
     /// Length of the partial last cluster (disk sizes are whole sectors).
     fn tail(&self) -> u64 {
-        if self.cluster > 512 { self.cluster / 2 } else { 0 }
+        if self.cluster > 512 {
+            self.cluster / 2
+        } else {
+            0
+        }
     }
 
     fn size(&self) -> u64 {
@@ -230,7 +234,12 @@ async fn library_scenario(dir: &Path, cfg: Config) {
     assert_image(&p, &shadow, "after qemu-io overwrites");
 
     // qemu-io style compressed writes through our CLI: aligned works, unaligned fails.
-    let r = common::qcow2(&["io", "-c", &format!("write -c -P 0x33 {} {cs}", 9 * cs), s(&p)]);
+    let r = common::qcow2(&[
+        "io",
+        "-c",
+        &format!("write -c -P 0x33 {} {cs}", 9 * cs),
+        s(&p),
+    ]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     shadow[at(9)..at(10)].fill(0x33);
     let r = common::qcow2(&["io", "-c", &format!("write -c 256 {cs}"), s(&p)]);
@@ -251,13 +260,20 @@ fn convert_scenario(dir: &Path, cfg: Config) {
     assert_eq!(compressed_bytes(&dst), expected_compressed(&cfg), "{cfg:?}");
     let hdr = common::run("qemu-img", &["info", "--output=json", s(&dst)]);
     let want = if cfg.zstd { "zstd" } else { "zlib" };
-    assert!(hdr.contains(&format!("\"compression-type\": \"{want}\"")), "{hdr}");
+    assert!(
+        hdr.contains(&format!("\"compression-type\": \"{want}\"")),
+        "{hdr}"
+    );
 }
 
 async fn matrix(cluster: u64, zstd: bool) {
     for refcount_bits in [1, 2, 16] {
         // QEMU requires 16 KiB clusters for extended L2.
-        let ext: &[bool] = if cluster >= 16384 { &[false, true] } else { &[false] };
+        let ext: &[bool] = if cluster >= 16384 {
+            &[false, true]
+        } else {
+            &[false]
+        };
         for &extended_l2 in ext {
             let cfg = Config {
                 cluster,
@@ -318,7 +334,10 @@ async fn payloads_pack_unless_refcounts_are_one_bit() {
         if bits == 1 {
             assert_eq!(data_clusters, 32, "one payload per host cluster");
         } else {
-            assert!(data_clusters <= 2, "{data_clusters} host clusters for 32 payloads");
+            assert!(
+                data_clusters <= 2,
+                "{data_clusters} host clusters for 32 payloads"
+            );
         }
         // Free every other payload, then the rest, checking in between.
         for c in (0..32u64).step_by(2) {
@@ -366,7 +385,11 @@ async fn cursor_forgets_a_freed_cluster() {
     img.write_compressed(&t, 5 * cs).await.unwrap();
     shadow[(5 * cs) as usize..(6 * cs) as usize].copy_from_slice(&t);
     img.close().await.unwrap();
-    assert_image(&p, &shadow, "compressing after the cursor's cluster was freed");
+    assert_image(
+        &p,
+        &shadow,
+        "compressing after the cursor's cluster was freed",
+    );
 }
 
 /// Many compressed and normal writes at once, to different clusters.
@@ -444,7 +467,16 @@ fn convert_size_close_to_qemu() {
         let ours = dir.path().join("ours.qcow2");
         let theirs: PathBuf = dir.path().join("qemu.qcow2");
         common::qcow2_ok(&["convert", "-c", "-O", "qcow2", "-o", &o, s(&src), s(&ours)]);
-        let args = ["convert", "-c", "-O", "qcow2", "-o", &o, s(&src), s(&theirs)];
+        let args = [
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &o,
+            s(&src),
+            s(&theirs),
+        ];
         common::run("qemu-img", &args);
         common::assert_check_clean(&ours);
         common::run("qemu-img", &["compare", "-q", s(&ours), s(&theirs)]);
