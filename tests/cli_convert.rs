@@ -132,7 +132,7 @@ fn refusals() {
     let out = path_in(dir.path(), "o");
     for args in [
         vec!["convert", "-O", "vmdk", src.as_str(), out.as_str()],
-        vec!["convert", "-c", "-O", "qcow2", src.as_str(), out.as_str()],
+        vec!["convert", "-c", "-O", "raw", src.as_str(), out.as_str()],
         vec![
             "convert",
             "-O",

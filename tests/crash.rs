@@ -46,6 +46,8 @@ struct Setup {
     initial_disk: Vec<u8>,
     backing: Option<std::path::PathBuf>,
     size: u64,
+    /// The image holds compressed clusters; the workload also writes compressed clusters.
+    compressed: bool,
 }
 
 fn qemu_image(dir: &Path, opts: &str, size: u64, compressed: bool, backing: bool) -> Setup {
@@ -132,6 +134,7 @@ fn qemu_image(dir: &Path, opts: &str, size: u64, compressed: bool, backing: bool
         initial_disk: disk,
         backing: backing_path,
         size,
+        compressed,
     }
 }
 
@@ -166,13 +169,23 @@ async fn workload(
     for i in 0..ops {
         let len = rng.gen_range(1..=max_len);
         let off = rng.gen_range(0..=setup.size - len) & if rng.gen_bool(0.5) { !511 } else { !0 };
+        // Compressed images also get compressed cluster writes (small payloads that pack
+        // into shared host clusters; the step number varies the content).
+        let compress = setup.compressed && rng.gen_bool(0.3);
         let op = match rng.gen_range(0..10) {
+            _ if compress => {
+                let cs = img.cluster_size();
+                let c = rng.gen_range(0..setup.size / cs);
+                let d = (0..cs).map(|k| ((k / 512) as u8) ^ (i as u8) | 0x40);
+                Op::Write(c * cs, d.collect())
+            }
             0..=5 => Op::Write(off, vec![(i as u8) | 0x40; len as usize]),
             6..=7 => Op::Zero(off, len),
             _ => Op::Flush,
         };
         let log_before = crash.crash_points() - 1;
         match &op {
+            Op::Write(o, d) if compress => img.write_compressed(d, *o).await.unwrap(),
             Op::Write(o, d) => img.write_at(d, *o).await.unwrap(),
             Op::Zero(o, l) if i % 2 == 0 => img.discard(*o, *l).await.unwrap(),
             Op::Zero(o, l) => img
@@ -462,6 +475,22 @@ async fn crash_64k_refcount_1_compressed() {
         false,
         400,
         100_000,
+    )
+    .await;
+}
+
+/// Compressed writes packing many payloads per host cluster (2-bit refcounts overflow after
+/// three), over a QEMU-compressed image.
+#[tokio::test]
+async fn crash_4k_refcount_2_compressed() {
+    run(
+        "crash_4k_refcount_2_compressed",
+        "cluster_size=4096,refcount_bits=2",
+        2 << 20,
+        true,
+        false,
+        300,
+        60_000,
     )
     .await;
 }

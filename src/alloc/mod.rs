@@ -10,6 +10,7 @@
 //! - *Refcount table full?* `grow.rs` writes a bigger table plus the blocks covering it in
 //!   fresh space at the end of the file, fsyncs, then switches the header to it.
 
+mod bytes;
 mod epochs;
 mod grow;
 mod inflight;
@@ -44,6 +45,9 @@ pub struct RefState {
     hint: u64,
     /// One past the highest cluster in use or in the file.
     pub end_cluster: u64,
+    /// Next free byte in the host cluster being packed with compressed payloads (0: none);
+    /// see `bytes.rs`.
+    compress_cursor: u64,
 }
 
 /// Refcounts of one image and the allocator built on them.
@@ -88,6 +92,7 @@ impl Refcounts {
                 table_dirty: false,
                 hint: 0,
                 end_cluster,
+                compress_cursor: 0,
             }),
         }
     }
@@ -184,6 +189,10 @@ impl Refcounts {
         s.update(|b| refcount::set(b, idx, self.order, v))?;
         if v == 0 {
             st.hint = st.hint.min(c);
+            // A free cluster may be reallocated for anything: never pack into it again.
+            if st.compress_cursor >> self.cluster_bits == c {
+                st.compress_cursor = 0;
+            }
         }
         st.end_cluster = st.end_cluster.max(c + 1);
         Ok(())

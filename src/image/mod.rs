@@ -13,6 +13,7 @@
 //! ```
 
 mod backing;
+mod compress;
 pub mod create;
 mod flush;
 mod geometry;

@@ -114,6 +114,24 @@ impl Disk {
         }
     }
 
+    /// Write `buf` at `off` compressed, cluster by cluster (qemu-io's `write -c`): `off` must
+    /// be cluster-aligned and `buf` whole clusters, except that it may end at the disk's end.
+    pub async fn write_compressed(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        let Disk::Qcow2(img) = self else {
+            bail!("compressed writes need a qcow2 image");
+        };
+        let cs = img.cluster_size();
+        let end = off + buf.len() as u64;
+        if off % cs != 0 || (buf.len() as u64 % cs != 0 && end != self.size()) {
+            bail!("compressed writes must be cluster-aligned ({cs}-byte clusters)");
+        }
+        for (i, chunk) in buf.chunks(cs as usize).enumerate() {
+            img.write_compressed(chunk, off + i as u64 * cs).await?;
+        }
+        Ok(())
+    }
+
     /// Make `[off, off + len)` read as zeros.
     pub async fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_range(off, len)?;

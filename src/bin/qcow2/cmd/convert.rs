@@ -2,7 +2,8 @@
 //!
 //! Only data is copied: ranges the source map reports as zero are skipped, and within data
 //! ranges all-zero 4 KiB blocks are skipped too, so the destination stays sparse (holes in a
-//! raw file, unallocated clusters in a qcow2 image).
+//! raw file, unallocated clusters in a qcow2 image). With `-c` (qcow2 only) every cluster
+//! holding data is written compressed (`convert_compress.rs`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ pub struct Args {
     /// Creation options for a qcow2 destination (as `qcow2 create -o`).
     #[arg(short = 'o')]
     options: Option<String>,
-    /// Compress the destination (not supported yet).
+    /// Compress every data cluster of the destination (qcow2 only).
     #[arg(short = 'c')]
     compress: bool,
     /// Show progress.
@@ -51,8 +52,8 @@ const BLOCK: usize = 4096;
 
 /// Run `qcow2 convert`.
 pub async fn run(a: Args) -> Result<u8> {
-    if a.compress {
-        bail!("compressed output (-c) is not supported");
+    if a.compress && a.output_format != "qcow2" {
+        bail!("compressed output (-c) needs -O qcow2");
     }
     if a.options.is_some() && a.output_format != "qcow2" {
         bail!("-o is only supported with -O qcow2");
@@ -67,7 +68,12 @@ pub async fn run(a: Args) -> Result<u8> {
         }
         f => bail!("unsupported output format '{f}' (raw or qcow2)"),
     };
-    let copied = copy(&src, &dst, a.progress && !a.quiet).await;
+    let progress = a.progress && !a.quiet;
+    let copied = if a.compress {
+        super::convert_compress::copy(&src, &dst, progress).await
+    } else {
+        copy(&src, &dst, progress).await
+    };
     let closed = dst.close().await;
     copied?;
     closed.with_context(|| format!("closing '{}'", a.dst.display()))?;
@@ -131,11 +137,11 @@ async fn copy_range(src: &Disk, dst: &Disk, start: u64, len: u64, buf: &mut [u8]
     Ok(())
 }
 
-fn is_zero(b: &[u8]) -> bool {
+pub(super) fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
-fn show_progress(on: bool, done: u64, total: u64) {
+pub(super) fn show_progress(on: bool, done: u64, total: u64) {
     if on {
         let pct = if total == 0 {
             100.0

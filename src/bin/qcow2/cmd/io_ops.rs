@@ -43,6 +43,8 @@ pub enum Request {
         pattern: u8,
         zero: bool,
         unmap: bool,
+        /// `-c`: write compressed.
+        compress: bool,
         quiet: bool,
     },
     Discard {
@@ -140,9 +142,6 @@ fn request(name: &str, rest: &[&str], allowed: &str) -> Result<Request> {
     let f = getopt(name, rest, allowed)?;
     let (off, len) = f.range(name)?;
     let quiet = f.has('q');
-    if f.has('c') {
-        bail!("{name}: compressed writes are not supported");
-    }
     let buffered = name.ends_with("read") || (name.ends_with("write") && !f.has('z'));
     if buffered && len > MAX_BUFFER {
         bail!("{name}: length {len} is too large (at most {MAX_BUFFER} bytes per request)");
@@ -162,6 +161,9 @@ fn request(name: &str, rest: &[&str], allowed: &str) -> Result<Request> {
             if f.has('u') && !f.has('z') {
                 bail!("{name}: -u requires -z");
             }
+            if f.has('c') && f.has('z') {
+                bail!("{name}: -c and -z cannot be specified at the same time");
+            }
             let pattern = f.pattern.unwrap_or(0xcd);
             Request::Write {
                 off,
@@ -169,6 +171,7 @@ fn request(name: &str, rest: &[&str], allowed: &str) -> Result<Request> {
                 pattern,
                 zero: f.has('z'),
                 unmap: f.has('u'),
+                compress: f.has('c'),
                 quiet,
             }
         }
@@ -195,11 +198,16 @@ pub async fn perform(disk: &Disk, req: &Request) -> bool {
             pattern,
             zero,
             unmap,
+            compress,
             quiet,
         } => {
-            let r = match zero {
-                true => disk.write_zeroes(*off, *len, *unmap).await,
-                false => disk.write_at(&vec![*pattern; *len as usize], *off).await,
+            let r = if *zero {
+                disk.write_zeroes(*off, *len, *unmap).await
+            } else if *compress {
+                disk.write_compressed(&vec![*pattern; *len as usize], *off)
+                    .await
+            } else {
+                disk.write_at(&vec![*pattern; *len as usize], *off).await
             };
             r.map(|()| (true, "wrote", *off, *len, *quiet))
         }

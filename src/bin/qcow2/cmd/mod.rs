@@ -4,6 +4,7 @@ pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod convert;
+mod convert_compress;
 pub mod create;
 pub mod dump;
 mod dump_tables;
