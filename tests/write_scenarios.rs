@@ -351,3 +351,31 @@ async fn background_flusher_persists_metadata() {
     common::assert_check_clean(&copy);
     img.close().await.unwrap();
 }
+
+/// A corrupt L2 entry pointing at the L1 table: the write is refused with a Corrupt error and
+/// the L1 table stays intact (QEMU's overlap check does the same).
+#[tokio::test]
+async fn data_write_onto_the_l1_table_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "ov.qcow2", "cluster_size=65536", "4M");
+    qemu_io(&p, &["write -P 0x11 0 64k"]);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let evil = (l1 as u64) | (1 << 63); // normal, COPIED, host = the L1 table
+    bytes[l2..l2 + 8].copy_from_slice(&evil.to_be_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    let l1_before = bytes[l1..l1 + 512].to_vec();
+    let img = open_rw(&p).await;
+    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
+    assert_eq!(err.kind(), qcow2_rs::ErrorKind::Corrupt, "{err}");
+    img.close().await.unwrap();
+    drop(img);
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        &after[l1..l1 + 512],
+        &l1_before[..],
+        "the L1 table was not touched"
+    );
+}
