@@ -22,20 +22,7 @@ fn source(dir: &Path) -> String {
         "qemu-io",
         &["-c", "write -P 1 0 1M", "-c", "write -P 2 6M 64k", &base],
     );
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &src,
-        ],
-    );
+    common::qemu_overlay("base.qcow2", "qcow2", &src);
     run(
         "qemu-io",
         &[

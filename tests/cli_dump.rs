@@ -10,20 +10,7 @@ fn dumps_a_qemu_image() {
     let base = path_in(dir.path(), "base.qcow2");
     let p = path_in(dir.path(), "a.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "4M"]);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &p,
-        ],
-    );
+    common::qemu_overlay("base.qcow2", "qcow2", &p);
     run(
         "qemu-io",
         &["-c", "write -P 1 0 64k", "-c", "write -z 64k 64k", &p],

@@ -65,20 +65,7 @@ fn data_file_snapshots_and_chain() {
             "create", "-q", "-f", "qcow2", "-b", &raw, "-F", "raw", &base,
         ],
     );
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &mid,
-        ],
-    );
+    common::qemu_overlay("base.qcow2", "qcow2", &mid);
     run(
         "qemu-img",
         &[

@@ -107,20 +107,7 @@ async fn backing_loops_and_overlong_chains_are_refused() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"],
     );
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "a.qcow2",
-            "-F",
-            "qcow2",
-            b.to_str().unwrap(),
-        ],
-    );
+    common::qemu_overlay("a.qcow2", "qcow2", b.to_str().unwrap());
     // Point a at b: a -> b -> a.
     common::run(
         "qemu-img",
@@ -146,20 +133,7 @@ async fn backing_loops_and_overlong_chains_are_refused() {
     for i in 1..5 {
         let next = dir.path().join(format!("c{i}.qcow2"));
         let name = prev.file_name().unwrap().to_str().unwrap();
-        common::run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                name,
-                "-F",
-                "qcow2",
-                next.to_str().unwrap(),
-            ],
-        );
+        common::qemu_overlay(name, "qcow2", next.to_str().unwrap());
         prev = next;
     }
     let err = Image::open(&prev, &OpenOptions::new().max_chain_depth(3))

@@ -125,3 +125,21 @@ pub fn qcow2_ok(args: &[&str]) -> String {
 pub fn path_in(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_string()
 }
+
+/// `qemu-img create -f qcow2 -b BACKING -F FMT OVERLAY` (size taken from the backing file).
+pub fn qemu_overlay(backing: &str, backing_fmt: &str, overlay: &str) {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            backing_fmt,
+            overlay,
+        ],
+    );
+}
