@@ -136,7 +136,8 @@ impl Walker<'_> {
             return Ok(());
         }
         self.inc(offset, l1.len() as u64 * 8)?;
-        for &e in l1.iter().filter(|&&e| e != 0) {
+        let table_span = self.ctx.l2_entries() as u64 * self.ctx.cs;
+        for (idx, &e) in l1.iter().enumerate().filter(|(_, e)| **e != 0) {
             if e & L1E_RESERVED_MASK != 0 {
                 self.rep.corruption(format!(
                     "ERROR found L1 entry with reserved bits set: {e:x}"
@@ -149,13 +150,14 @@ impl Walker<'_> {
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
             }
-            self.walk_l2(l2, frag).await?;
+            let guest = (idx as u64).saturating_mul(table_span);
+            self.walk_l2(l2, guest, frag).await?;
         }
         Ok(())
     }
 
-    /// One L2 table (QEMU's `check_refcounts_l2`).
-    async fn walk_l2(&mut self, offset: u64, frag: bool) -> Result<()> {
+    /// One L2 table (QEMU's `check_refcounts_l2`); `guest` is the guest offset it starts at.
+    async fn walk_l2(&mut self, offset: u64, guest: u64, frag: bool) -> Result<()> {
         let table = self.ctx.read(offset, self.ctx.cs).await?;
         let words = be_u64s(&table);
         let step = self.ctx.l2_entry_size() / 8;
@@ -163,17 +165,18 @@ impl Walker<'_> {
         for i in 0..self.ctx.l2_entries() {
             let raw = words[i * step];
             let bitmap = if step == 2 { words[i * step + 1] } else { 0 };
-            self.l2_entry(i, raw, bitmap, frag, &mut next_contiguous)?;
+            let at = guest.saturating_add(i as u64 * self.ctx.cs);
+            self.l2_entry(i, at, (raw, bitmap), frag, &mut next_contiguous)?;
         }
         Ok(())
     }
 
-    /// One L2 entry.
+    /// One L2 entry (`raw` and its subcluster `bitmap`), mapping guest offset `guest`.
     fn l2_entry(
         &mut self,
         i: usize,
-        raw: u64,
-        bitmap: u64,
+        guest: u64,
+        (raw, bitmap): (u64, u64),
         frag: bool,
         next: &mut u64,
     ) -> Result<()> {
@@ -185,7 +188,10 @@ impl Walker<'_> {
         }
         match kind {
             Kind::Compressed(d) => self.compressed(i, raw, bitmap, d, frag),
-            Kind::Host(off) => self.host_cluster(raw, bitmap, off, frag, next),
+            Kind::Host(off) => {
+                self.data_file_offset(off, guest);
+                self.host_cluster(raw, bitmap, off, frag, next)
+            }
             Kind::None => {
                 if bitmap & BITMAP_ALL_ALLOC != 0 {
                     self.rep.corruption(
@@ -233,6 +239,18 @@ impl Walker<'_> {
             self.rep.fragmented_clusters += 1;
         }
         Ok(())
+    }
+
+    /// With an external data file a cluster lives at its guest offset. QEMU refuses to read
+    /// one that does not (and its check misses it); writing through such a mapping would
+    /// overwrite another guest cluster's data, so it is a corruption.
+    fn data_file_offset(&mut self, off: u64, guest: u64) {
+        if self.ctx.data_file && off != guest {
+            self.rep.corruption(format!(
+                "ERROR: external data file host cluster offset {off:#x} does not match guest \
+                 cluster offset {guest:#x}"
+            ));
+        }
     }
 
     /// A normal or preallocated zero cluster.

@@ -55,6 +55,9 @@ impl Image {
             L2Entry::decode(raw, &geo.l2)
         }
         .map_err(|e| e.at(slice_off))?;
+        if self.inner.data_file_path.is_some() {
+            check_external(&entry, gc * geo.cluster_size).map_err(|e| e.at(slice_off))?;
+        }
         if geo.l2.extended {
             bitmap.validate_for(&entry).map_err(|e| e.at(slice_off))?;
         }
@@ -76,6 +79,31 @@ impl Image {
         tokio::task::yield_now().await;
         Ok(())
     }
+}
+
+/// With an external data file a cluster's host offset is its guest offset (`guest`), and
+/// nothing is compressed. QEMU treats anything else as corruption; so do we, rather than read
+/// or overwrite another guest cluster's data.
+fn check_external(entry: &L2Entry, guest: u64) -> Result<()> {
+    let host = match entry {
+        L2Entry::Normal { host, .. }
+        | L2Entry::Zero {
+            host: Some(host), ..
+        } => host.0,
+        L2Entry::Compressed(_) => {
+            return Err(Error::corrupt(
+                "compressed cluster entry in an image with an external data file",
+            ));
+        }
+        _ => return Ok(()),
+    };
+    if host != guest {
+        return Err(Error::corrupt(format!(
+            "external data file host cluster offset {host:#x} does not match guest cluster \
+             offset {guest:#x}"
+        )));
+    }
+    Ok(())
 }
 
 /// Get the slice at `off` from `cache`, loading it from `file` on a miss.

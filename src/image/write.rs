@@ -104,19 +104,22 @@ impl Image {
             (cstart, cstart + geo.cluster_size)
         };
         let table = self.ensure_l2_table(gc).await?;
-        let (host, reused) = match m.entry {
-            L2Entry::Normal { host, copied: true } => (host.0, true),
+        let (host, reused, fresh) = match m.entry {
+            L2Entry::Normal { host, copied: true } => (host.0, true, false),
             L2Entry::Zero {
                 host: Some(h),
                 copied: true,
-            } => (h.0, true),
-            _ => (self.write_state()?.refcounts.alloc(1).await?, false),
+            } => (h.0, true, false),
+            _ => {
+                let (host, fresh) = self.new_data_host(cstart).await?;
+                (host, false, fresh)
+            }
         };
         let filled = self
             .write_with_fill(host, cstart, (span_start, span_end), data, off)
             .await;
         if let Err(e) = filled {
-            if !reused {
+            if fresh {
                 self.write_state()?.defer_free(host, false);
             }
             return Err(e);
@@ -145,6 +148,17 @@ impl Image {
             self.release_old(&m.entry);
         }
         Ok(())
+    }
+
+    /// Where a new data cluster for the guest cluster starting at `cstart` goes, and whether
+    /// it came from the allocator (then a failed write must give it back).
+    async fn new_data_host(&self, cstart: u64) -> Result<(u64, bool)> {
+        if self.inner.data_file_path.is_some() {
+            // An external data file holds every guest cluster at its guest offset and has no
+            // refcounts: the metadata file's allocator knows nothing about it (qcow2.txt).
+            return Ok((cstart, false));
+        }
+        Ok((self.write_state()?.refcounts.alloc(1).await?, true))
     }
 
     /// Write `data` at guest `off` into host cluster `host` (guest cluster start `cstart`),
@@ -203,7 +217,7 @@ impl Image {
     }
 
     /// Whether `[off, off + len)` (inside one cluster) reads as zeros without reading data.
-    async fn reads_as_zero(&self, off: u64, len: u64) -> Result<bool> {
+    pub(crate) async fn reads_as_zero(&self, off: u64, len: u64) -> Result<bool> {
         let run = self.next_run(off, len).await?;
         if run.len < len {
             return Ok(false);
@@ -251,6 +265,11 @@ impl Image {
 
     /// Schedule dropping the references the old entry held (after the new mapping is on disk).
     pub(crate) fn release_old(&self, old: &L2Entry) {
+        if self.inner.data_file_path.is_some() {
+            // Data-file clusters are not refcounted; the offsets in `old` are data-file
+            // offsets, and dropping refcounts there would free live metadata clusters.
+            return;
+        }
         let Ok(w) = self.write_state() else { return };
         let cb = self.inner.geo.cluster_bits;
         match old {

@@ -41,7 +41,7 @@ impl Image {
             let n = (geo.cluster_size - geo.in_cluster(off)).min(end - off);
             let whole = n == geo.cluster_size || off + n == self.virtual_size();
             if whole && geo.in_cluster(off) == 0 && self.zero_flag_usable() {
-                self.zero_cluster(geo.guest_cluster(off), unmap).await?;
+                self.zero_cluster(off, n, unmap).await?;
             } else if geo.l2.extended {
                 self.zero_subclusters(off, n).await?;
             } else {
@@ -59,17 +59,26 @@ impl Image {
         self.inner.geo.l2.version3 || self.inner.backing.is_none()
     }
 
+    /// Zero part of one cluster through the write path, unless it already reads as zeros
+    /// (unallocated without backing data, or a zero (sub)cluster): then writing zeros would
+    /// only allocate a cluster of zeros, as QEMU does not.
     async fn write_zero_bytes(&self, off: u64, n: u64) -> Result<()> {
+        if self.reads_as_zero(off, n).await? {
+            return Ok(());
+        }
         let zeros = vec![0u8; n as usize];
         self.write_piece(&zeros, off).await
     }
 
-    /// Zero one whole cluster by changing its mapping.
-    async fn zero_cluster(&self, gc: u64, unmap: bool) -> Result<()> {
+    /// Zero one whole cluster (`n` bytes at `off`: less only at the end of the disk) by
+    /// changing its mapping.
+    async fn zero_cluster(&self, off: u64, n: u64, unmap: bool) -> Result<()> {
         let w = self.write_state()?;
-        let _guard = w.inflight.lock(gc).await;
-        let m = self.lookup(gc).await?;
         let geo = self.inner.geo;
+        let gc = geo.guest_cluster(off);
+        let _guard = w.inflight.lock(gc).await;
+        self.zero_raw_data_file(off, n).await?;
+        let m = self.lookup(gc).await?;
         let has_backing = self
             .inner
             .backing
@@ -129,6 +138,10 @@ impl Image {
         let geo = self.inner.geo;
         let gc = geo.guest_cluster(off);
         let _guard = w.inflight.lock(gc).await;
+        if self.reads_as_zero(off, n).await? {
+            return Ok(()); // nothing to change, and no L2 table to allocate
+        }
+        self.zero_raw_data_file(off, n).await?;
         let m = self.lookup(gc).await?;
         if matches!(
             m.entry,
@@ -144,6 +157,21 @@ impl Image {
         bitmap.set_range(first, (n / sc) as u32, SubclusterState::Zero);
         let table = self.ensure_l2_table(gc).await?;
         self.set_l2(table, gc, m.entry, bitmap).await
+    }
+}
+
+impl Image {
+    /// With a raw external data file (`data_file_raw`), the data file must read as the guest
+    /// disk on its own: a zero or discard made by the mapping alone would leave the old data
+    /// there, so zero the data file too (host offset == guest offset), as QEMU does.
+    async fn zero_raw_data_file(&self, off: u64, n: u64) -> Result<()> {
+        let raw = self.inner.data_file_path.is_some()
+            && self.inner.header.lock().unwrap().header.data_file_raw();
+        if raw {
+            self.zero_data(off, n).await
+        } else {
+            Ok(())
+        }
     }
 }
 
