@@ -159,8 +159,7 @@ async fn our_writes(img_path: &Path, shadow: Vec<u8>, seed: u64) -> Vec<u8> {
         h.await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
     img.close().await.unwrap();
-    let shadow = model.shadow.lock().unwrap().clone();
-    shadow
+    model.shadow.lock().unwrap().clone()
 }
 
 /// QEMU reads `shadow` back, finds the image clean and not corrupt; with a raw data file,
@@ -222,7 +221,7 @@ async fn data_file_roundtrip(extra: &str, raw: bool) {
         raw,
         &format!("after QEMU, seed {seed}"),
     );
-    let mut shadow = our_writes(&img, shadow, seed.wrapping_add(1)).await;
+    let shadow = our_writes(&img, shadow, seed.wrapping_add(1)).await;
     verify(
         &img,
         &data,
@@ -233,7 +232,6 @@ async fn data_file_roundtrip(extra: &str, raw: bool) {
     // Our own check agrees.
     let r = common::qcow2(&["check", img.to_str().unwrap()]);
     assert_eq!(r.code, 0, "qcow2 check:\n{}{}", r.stdout, r.stderr);
-    shadow.clear();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
