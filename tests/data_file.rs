@@ -250,6 +250,11 @@ async fn data_file_extended_l2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_file_raw_extended_l2() {
+    data_file_roundtrip(",data_file_raw=on,extended_l2=on", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_file_raw_small_clusters() {
     data_file_roundtrip(",data_file_raw=on,cluster_size=4k", true).await;
 }

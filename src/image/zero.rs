@@ -158,9 +158,7 @@ impl Image {
         let table = self.ensure_l2_table(gc).await?;
         self.set_l2(table, gc, m.entry, bitmap).await
     }
-}
 
-impl Image {
     /// With a raw external data file (`data_file_raw`), the data file must read as the guest
     /// disk on its own: a zero or discard made by the mapping alone would leave the old data
     /// there, so zero the data file too (host offset == guest offset), as QEMU does.
