@@ -60,8 +60,8 @@ impl Image {
     }
 
     /// Zero part of one cluster through the write path, unless it already reads as zeros
-    /// (unallocated without backing data, or a zero (sub)cluster): then writing zeros would
-    /// only allocate a cluster of zeros, as QEMU does not.
+    /// (unallocated without backing data, or a zero (sub)cluster): writing zeros there would
+    /// only allocate a cluster of zeros (QEMU leaves such ranges alone too).
     async fn write_zero_bytes(&self, off: u64, n: u64) -> Result<()> {
         if self.reads_as_zero(off, n).await? {
             return Ok(());
