@@ -17,11 +17,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use qcow2_rs::Storage;
+use common::yielding::YieldingStorage;
 use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
-use qcow2_rs::storage::{IoFuture, MemoryStorage};
+use qcow2_rs::storage::MemoryStorage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -31,63 +31,6 @@ const ITERATIONS: u64 = 1000;
 const QEMU_SAMPLE: u64 = 100;
 /// Virtual disk size of the templates.
 const DISK: u64 = 256 << 10;
-
-/// Memory storage that yields to the scheduler 0–3 times before each request, so that
-/// concurrent requests on a current-thread runtime interleave at every IO.
-#[derive(Debug)]
-struct YieldingStorage {
-    inner: MemoryStorage,
-    rng: Mutex<StdRng>,
-}
-
-impl YieldingStorage {
-    fn new(bytes: Vec<u8>, seed: u64) -> YieldingStorage {
-        YieldingStorage {
-            inner: MemoryStorage::from_vec(bytes),
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
-        }
-    }
-
-    async fn pause(&self) {
-        let n = self.rng.lock().unwrap().gen_range(0..4);
-        for _ in 0..n {
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-impl Storage for YieldingStorage {
-    fn read_at<'a>(&'a self, buf: &'a mut [u8], offset: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            self.pause().await;
-            self.inner.read_at(buf, offset).await
-        })
-    }
-    fn write_at<'a>(&'a self, buf: &'a [u8], offset: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            self.pause().await;
-            self.inner.write_at(buf, offset).await
-        })
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            self.pause().await;
-            self.inner.write_zeroes(offset, len).await
-        })
-    }
-    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.inner.discard(offset, len)
-    }
-    fn flush(&self) -> IoFuture<'_, ()> {
-        self.inner.flush()
-    }
-    fn len(&self) -> IoFuture<'_, u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> IoFuture<'_, ()> {
-        self.inner.set_len(len)
-    }
-}
 
 /// A QEMU-made image (bytes) and its content (by `qemu-img convert`).
 struct Template {
@@ -319,12 +262,13 @@ async fn iteration(t: &Template, dir: &Path, seed: u64, i: u64) {
     let c = rng.gen_range(first..n);
     let ops = make_burst(&mut rng, t, c);
     let what = format!("{} seed {seed} iteration {i} cluster {c}: {ops:?}", t.name);
-    let storage = Arc::new(YieldingStorage::new(t.bytes.clone(), rng.r#gen()));
+    let mem = Arc::new(MemoryStorage::from_vec(t.bytes.clone()));
+    let storage = Arc::new(YieldingStorage::new(mem.clone(), rng.r#gen()));
     let opts = OpenOptions::new()
         .writable(true)
         .flush_interval(None)
         .slice_size(512);
-    let img = Image::open_storage(storage.clone(), &opts).await.unwrap();
+    let img = Image::open_storage(storage, &opts).await.unwrap();
     let tasks: Vec<_> = ops
         .iter()
         .map(|op| tokio::spawn(apply(img.clone(), op.clone())))
@@ -342,7 +286,7 @@ async fn iteration(t: &Template, dir: &Path, seed: u64, i: u64) {
     img.close().await.unwrap();
     drop(img);
     if i % QEMU_SAMPLE == 0 {
-        qemu_verify(dir, &storage.inner.snapshot(), &shadow, &what);
+        qemu_verify(dir, &mem.snapshot(), &shadow, &what);
     }
 }
 
