@@ -12,6 +12,7 @@ mod common;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use common::yielding::YieldingStorage;
 use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,6 +27,10 @@ struct Variant {
     tasks: usize,
     ops_per_task: usize,
     max_len: usize,
+    /// Open through [`YieldingStorage`], so requests interleave at every IO.
+    yielding: bool,
+    /// Place half the requests right beside a running one (sharing its (sub)cluster).
+    beside_others: bool,
 }
 
 /// The shadow disk plus the set of guest ranges currently reserved by running requests.
@@ -43,6 +48,23 @@ impl Model {
         }
         busy.push((off, off + len));
         true
+    }
+
+    /// An offset for a `len`-byte request just beside a running request (a small gap, or
+    /// none), so the two share a cluster or subcluster; `None` when nothing is running.
+    fn beside_busy(&self, rng: &mut StdRng, len: u64, size: u64) -> Option<u64> {
+        let busy = self.busy.lock().unwrap();
+        if busy.is_empty() {
+            return None;
+        }
+        let (s, e) = busy[rng.gen_range(0..busy.len())];
+        let gap = rng.gen_range(0..64);
+        let off = if rng.gen_bool(0.5) {
+            e + gap
+        } else {
+            s.checked_sub(len + gap)?
+        };
+        (off + len <= size).then_some(off)
     }
 
     fn release(&self, off: u64) {
@@ -68,6 +90,9 @@ async fn task(img: Image, model: Arc<Model>, seed: u64, v: Variant) {
         let mut off = rng.gen_range(0..=v.size - len);
         if rng.gen_bool(0.3) {
             off &= !4095;
+        }
+        if v.beside_others && rng.gen_bool(0.5) {
+            off = model.beside_busy(&mut rng, len, v.size).unwrap_or(off);
         }
         if !model.try_reserve(off, len) {
             tokio::task::yield_now().await;
@@ -193,7 +218,13 @@ async fn run_variant(v: Variant, seed: u64) {
         .slice_size(512)
         .l2_cache_bytes(8 * 512)
         .refcount_cache_bytes(4 * 512);
-    let img = Image::open(&img_path, &opts).await.unwrap();
+    let img = if v.yielding {
+        let file = common::storage(&img_path, false);
+        let storage = Arc::new(YieldingStorage::new(file, seed));
+        Image::open_storage(storage, &opts).await.unwrap()
+    } else {
+        Image::open(&img_path, &opts).await.unwrap()
+    };
     let model = Arc::new(Model {
         shadow: Mutex::new(initial),
         busy: Mutex::new(Vec::new()),
@@ -259,6 +290,29 @@ fn variant(
         tasks: 16,
         ops_per_task: 40,
         max_len: 4 << 20,
+        yielding: false,
+        beside_others: false,
+    }
+}
+
+/// Many short requests on a small disk: concurrent requests often share a cluster, and with
+/// extended L2 a request often spans subclusters in different states while another one
+/// writes into one of them (issue 7 item 2).
+fn small_requests(
+    name: &'static str,
+    create_opts: &'static str,
+    backing: Option<&'static str>,
+) -> Variant {
+    Variant {
+        name,
+        create_opts,
+        size: 256 << 10,
+        backing,
+        tasks: 16,
+        ops_per_task: 300,
+        max_len: 3000,
+        yielding: true,
+        beside_others: true,
     }
 }
 
@@ -271,11 +325,14 @@ fn seed() -> u64 {
 
 macro_rules! model_test {
     ($name:ident, $opts:expr, $backing:expr) => {
+        model_test!($name, $opts, $backing, variant);
+    };
+    ($name:ident, $opts:expr, $backing:expr, $shape:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn $name() {
             let s = seed();
             eprintln!("{}: QCOW2_TEST_SEED={s}", stringify!($name));
-            run_variant(variant(stringify!($name), $opts, $backing), s).await;
+            run_variant($shape(stringify!($name), $opts, $backing), s).await;
         }
     };
 }
@@ -305,6 +362,24 @@ model_test!(
     extended_l2_backing,
     "cluster_size=32768,extended_l2=on",
     Some("qcow2")
+);
+model_test!(
+    extended_l2_small_requests,
+    "cluster_size=16384,extended_l2=on",
+    None,
+    small_requests
+);
+model_test!(
+    extended_l2_small_requests_backing,
+    "cluster_size=16384,extended_l2=on",
+    Some("qcow2"),
+    small_requests
+);
+model_test!(
+    small_requests_backing,
+    "cluster_size=4096",
+    Some("qcow2"),
+    small_requests
 );
 model_test!(v2_compat, "compat=0.10,cluster_size=4096", None);
 model_test!(v2_backing, "compat=0.10", Some("qcow2"));

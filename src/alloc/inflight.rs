@@ -7,6 +7,11 @@
 //!
 //! This is a lock per guest cluster, created on demand and removed when released, so the
 //! table only holds clusters with a change in progress.
+//!
+//! Writes that go in place (a private normal cluster, with extended L2 only into allocated
+//! subclusters) do not take the lock. A holder may therefore change the mapping and fill
+//! unallocated parts, but must not rewrite bytes of allocated subclusters from an old copy:
+//! that would undo a concurrent in-place write (see `image/write.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

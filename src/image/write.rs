@@ -8,6 +8,11 @@
 //! backing image or zeros), writes it, and only then publishes the mapping in the cached L2
 //! slice. The request completes when its data is written; metadata reaches disk later, in
 //! soft-update order (see `flush.rs`).
+//!
+//! In-place writes do not take the in-flight guard, so a guard holder must never write back
+//! bytes an in-place writer may be writing: it copies old bytes only into clusters no one can
+//! write in place (a new host cluster, or zero, unallocated, compressed or shared ones) and,
+//! with extended L2, only into the unallocated or zero subclusters of a kept host cluster.
 
 use super::Image;
 use super::lookup::Mapping;
@@ -88,18 +93,16 @@ impl Image {
     async fn allocate_and_write(&self, gc: u64, m: Mapping, data: &[u8], off: u64) -> Result<()> {
         let geo = self.inner.geo;
         let cstart = geo.cluster_floor(off);
-        // The span of the cluster to (re)write: whole cluster, or with extended L2 on a cluster
-        // that keeps its other subclusters, just the touched subclusters.
+        let len = data.len() as u64;
+        // With extended L2, an unallocated or private normal cluster keeps its other
+        // subclusters: only the touched ones are (re)written. Anything else is rewritten whole.
         let keeps_others = geo.l2.extended
             && matches!(
                 m.entry,
                 L2Entry::Unallocated | L2Entry::Normal { copied: true, .. }
             );
-        let (span_start, span_end) = if keeps_others {
-            let sc = geo.subcluster_size();
-            let s = (off - cstart) / sc * sc;
-            let e = (off - cstart + data.len() as u64).div_ceil(sc) * sc;
-            (cstart + s, cstart + e)
+        let touched = if keeps_others {
+            self.touched_subclusters(off, len)
         } else {
             (cstart, cstart + geo.cluster_size)
         };
@@ -115,30 +118,19 @@ impl Image {
                 (host, false, fresh)
             }
         };
-        let filled = self
-            .write_with_fill(host, cstart, (span_start, span_end), data, off)
-            .await;
+        let span = if keeps_others && reused {
+            self.skip_allocated_ends(m.bitmap, touched, off, len)
+        } else {
+            touched
+        };
+        let filled = self.write_with_fill(host, cstart, span, data, off).await;
         if let Err(e) = filled {
             if fresh {
                 self.write_state()?.defer_free(host, false);
             }
             return Err(e);
         }
-        let bitmap = if keeps_others {
-            let sc = geo.subcluster_size();
-            let mut b = m.bitmap;
-            let first = ((span_start - cstart) / sc) as u32;
-            b.set_range(
-                first,
-                ((span_end - span_start) / sc) as u32,
-                SubclusterState::Allocated,
-            );
-            b
-        } else if geo.l2.extended {
-            SubclusterBitmap::all(SubclusterState::Allocated)
-        } else {
-            SubclusterBitmap(0)
-        };
+        let bitmap = self.bitmap_after_write(m.bitmap, keeps_others, touched);
         let entry = L2Entry::Normal {
             host: HostOffset(host),
             copied: true,
@@ -159,6 +151,67 @@ impl Image {
             return Ok((cstart, false));
         }
         Ok((self.write_state()?.refcounts.alloc(1).await?, true))
+    }
+
+    /// The guest range of the subclusters that `[off, off + len)` touches (one cluster).
+    fn touched_subclusters(&self, off: u64, len: u64) -> (u64, u64) {
+        let geo = &self.inner.geo;
+        let cstart = geo.cluster_floor(off);
+        let sc = geo.subcluster_size();
+        let s = (off - cstart) / sc * sc;
+        let e = (off - cstart + len).div_ceil(sc) * sc;
+        (cstart + s, cstart + e)
+    }
+
+    /// Narrow `span` (touched subclusters of a cluster that keeps its host cluster) so that
+    /// an allocated subcluster at either end is not rewritten: its bytes outside
+    /// `[off, off + len)` are already the guest's. It must not be rewritten from a copy
+    /// either — writes into allocated subclusters go in place without the in-flight guard,
+    /// so a copy read a moment ago can be stale, and writing it back would undo one.
+    fn skip_allocated_ends(
+        &self,
+        bitmap: SubclusterBitmap,
+        (mut start, mut end): (u64, u64),
+        off: u64,
+        len: u64,
+    ) -> (u64, u64) {
+        let geo = &self.inner.geo;
+        let allocated = |at: u64| {
+            let i = (geo.in_cluster(at) / geo.subcluster_size()) as u32;
+            bitmap.state(i).ok() == Some(SubclusterState::Allocated)
+        };
+        if allocated(start) {
+            start = off;
+        }
+        if allocated(end - 1) {
+            end = off + len;
+        }
+        (start, end)
+    }
+
+    /// The subcluster bitmap after writing the subclusters in `touched`.
+    fn bitmap_after_write(
+        &self,
+        old: SubclusterBitmap,
+        keeps_others: bool,
+        (start, end): (u64, u64),
+    ) -> SubclusterBitmap {
+        let geo = &self.inner.geo;
+        if keeps_others {
+            let sc = geo.subcluster_size();
+            let mut b = old;
+            let first = (geo.in_cluster(start) / sc) as u32;
+            b.set_range(
+                first,
+                ((end - start) / sc) as u32,
+                SubclusterState::Allocated,
+            );
+            b
+        } else if geo.l2.extended {
+            SubclusterBitmap::all(SubclusterState::Allocated)
+        } else {
+            SubclusterBitmap(0)
+        }
     }
 
     /// Write `data` at guest `off` into host cluster `host` (guest cluster start `cstart`),

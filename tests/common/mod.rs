@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+pub mod yielding;
+
 /// Run a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
