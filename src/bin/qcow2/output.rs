@@ -1,7 +1,65 @@
-//! Output helpers: JSON in qemu-img's layout and human-readable sizes.
+//! Output helpers: printing that survives a closed pipe, JSON in qemu-img's layout and
+//! human-readable sizes.
+//!
+//! `qcow2 io -c 'write ...' IMG | head -1` must still finish its writes and close the image
+//! when the reader goes away, so nothing here may panic on a failed write (std's `println!`
+//! does). The first failed write to stdout (EPIPE, ENOSPC, ...) switches stdout off for the
+//! rest of the run; the command carries on and its exit status is unchanged, as with qemu-io.
+//! `main.rs` shadows `print!`/`println!`/`eprint!`/`eprintln!` so they cannot creep back in.
+
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use serde::Serialize;
+
+/// Set once a write to stdout failed; later output is dropped.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+/// Set once a write to stderr failed.
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Write to stdout; a failure silences stdout instead of panicking.
+pub fn write_stdout(args: fmt::Arguments<'_>) {
+    write_to(&mut std::io::stdout().lock(), &STDOUT_GONE, args);
+}
+
+/// Write to stderr; a failure silences stderr instead of panicking.
+pub fn write_stderr(args: fmt::Arguments<'_>) {
+    write_to(&mut std::io::stderr().lock(), &STDERR_GONE, args);
+}
+
+/// Write `args` to `w` unless `gone`; flush (stdout is line-buffered, and a reader must see
+/// progress lines such as `convert -p`'s without a newline); remember a failure in `gone`.
+fn write_to(w: &mut impl Write, gone: &AtomicBool, args: fmt::Arguments<'_>) {
+    if gone.load(Ordering::Relaxed) {
+        return;
+    }
+    if w.write_fmt(args).and_then(|()| w.flush()).is_err() {
+        gone.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `print!` that never panics (see the module doc).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that never panics (see the module doc).
+macro_rules! outln {
+    () => { $crate::output::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprintln!` that never panics (see the module doc).
+macro_rules! errln {
+    () => { $crate::output::write_stderr(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::output::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 /// Print `value` as JSON indented by 4 spaces, as qemu-img does.
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
@@ -10,7 +68,7 @@ pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
     value.serialize(&mut ser)?;
     for line in String::from_utf8_lossy(&out).lines() {
-        println!("{}", open_empty(line));
+        outln!("{}", open_empty(line));
     }
     Ok(())
 }

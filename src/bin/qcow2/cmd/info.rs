@@ -64,7 +64,7 @@ pub async fn run(a: Args) -> Result<u8> {
 fn print_human_chain(chain: &[ImageInfo]) {
     for (i, info) in chain.iter().enumerate() {
         if i > 0 {
-            println!();
+            outln!();
         }
         info.print_human();
     }

@@ -98,14 +98,19 @@ fn vm_clock(nsec: u64) -> String {
 
 /// The snapshot list in qemu-img's human layout.
 pub fn print_human(snaps: &[Snapshot]) {
-    println!("Snapshot list:");
-    println!(
+    outln!("Snapshot list:");
+    outln!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        "ID",
+        "TAG",
+        "VM_SIZE",
+        "DATE",
+        "VM_CLOCK",
+        "ICOUNT"
     );
     for s in snaps {
         let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
-        println!(
+        outln!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
             s.id,
             s.name,
