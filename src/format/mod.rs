@@ -11,4 +11,5 @@ pub mod header;
 pub mod l1;
 pub mod l2;
 pub mod refcount;
+pub mod probe;
 pub mod snapshot;
