@@ -61,31 +61,110 @@ macro_rules! errln {
     };
 }
 
-/// Print `value` as JSON indented by 4 spaces, as qemu-img does.
+/// Print `value` as JSON the way qemu-img lays it out, streamed to stdout (a snapshot table
+/// alone may hold 64 MiB of names: never build the whole text in memory).
 pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    let mut out = std::io::BufWriter::new(StdoutSink);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuJson::default());
     value.serialize(&mut ser)?;
-    for line in String::from_utf8_lossy(&out).lines() {
-        outln!("{}", open_empty(line));
-    }
+    out.write_all(b"\n")?;
+    out.flush()?;
     Ok(())
 }
 
-/// qemu-img writes an empty list or object over two lines (`[` and an indented `]`).
-fn open_empty(line: &str) -> String {
-    let body = line.strip_suffix(',').unwrap_or(line);
-    let comma = &line[body.len()..];
-    let indent = &line[..line.len() - line.trim_start().len()];
-    for (empty, open, close) in [("[]", "[", "]"), ("{}", "{", "}")] {
-        if let Some(head) = body.strip_suffix(empty) {
-            if head.trim().is_empty() || head.ends_with(": ") {
-                return format!("{head}{open}\n{indent}{close}{comma}");
-            }
+/// stdout as an `io::Write` that never fails: a closed stdout swallows the rest (see the
+/// module doc), so serializing simply runs to its end.
+struct StdoutSink;
+
+impl Write for StdoutSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !STDOUT_GONE.load(Ordering::Relaxed) && std::io::stdout().write_all(buf).is_err() {
+            STDOUT_GONE.store(true, Ordering::Relaxed);
         }
+        Ok(buf.len())
     }
-    line.to_string()
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !STDOUT_GONE.load(Ordering::Relaxed) && std::io::stdout().flush().is_err() {
+            STDOUT_GONE.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// serde_json's pretty layout with qemu-img's two differences: 4-space indents, and empty
+/// arrays and objects written over two lines (`[` then an indented `]`).
+#[derive(Default)]
+struct QemuJson {
+    /// Nesting depth: the indent of the current line.
+    depth: usize,
+}
+
+impl QemuJson {
+    fn newline_indent<W: ?Sized + Write>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b"\n")?;
+        for _ in 0..self.depth {
+            w.write_all(b"    ")?;
+        }
+        Ok(())
+    }
+
+    fn open<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth += 1;
+        w.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth -= 1;
+        // Unlike serde_json, an empty container also gets its closing bracket on a new line.
+        self.newline_indent(w)?;
+        w.write_all(bracket)
+    }
+
+    fn element<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline_indent(w)
+    }
+}
+
+impl serde_json::ser::Formatter for QemuJson {
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.element(w, first)
+    }
+
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.element(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
 }
 
 /// The error and its causes joined by `: `, leaving out causes whose text an outer message

@@ -2,7 +2,6 @@
 
 use serde::Serialize;
 
-use super::snapshots::SnapshotInfo;
 use crate::output::size_to_str;
 
 /// One image of `qemu-img info --output=json`.
@@ -12,8 +11,13 @@ pub struct ImageInfo {
     pub children: Vec<Child>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename_format: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub snapshots: Vec<SnapshotInfo>,
+    /// The internal snapshots, on-disk form (serialized in qemu-img's form).
+    #[serde(
+        rename = "snapshots",
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "super::snapshots::serialize_json"
+    )]
+    pub raw_snapshots: Vec<qcow2_rs::format::snapshot::Snapshot>,
     pub virtual_size: u64,
     pub filename: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -29,9 +33,6 @@ pub struct ImageInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
     pub dirty_flag: bool,
-    /// Snapshots in their on-disk form, for the human table.
-    #[serde(skip)]
-    pub raw_snapshots: Vec<qcow2_rs::format::snapshot::Snapshot>,
 }
 
 /// A child node (always the protocol node `file`).
