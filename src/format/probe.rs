@@ -30,7 +30,7 @@ pub const PROBE_LEN: usize = 2048;
 /// cannot read (`"vmdk"`, `"luks"`, ...).
 pub fn probe(head: &[u8], file_name: Option<&str>) -> &'static str {
     let head = &head[..head.len().min(PROBE_LEN)];
-    let by_magic: [(&'static str, fn(&[u8]) -> bool); 11] = [
+    let by_magic: [(&'static str, Test); 11] = [
         ("qcow2", |h| qcow_version(h).is_some_and(|v| v >= 2)),
         ("qcow", |h| qcow_version(h) == Some(1)),
         ("qed", |h| h.starts_with(b"QED\0")),
@@ -53,6 +53,9 @@ pub fn probe(head: &[u8], file_name: Option<&str>) -> &'static str {
         _ => "raw",
     }
 }
+
+/// A probe for one format: does this head carry its magic?
+type Test = fn(&[u8]) -> bool;
 
 /// The first line(s) of a cloop image: a shell script that mounts it.
 const CLOOP_PREAMBLE: &[u8] =

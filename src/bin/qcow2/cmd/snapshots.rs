@@ -7,8 +7,8 @@ use qcow2_rs::format::snapshot::{self, ENTRY_HEADER_LEN, Snapshot};
 use serde::Serialize;
 
 /// Read the `nb_snapshots` entries at `snapshots_offset`, entry by entry. Like QEMU, a table
-/// over 64 MiB is refused before it is read, so memory stays bounded whatever the entries
-/// claim.
+/// over 64 MiB is refused before it is read; so are names taking over 64 MiB once decoded.
+/// Memory stays bounded whatever the entries claim.
 pub async fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>> {
     if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
         bail!(
@@ -20,6 +20,7 @@ pub async fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>>
     let file_len = file.len().await?;
     let mut off = h.snapshots_offset;
     let mut out = Vec::new();
+    let mut decoded = 0usize;
     for i in 0..h.nb_snapshots {
         off = off.next_multiple_of(8);
         if off >= file_len {
@@ -41,6 +42,11 @@ pub async fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>>
             .await
             .context("reading the snapshot table")?;
         let (snap, len) = snapshot::parse_entry(&entry)?;
+        // Bytes that are not UTF-8 decode to three-byte U+FFFD: bound the decoded names too.
+        decoded += snap.id.len() + snap.name.len();
+        if decoded > snapshot::MAX_TABLE_SIZE {
+            bail!("snapshot names too large (over 64 MiB once decoded, at snapshot {i})");
+        }
         out.push(snap);
         off += len as u64;
     }
