@@ -83,3 +83,59 @@ async fn idle_clients_stay_while_there_is_room() {
     assert_eq!(c.u64().await, 7);
     srv.stop().await.unwrap();
 }
+
+/// A `qcow2 serve` child process, killed and reaped on drop.
+struct ServeProcess(std::process::Child);
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_flags_set_both_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    create_image(&img, SIZE).await;
+    let sock = dir.path().join("s.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .args([
+            "serve",
+            "-e",
+            "2",
+            "--handshake-limit",
+            "1",
+            "--idle-timeout",
+            "1",
+            "-k",
+        ])
+        .args([&sock, &img])
+        .spawn()
+        .unwrap();
+    let _guard = ServeProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "qcow2 serve did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Never sends its flags: dropped after the one-second handshake limit.
+    let start = Instant::now();
+    let mut stuck = Raw::connect(&sock).await;
+    assert!(stuck.closed().await, "handshake limit not applied");
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    // Two silent clients fill both slots; a third waits. Silent clients are dropped while
+    // the server is full: the third gets served, and the other silent one goes next.
+    let mut a = Raw::connect_with(&sock, BOTH).await;
+    a.go("", false, false).await;
+    let mut b = Raw::connect_with(&sock, BOTH).await;
+    b.go("", false, false).await;
+    let mut c = tokio::time::timeout(Duration::from_secs(5), async {
+        Raw::connect_with(&sock, BOTH).await
+    })
+    .await
+    .expect("locked out by silent clients");
+    assert_eq!(c.go("", false, false).await.0, SIZE);
+    assert!(a.closed().await && b.closed().await, "idle clients kept");
+}
