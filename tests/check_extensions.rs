@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::{path_in, qcow2, qemu_check, run};
@@ -181,4 +182,60 @@ fn unknown_extension_refuses_repair() {
             "-r {mode} changed the image"
         );
     }
+}
+
+/// Where the first bitmap directory entry of `img` is (from the bitmaps extension).
+fn first_bitmap_entry(img: &str) -> u64 {
+    let c0 = std::fs::read(img).unwrap();
+    let hdr_len = u32::from_be_bytes(c0[100..104].try_into().unwrap()) as usize;
+    let mut off = hdr_len;
+    loop {
+        let kind = u32::from_be_bytes(c0[off..off + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(c0[off + 4..off + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return u64::from_be_bytes(c0[off + 24..off + 32].try_into().unwrap());
+        }
+        off += 8 + len.next_multiple_of(8);
+    }
+}
+
+#[test]
+fn a_huge_bitmap_table_is_read_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = path_in(dir.path(), "huge-bitmap.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]);
+    run("qemu-img", &["bitmap", "--add", &img, "b0"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", &img]);
+    // Claim 2^25 table entries (256 MiB) and make the (sparse) file long enough to hold them.
+    let entry = first_bitmap_entry(&img);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut table = [0u8; 8];
+    f.read_exact_at(&mut table, entry).unwrap();
+    let table = u64::from_be_bytes(table);
+    let entries: u32 = 1 << 25;
+    f.write_all_at(&entries.to_be_bytes(), entry + 8).unwrap();
+    f.set_len(table + u64::from(entries) * 8).unwrap();
+    drop(f);
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M", env!("CARGO_BIN_EXE_qcow2"), "check", "-q", &img])
+        .output();
+    let Ok(out) = out else {
+        eprintln!("no /usr/bin/time: skipping the memory measurement");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let rss: u64 = stderr.lines().last().unwrap().trim().parse().unwrap();
+    // Checked (the table's clusters have no refcount: corruptions), never allocated whole.
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        stderr.lines().next().unwrap_or("")
+    );
+    assert!(rss < 100 << 10, "peak RSS {rss} KiB");
 }
