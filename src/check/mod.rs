@@ -49,6 +49,7 @@ use std::sync::Arc;
 pub use report::{CheckReport, MAX_MESSAGES};
 
 use crate::error::Result;
+use crate::format::extensions::Extension;
 use crate::format::features;
 use crate::format::header::INCOMPATIBLE_FEATURES_OFFSET;
 use crate::storage::Storage;
@@ -170,6 +171,9 @@ async fn run(
             .unwrap_or_default()
     });
     let mut ctx = Ctx::load(storage.clone(), opts.max_memory).await?;
+    if fix.is_some() {
+        refuse_unknown_extensions(&ctx)?;
+    }
     let mut rep = CheckReport::new(name);
     rep.total_clusters = ctx.header().size.div_ceil(ctx.cs);
     check_snapshot_entries(&ctx, &mut rep);
@@ -278,6 +282,22 @@ async fn rebuild_and_recount(
         rep.note(msg);
     }
     Ok(cmp.highest)
+}
+
+/// An extension we do not understand may point at clusters the walk cannot see; a repair
+/// would free them as leaks. Refuse to repair such an image rather than guess.
+fn refuse_unknown_extensions(ctx: &Ctx) -> Result<()> {
+    let unknown = ctx.ih.extensions.iter().find_map(|e| match e {
+        Extension::Unknown { kind, .. } => Some(*kind),
+        _ => None,
+    });
+    match unknown {
+        Some(kind) => Err(crate::Error::unsupported(format!(
+            "unknown header extension {kind:#010x}: refusing to repair an image whose \
+             clusters cannot all be accounted for"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Version 3 snapshot entries need at least 16 bytes of extra data (up to the disk size);

@@ -7,7 +7,8 @@
 //!  active L1 ─┬─ L2 tables ─┬─ data clusters (normal, preallocated zero)   [fragmentation
 //!             │             └─ compressed payloads (every host cluster touched) info here]
 //!  snapshot L1s (same, each reference counted again: shared clusters get one per reference)
-//!  snapshot table, refcount table, bitmap directory/tables/data
+//!  snapshot table, refcount table, LUKS header (encryption extension),
+//!  bitmap directory/tables/data
 //!  refcount blocks (each must end up with exactly one reference)
 //! ```
 //!
@@ -19,6 +20,7 @@ use super::imrt::{Imrt, Inc};
 use super::report::CheckReport;
 use crate::error::Result;
 use crate::format::compressed::CompressedDescriptor;
+use crate::format::extensions::Extension;
 use crate::format::l1::{L1E_OFFSET_MASK, L1E_RESERVED_MASK};
 use crate::format::l2::{
     BITMAP_ALL_ALLOC, L2E_COMPRESSED, L2E_COPIED, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, L2E_ZERO,
@@ -84,6 +86,7 @@ pub(crate) async fn calculate(ctx: &Ctx, rep: &mut CheckReport) -> Result<Walk> 
     w.walk_snapshots().await?;
     w.inc(h.snapshots_offset, ctx.snapshots_size)?;
     w.inc(h.refcount_table_offset, ctx.reftable.len() as u64 * 8)?;
+    w.count_crypto_header()?;
     bitmaps::count(ctx, w.rep, &mut w.imrt).await?;
     let rebuild = w.check_refblocks()?;
     Ok(Walk {
@@ -127,6 +130,17 @@ pub(crate) fn inc_range(
 impl Walker<'_> {
     fn inc(&mut self, offset: u64, size: u64) -> Result<()> {
         inc_range(self.ctx, self.rep, &mut self.imrt, offset, size)
+    }
+
+    /// The LUKS header (key slots included) that the full disk encryption extension points
+    /// at: freeing it as a leak would destroy the keys.
+    fn count_crypto_header(&mut self) -> Result<()> {
+        for e in &self.ctx.ih.extensions {
+            if let Extension::FullDiskEncryption { offset, length } = *e {
+                self.inc(offset, length)?;
+            }
+        }
+        Ok(())
     }
 
     /// An L1 table and everything below it; `frag` collects the allocation statistics (only

@@ -10,5 +10,6 @@ pub mod features;
 pub mod header;
 pub mod l1;
 pub mod l2;
+pub mod probe;
 pub mod refcount;
 pub mod snapshot;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
+use crate::format::probe;
 use crate::storage::{OpenFlags, Storage};
 
 /// A backing image, as the read path sees it.
@@ -74,14 +75,16 @@ pub fn resolve_relative(image_path: Option<&Path>, name: &str) -> PathBuf {
     }
 }
 
-/// Guess the format of a file from its first bytes: qcow2 by magic, otherwise raw.
+/// Guess the format of a file from its first bytes as qemu-img does: `"qcow2"` or `"raw"`.
+/// A file in another format QEMU knows (vmdk, vhdx, luks, ...) is refused with an
+/// `Unsupported` error naming it, rather than read as a raw disk.
 pub async fn probe_format(storage: &dyn Storage) -> Result<&'static str> {
-    let mut magic = [0u8; 4];
+    let mut head = vec![0u8; probe::PROBE_LEN];
     storage
-        .read_at(&mut magic, 0)
+        .read_at(&mut head, 0)
         .await
         .map_err(|e| Error::io("probing the format", e))?;
-    Ok(if &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
+    probe::readable(probe::probe(&head, None))
 }
 
 /// Open `path` as a read-only backing image of format `format` (probed when `None`).

@@ -39,19 +39,33 @@ fn protocol(msg: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// Serve one client until it disconnects, misbehaves, or `shutdown` turns true.
+/// How long a client may keep its connection slot without making progress.
+#[derive(Debug, Clone)]
+pub struct Patience {
+    /// The whole handshake must finish within this (qemu-nbd's `--handshake-limit`).
+    pub handshake: Duration,
+    /// A client with nothing in flight that sends no request for this long is dropped, but
+    /// only while `slots` has none left: an idle client on a server with room costs nothing,
+    /// while silent clients on a full one would lock everybody else out.
+    pub idle: Duration,
+    /// The server's connection slots (its connection limit).
+    pub slots: Arc<Semaphore>,
+}
+
+/// Serve one client until it disconnects, misbehaves, idles while its slot is wanted (see
+/// [`Patience`]), or `shutdown` turns true.
 pub async fn serve<S>(
     stream: S,
     exports: Exports,
     mut shutdown: watch::Receiver<bool>,
-    handshake_timeout: Duration,
+    patience: Patience,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
-    let handshake = tokio::time::timeout(handshake_timeout, negotiate(&mut rd, &mut wr, &exports));
+    let handshake = tokio::time::timeout(patience.handshake, negotiate(&mut rd, &mut wr, &exports));
     let session = tokio::select! {
         r = handshake => r.map_err(|_| protocol("handshake timed out"))??,
         _ = shutdown.wait_for(|&s| s) => return Ok(()),
@@ -59,7 +73,7 @@ where
     let Some(session) = session else {
         return Ok(());
     };
-    let mut t = Transmission::new(session, Box::new(wr));
+    let mut t = Transmission::new(session, Box::new(wr), patience);
     let r = t.requests(&mut rd, &mut shutdown).await;
     // Whether the client said NBD_CMD_DISC, hung up, or we are shutting down: requests
     // already started finish (their writes land) before the connection closes.
@@ -74,10 +88,11 @@ struct Transmission {
     replies: Arc<Replies>,
     budget: Arc<Semaphore>,
     inflight: JoinSet<()>,
+    patience: Patience,
 }
 
 impl Transmission {
-    fn new(s: Session, writer: BoxWrite) -> Self {
+    fn new(s: Session, writer: BoxWrite, patience: Patience) -> Self {
         let device = s.export.device.clone();
         let limits = Limits {
             size: device.size(),
@@ -95,6 +110,19 @@ impl Transmission {
             }),
             budget: Arc::new(Semaphore::new(BUDGET as usize)),
             inflight: JoinSet::new(),
+            patience,
+        }
+    }
+
+    /// Completes once this client counts as idle while its slot is wanted: nothing in flight
+    /// (the whole budget is back), no new request for `patience.idle`, and every slot taken.
+    async fn idle_and_wanted(&self) {
+        loop {
+            tokio::time::sleep(self.patience.idle).await;
+            let quiet = self.budget.available_permits() == BUDGET as usize;
+            if quiet && self.patience.slots.available_permits() == 0 {
+                return;
+            }
         }
     }
 
@@ -114,6 +142,7 @@ impl Transmission {
                 biased;
                 _ = shutdown.wait_for(|&s| s) => return Ok(()),
                 _ = self.replies.broken.notified() => return Err(protocol("reply stream broken")),
+                _ = self.idle_and_wanted() => return Err(protocol("idle while the server is full")),
                 r = rd.read_exact(&mut h) => match r {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
-use super::connection;
+use super::connection::{self, Patience};
 use super::device::BlockDevice;
 use super::export::{Export, Exports};
 use crate::error::Result;
@@ -87,7 +87,13 @@ pub struct Server {
     exports: Exports,
     max_connections: usize,
     handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
+
+/// Default handshake limit: qemu-nbd's.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout (applies only while every connection slot is taken).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Server {
     /// A server for `exports`; the first one is also the default (empty-name) export.
@@ -95,7 +101,8 @@ impl Server {
         Server {
             exports: Exports::new(exports),
             max_connections: 16,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 
@@ -105,9 +112,19 @@ impl Server {
         self
     }
 
-    /// Drop a client that has not finished the handshake after `d` (default 30 s).
+    /// Drop a client that has not finished the handshake after `d` (default 10 s, as
+    /// qemu-nbd; `Duration::MAX` for no limit).
     pub fn handshake_timeout(mut self, d: Duration) -> Server {
         self.handshake_timeout = d;
+        self
+    }
+
+    /// While every connection slot is taken, drop a client that has had nothing in flight
+    /// and sent no request for `d` (default 60 s; `Duration::MAX` never drops). Silent
+    /// clients holding every slot would otherwise lock everyone else out; on a server with
+    /// free slots an idle client is left alone.
+    pub fn idle_timeout(mut self, d: Duration) -> Server {
+        self.idle_timeout = d;
         self
     }
 
@@ -117,27 +134,40 @@ impl Server {
     pub async fn run(self, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<()> {
         let (stop, stopped) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(self.max_connections));
+        let patience = Patience {
+            handshake: self.handshake_timeout,
+            idle: self.idle_timeout,
+            slots: limit.clone(),
+        };
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
+        // Kept across iterations: once it has accepted a client it must not be dropped while
+        // it waits for a slot (that would hang up on the client).
+        let mut next = Box::pin(accept_within(&listener, &limit));
         loop {
-            let next = accept_within(&listener, &limit);
-            tokio::select! {
+            let accepted = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                Some(r) = conns.join_next(), if !conns.is_empty() => report_panic(r),
-                (permit, r) = next => match r {
-                    Ok(s) => {
-                        let h = self.handler(s, permit, stopped.clone());
-                        conns.spawn(h);
-                    }
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    Err(e) => {
-                        tracing::warn!("nbd: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
+                Some(r) = conns.join_next(), if !conns.is_empty() => {
+                    report_panic(r);
+                    continue;
+                }
+                accepted = &mut next => accepted,
+            };
+            next = Box::pin(accept_within(&listener, &limit));
+            match accepted {
+                Ok((s, permit)) => {
+                    let h = self.handler(s, permit, stopped.clone(), patience.clone());
+                    conns.spawn(h);
+                }
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!("nbd: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
+        drop(next);
         let _ = stop.send(true);
         if let Listener::Unix(_, path) = &listener {
             let _ = std::fs::remove_file(path);
@@ -155,10 +185,11 @@ impl Server {
         stream: Box<dyn Stream>,
         permit: OwnedSemaphorePermit,
         stopped: watch::Receiver<bool>,
+        patience: Patience,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let (exports, timeout) = (self.exports.clone(), self.handshake_timeout);
+        let exports = self.exports.clone();
         async move {
-            if let Err(e) = connection::serve(stream, exports, stopped, timeout).await {
+            if let Err(e) = connection::serve(stream, exports, stopped, patience).await {
                 tracing::debug!("nbd: connection closed: {e}");
             }
             drop(permit);
@@ -182,14 +213,17 @@ impl Server {
     }
 }
 
-/// Wait for a free connection slot, then for a client.
+/// Wait for a client, then for a free connection slot. In this order a slot is only ever
+/// held by a served client, so "no slot left" means the server is full ([`Patience`]); a
+/// client accepted while the server is full waits, unserved, like those in the backlog.
 async fn accept_within(
     listener: &Listener,
     limit: &Arc<Semaphore>,
-) -> (OwnedSemaphorePermit, io::Result<Box<dyn Stream>>) {
+) -> io::Result<(Box<dyn Stream>, OwnedSemaphorePermit)> {
+    let stream = listener.accept().await?;
     let permit = limit.clone().acquire_owned().await;
     let permit = permit.expect("the connection semaphore is never closed");
-    (permit, listener.accept().await)
+    Ok((stream, permit))
 }
 
 fn report_panic(r: std::result::Result<(), tokio::task::JoinError>) {

@@ -43,6 +43,19 @@ impl TestServer {
         exports: &[(&str, &Path, bool)],
         max: usize,
     ) -> TestServer {
+        Self::start_configured(dir, exports, |s| {
+            s.handshake_timeout(Duration::from_secs(5))
+                .max_connections(max)
+        })
+        .await
+    }
+
+    /// [`TestServer::start`] with the server's settings changed by `configure`.
+    pub async fn start_configured(
+        dir: &Path,
+        exports: &[(&str, &Path, bool)],
+        configure: impl FnOnce(Server) -> Server,
+    ) -> TestServer {
         let mut list = Vec::new();
         for (name, path, writable) in exports {
             let img = Image::open(path, &OpenOptions::new().writable(*writable))
@@ -53,9 +66,7 @@ impl TestServer {
         let socket = dir.join("nbd.sock");
         let listener = Listener::unix(&socket).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::new(list)
-            .handshake_timeout(Duration::from_secs(5))
-            .max_connections(max);
+        let server = configure(Server::new(list));
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use qcow2_rs::Storage;
 use qcow2_rs::format::extensions::ImageHeader;
-use qcow2_rs::image::{Extent, Image, OpenOptions, ZeroFlags, probe_format};
+use qcow2_rs::format::probe;
+use qcow2_rs::image::{Extent, Image, OpenOptions, ZeroFlags};
 use qcow2_rs::storage::{FileStorage, OpenFlags};
 
 /// An open image of either format. Cloning shares the open image (for concurrent requests).
@@ -33,9 +34,13 @@ pub async fn detect_format(path: &Path, format: Option<&str>) -> Result<&'static
         Some(f) => bail!("unsupported image format '{f}' (qcow2 or raw)"),
         None => {
             let s = open_file(path, false)?;
-            Ok(probe_format(&s)
+            let mut head = vec![0u8; probe::PROBE_LEN];
+            s.read_at(&mut head, 0)
                 .await
-                .with_context(|| path.display().to_string())?)
+                .with_context(|| format!("could not read '{}'", path.display()))?;
+            // The file name matters for dmg, which QEMU recognises by its suffix only.
+            let found = probe::probe(&head, path.to_str());
+            Ok(probe::readable(found).with_context(|| path.display().to_string())?)
         }
     }
 }

@@ -3,10 +3,39 @@
 //! Every command is a small module under `cmd/`. Errors print one line, `qcow2: <message>`,
 //! to stderr and exit with status 1 (or the command's documented status).
 
+// std's print macros panic when the pipe is closed (`qcow2 info IMG | head -1`), which would
+// abort a command half-way and lose its work. These shadow them for the whole binary, so a
+// stray `println!` is a compile error; use `outln!`/`errln!` from `output` instead.
+#[allow(unused_macros)]
+macro_rules! print {
+    ($($t:tt)*) => {
+        compile_error!("print! can panic: use out!")
+    };
+}
+#[allow(unused_macros)]
+macro_rules! println {
+    ($($t:tt)*) => {
+        compile_error!("println! can panic: use outln!")
+    };
+}
+#[allow(unused_macros)]
+macro_rules! eprint {
+    ($($t:tt)*) => {
+        compile_error!("eprint! can panic: use err!")
+    };
+}
+#[allow(unused_macros)]
+macro_rules! eprintln {
+    ($($t:tt)*) => {
+        compile_error!("eprintln! can panic: use errln!")
+    };
+}
+
+#[macro_use]
+mod output;
 mod args;
 mod cmd;
 mod disk;
-mod output;
 
 use std::process::ExitCode;
 
@@ -68,7 +97,7 @@ impl Command {
 /// Print an error as one line.
 fn report(msg: impl std::fmt::Display) {
     let text = msg.to_string().replace('\n', " ");
-    eprintln!("qcow2: {}", text.trim());
+    errln!("qcow2: {}", text.trim());
 }
 
 /// Parse the command line; usage errors become one line and status 1.

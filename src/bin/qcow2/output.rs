@@ -1,33 +1,170 @@
-//! Output helpers: JSON in qemu-img's layout and human-readable sizes.
+//! Output helpers: printing that survives a closed pipe, JSON in qemu-img's layout and
+//! human-readable sizes.
+//!
+//! `qcow2 io -c 'write ...' IMG | head -1` must still finish its writes and close the image
+//! when the reader goes away, so nothing here may panic on a failed write (std's `println!`
+//! does). The first failed write to stdout (EPIPE, ENOSPC, ...) switches stdout off for the
+//! rest of the run; the command carries on and its exit status is unchanged, as with qemu-io.
+//! `main.rs` shadows `print!`/`println!`/`eprint!`/`eprintln!` so they cannot creep back in.
+
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use serde::Serialize;
 
-/// Print `value` as JSON indented by 4 spaces, as qemu-img does.
-pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    value.serialize(&mut ser)?;
-    for line in String::from_utf8_lossy(&out).lines() {
-        println!("{}", open_empty(line));
+/// Set once a write to stdout failed; later output is dropped.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+/// Set once a write to stderr failed.
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Write to stdout; a failure silences stdout instead of panicking.
+pub fn write_stdout(args: fmt::Arguments<'_>) {
+    write_to(&mut std::io::stdout().lock(), &STDOUT_GONE, args);
+}
+
+/// Write to stderr; a failure silences stderr instead of panicking.
+pub fn write_stderr(args: fmt::Arguments<'_>) {
+    write_to(&mut std::io::stderr().lock(), &STDERR_GONE, args);
+}
+
+/// Write `args` to `w` unless `gone`; flush (stdout is line-buffered, and a reader must see
+/// progress lines such as `convert -p`'s without a newline); remember a failure in `gone`.
+fn write_to(w: &mut impl Write, gone: &AtomicBool, args: fmt::Arguments<'_>) {
+    if gone.load(Ordering::Relaxed) {
+        return;
     }
+    if w.write_fmt(args).and_then(|()| w.flush()).is_err() {
+        gone.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `print!` that never panics (see the module doc).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that never panics (see the module doc).
+macro_rules! outln {
+    () => { $crate::output::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprintln!` that never panics (see the module doc).
+macro_rules! errln {
+    () => { $crate::output::write_stderr(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::output::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Print `value` as JSON the way qemu-img lays it out, streamed to stdout (a snapshot table
+/// alone may hold 64 MiB of names: never build the whole text in memory).
+pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::BufWriter::new(StdoutSink);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuJson::default());
+    value.serialize(&mut ser)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
     Ok(())
 }
 
-/// qemu-img writes an empty list or object over two lines (`[` and an indented `]`).
-fn open_empty(line: &str) -> String {
-    let body = line.strip_suffix(',').unwrap_or(line);
-    let comma = &line[body.len()..];
-    let indent = &line[..line.len() - line.trim_start().len()];
-    for (empty, open, close) in [("[]", "[", "]"), ("{}", "{", "}")] {
-        if let Some(head) = body.strip_suffix(empty) {
-            if head.trim().is_empty() || head.ends_with(": ") {
-                return format!("{head}{open}\n{indent}{close}{comma}");
-            }
+/// stdout as an `io::Write` that never fails: a closed stdout swallows the rest (see the
+/// module doc), so serializing simply runs to its end.
+struct StdoutSink;
+
+impl Write for StdoutSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !STDOUT_GONE.load(Ordering::Relaxed) && std::io::stdout().write_all(buf).is_err() {
+            STDOUT_GONE.store(true, Ordering::Relaxed);
         }
+        Ok(buf.len())
     }
-    line.to_string()
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !STDOUT_GONE.load(Ordering::Relaxed) && std::io::stdout().flush().is_err() {
+            STDOUT_GONE.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// serde_json's pretty layout with qemu-img's two differences: 4-space indents, and empty
+/// arrays and objects written over two lines (`[` then an indented `]`).
+#[derive(Default)]
+struct QemuJson {
+    /// Nesting depth: the indent of the current line.
+    depth: usize,
+}
+
+impl QemuJson {
+    fn newline_indent<W: ?Sized + Write>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b"\n")?;
+        for _ in 0..self.depth {
+            w.write_all(b"    ")?;
+        }
+        Ok(())
+    }
+
+    fn open<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth += 1;
+        w.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth -= 1;
+        // Unlike serde_json, an empty container also gets its closing bracket on a new line.
+        self.newline_indent(w)?;
+        w.write_all(bracket)
+    }
+
+    fn element<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline_indent(w)
+    }
+}
+
+impl serde_json::ser::Formatter for QemuJson {
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.element(w, first)
+    }
+
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.element(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
 }
 
 /// The error and its causes joined by `: `, leaving out causes whose text an outer message

@@ -73,9 +73,12 @@ pub async fn run(a: Args) -> Result<u8> {
     let img = Image::open(&a.file, &opts).await?;
     let step = a.step.unwrap_or(a.size);
     let kind = if a.write { "write" } else { "read" };
-    println!(
+    outln!(
         "Sending {} {kind} requests, {} bytes each, {} in parallel (starting at offset {}, step size {step})",
-        a.count, a.size, a.depth, a.offset
+        a.count,
+        a.size,
+        a.depth,
+        a.offset
     );
     let start = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
@@ -98,7 +101,7 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.write {
         img.flush().await?;
     }
-    println!(
+    outln!(
         "Run completed in {:.3} seconds.",
         start.elapsed().as_secs_f64()
     );

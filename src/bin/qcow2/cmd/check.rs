@@ -71,7 +71,7 @@ impl From<Repair> for RepairMode {
 /// Run `qcow2 check`.
 pub async fn run(a: Args) -> Result<u8> {
     if detect_format(&a.file, a.format.as_deref()).await? != "qcow2" {
-        eprintln!("qcow2: This image format does not support checks");
+        errln!("qcow2: This image format does not support checks");
         return Ok(EXIT_NOT_SUPPORTED);
     }
     let storage: Arc<dyn Storage> = Arc::new(open_file(&a.file, a.repair.is_some())?);
@@ -87,13 +87,13 @@ pub async fn run(a: Args) -> Result<u8> {
     }
     .with_context(|| format!("could not check '{}'", a.file.display()))?;
     for msg in &report.messages {
-        eprintln!("{msg}");
+        errln!("{msg}");
     }
     if !a.quiet {
         print_report(&report, a.output)?;
     }
     if report.check_errors > 0 {
-        eprintln!("qcow2: Check failed");
+        errln!("qcow2: Check failed");
     }
     Ok(report.exit_code() as u8)
 }
@@ -102,7 +102,7 @@ pub async fn run(a: Args) -> Result<u8> {
 fn print_report(report: &CheckReport, output: OutputFormat) -> Result<()> {
     match output {
         OutputFormat::Human => {
-            print!("{}{report}", report.repair_summary());
+            out!("{}{report}", report.repair_summary());
             Ok(())
         }
         OutputFormat::Json => print_json(&JsonReport::from(report)),

@@ -63,7 +63,7 @@ pub async fn run(a: Args) -> Result<u8> {
     match compare(&a).await {
         Ok(code) => Ok(code),
         Err(e) => {
-            eprintln!(
+            errln!(
                 "qcow2: {}",
                 crate::output::error_text(&e).replace('\n', " ")
             );
@@ -77,7 +77,7 @@ async fn compare(a: &Args) -> Result<u8> {
     let d2 = Disk::open(&a.image2, a.format2.as_deref(), false).await?;
     let say = |s: String| {
         if !a.quiet {
-            println!("{s}");
+            outln!("{s}");
         }
     };
     let verdict = match verdict(&d1, &d2, a.strict, &say).await? {

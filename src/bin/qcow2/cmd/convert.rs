@@ -5,7 +5,6 @@
 //! raw file, unallocated clusters in a qcow2 image). With `-c` (qcow2 only) every cluster
 //! holding data is written compressed (`convert_compress.rs`).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -106,7 +105,7 @@ async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
         off += window;
     }
     if progress {
-        println!();
+        outln!();
     }
     Ok(())
 }
@@ -148,7 +147,6 @@ pub(super) fn show_progress(on: bool, done: u64, total: u64) {
         } else {
             done as f64 * 100.0 / total as f64
         };
-        print!("    ({pct:.2}/100%)\r");
-        let _ = std::io::stdout().flush();
+        out!("    ({pct:.2}/100%)\r");
     }
 }

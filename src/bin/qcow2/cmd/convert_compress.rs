@@ -47,7 +47,7 @@ pub async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
         r??;
     }
     if progress {
-        println!();
+        outln!();
     }
     Ok(())
 }

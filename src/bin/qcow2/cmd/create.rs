@@ -100,7 +100,7 @@ async fn create_with(
     opts.size = Some(opts.size_or(None)?);
     opts.validate(opts.size.unwrap_or(0))?;
     if !quiet {
-        println!(
+        outln!(
             "Formatting '{}', fmt=qcow2 {}",
             path.display(),
             describe(opts)
@@ -128,7 +128,7 @@ async fn create_raw(path: &Path, opts: &CreateOptions, quiet: bool) -> Result<()
     }
     let size = opts.size_or(None)?;
     if !quiet {
-        println!("Formatting '{}', fmt=raw size={size}", path.display());
+        outln!("Formatting '{}', fmt=raw size={size}", path.display());
     }
     let f = FileStorage::create(path)
         .with_context(|| format!("could not create '{}'", path.display()))?;

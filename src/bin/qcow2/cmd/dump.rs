@@ -36,10 +36,10 @@ pub async fn run(a: Args) -> Result<u8> {
         .await
         .context("reading the header")?;
     let h = Header::from_bytes(&first)?;
-    println!("file: {} ({file_len} bytes)", a.file.display());
+    outln!("file: {} ({file_len} bytes)", a.file.display());
     print_header(&h);
     if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&h.cluster_bits) {
-        println!("cluster_bits out of range: the rest of the image cannot be located");
+        outln!("cluster_bits out of range: the rest of the image cannot be located");
         return Ok(1);
     }
     let mut cluster0 = vec![0u8; h.cluster_size() as usize];
@@ -48,7 +48,7 @@ pub async fn run(a: Args) -> Result<u8> {
         .context("reading cluster 0")?;
     match ImageHeader::parse(&cluster0) {
         Ok(ih) => print_extensions(&ih, file_len),
-        Err(e) => println!("extensions: error: {e}"),
+        Err(e) => outln!("extensions: error: {e}"),
     }
     let mut budget = Budget::new(a.limit);
     dump_l1_l2(&file, &h, file_len, a.l2, &mut budget).await?;
@@ -60,45 +60,45 @@ pub async fn run(a: Args) -> Result<u8> {
 }
 
 fn print_header(h: &Header) {
-    println!("magic                    QFI\\xfb");
-    println!("version                  {}", h.version);
-    println!("backing_file_offset      {:#x}", h.backing_file_offset);
-    println!("backing_file_size        {}", h.backing_file_size);
-    println!(
+    outln!("magic                    QFI\\xfb");
+    outln!("version                  {}", h.version);
+    outln!("backing_file_offset      {:#x}", h.backing_file_offset);
+    outln!("backing_file_size        {}", h.backing_file_size);
+    outln!(
         "cluster_bits             {} ({} bytes)",
         h.cluster_bits,
         h.cluster_size()
     );
-    println!("size                     {}", h.size);
-    println!("crypt_method             {}", h.crypt_method);
-    println!("l1_size                  {}", h.l1_size);
-    println!("l1_table_offset          {:#x}", h.l1_table_offset);
-    println!("refcount_table_offset    {:#x}", h.refcount_table_offset);
-    println!("refcount_table_clusters  {}", h.refcount_table_clusters);
-    println!("nb_snapshots             {}", h.nb_snapshots);
-    println!("snapshots_offset         {:#x}", h.snapshots_offset);
-    println!("incompatible_features    {:#x}", h.incompatible_features);
-    println!("compatible_features      {:#x}", h.compatible_features);
-    println!("autoclear_features       {:#x}", h.autoclear_features);
-    println!(
+    outln!("size                     {}", h.size);
+    outln!("crypt_method             {}", h.crypt_method);
+    outln!("l1_size                  {}", h.l1_size);
+    outln!("l1_table_offset          {:#x}", h.l1_table_offset);
+    outln!("refcount_table_offset    {:#x}", h.refcount_table_offset);
+    outln!("refcount_table_clusters  {}", h.refcount_table_clusters);
+    outln!("nb_snapshots             {}", h.nb_snapshots);
+    outln!("snapshots_offset         {:#x}", h.snapshots_offset);
+    outln!("incompatible_features    {:#x}", h.incompatible_features);
+    outln!("compatible_features      {:#x}", h.compatible_features);
+    outln!("autoclear_features       {:#x}", h.autoclear_features);
+    outln!(
         "refcount_order           {} ({} bits)",
         h.refcount_order,
         h.refcount_bits()
     );
-    println!("header_length            {}", h.header_length);
-    println!("compression_type         {}", h.compression_type);
+    outln!("header_length            {}", h.header_length);
+    outln!("compression_type         {}", h.compression_type);
 }
 
 fn print_extensions(ih: &ImageHeader, file_len: u64) {
     for e in &ih.extensions {
-        print!("extension {:#010x}: ", e.kind());
+        out!("extension {:#010x}: ", e.kind());
         match e {
-            Extension::BackingFormat(f) => println!("backing format {f:?}"),
-            Extension::ExternalDataFile(f) => println!("external data file {f:?}"),
+            Extension::BackingFormat(f) => outln!("backing format {f:?}"),
+            Extension::ExternalDataFile(f) => outln!("external data file {f:?}"),
             Extension::FeatureNameTable(t) => {
-                println!("feature name table ({} entries)", t.len());
+                outln!("feature name table ({} entries)", t.len());
                 for f in t {
-                    println!("    {:?} bit {}: {}", f.kind, f.bit, f.name);
+                    outln!("    {:?} bit {}: {}", f.kind, f.bit, f.name);
                 }
             }
             Extension::Bitmaps {
@@ -107,23 +107,23 @@ fn print_extensions(ih: &ImageHeader, file_len: u64) {
                 bitmap_directory_offset,
                 ..
             } => {
-                println!(
+                outln!(
                     "bitmaps: {nb_bitmaps} bitmaps, directory {bitmap_directory_size} bytes at \
                      {bitmap_directory_offset:#x}"
                 )
             }
             Extension::FullDiskEncryption { offset, length } => {
-                println!("full disk encryption header: {length} bytes at {offset:#x}")
+                outln!("full disk encryption header: {length} bytes at {offset:#x}")
             }
-            Extension::Unknown { data, .. } => println!("unknown, {} bytes", data.len()),
+            Extension::Unknown { data, .. } => outln!("unknown, {} bytes", data.len()),
         }
     }
     if let Some(b) = &ih.backing_file {
-        println!("backing file: {b:?}");
+        outln!("backing file: {b:?}");
     }
     match ih.validate(file_len) {
-        Ok(()) => println!("header validation: ok"),
-        Err(e) => println!("header validation: {e}"),
+        Ok(()) => outln!("header validation: ok"),
+        Err(e) => outln!("header validation: {e}"),
     }
 }
 
@@ -131,17 +131,20 @@ async fn dump_snapshots(file: &dyn Storage, h: &Header) {
     if h.nb_snapshots == 0 {
         return;
     }
-    println!("snapshots at {:#x}:", h.snapshots_offset);
+    outln!("snapshots at {:#x}:", h.snapshots_offset);
     match super::snapshots::read_table(file, h).await {
         Ok(snaps) => {
             for s in snaps {
                 let size = s.disk_size.map_or("unknown".into(), |d| d.to_string());
-                println!(
+                outln!(
                     "    id {:?} name {:?}: L1 table {:#x} ({} entries), disk size {size}",
-                    s.id, s.name, s.l1_table_offset, s.l1_size
+                    s.id,
+                    s.name,
+                    s.l1_table_offset,
+                    s.l1_size
                 );
             }
         }
-        Err(e) => println!("    error: {}", crate::output::error_text(&e)),
+        Err(e) => outln!("    error: {}", crate::output::error_text(&e)),
     }
 }

@@ -30,9 +30,9 @@ impl Budget {
     fn line(&mut self, line: impl FnOnce() -> String) -> bool {
         self.used += 1;
         if self.used <= self.limit {
-            println!("{}", line());
+            outln!("{}", line());
         } else if self.used == self.limit + 1 {
-            println!("    ... (more lines left out; raise --limit)");
+            outln!("    ... (more lines left out; raise --limit)");
         }
         self.used <= self.limit
     }
@@ -59,7 +59,7 @@ pub async fn dump_l1_l2(
     let want = (u64::from(h.l1_size) * 8).min(MAX_L1_BYTES);
     let buf = read_capped(file, h.l1_table_offset, want, file_len).await?;
     let entries = l1::parse_table(&buf);
-    println!(
+    outln!(
         "L1 table at {:#x}: {} entries ({} readable)",
         h.l1_table_offset,
         h.l1_size,
@@ -195,7 +195,7 @@ pub async fn dump_refcounts(
         (u64::from(h.refcount_table_clusters) << h.cluster_bits).min(MAX_REFCOUNT_TABLE_BYTES);
     let buf = read_capped(file, h.refcount_table_offset, want, file_len).await?;
     let table = refcount::parse_table(&buf);
-    println!(
+    outln!(
         "refcount table at {:#x}: {} entries readable",
         h.refcount_table_offset,
         table.len()

@@ -64,7 +64,7 @@ pub async fn run(a: Args) -> Result<u8> {
 fn print_human_chain(chain: &[ImageInfo]) {
     for (i, info) in chain.iter().enumerate() {
         if i > 0 {
-            println!();
+            outln!();
         }
         info.print_human();
     }
@@ -94,7 +94,6 @@ pub async fn image_info(
     let mut info = ImageInfo {
         children: Vec::new(),
         backing_filename_format: None,
-        snapshots: Vec::new(),
         virtual_size: sectors,
         filename: path.display().to_string(),
         cluster_size: None,
@@ -135,7 +134,6 @@ async fn fill_qcow2(
     info.cluster_size = Some(h.cluster_size());
     info.dirty_flag = h.is_dirty();
     info.raw_snapshots = snapshots::read_table(file, h).await?;
-    info.snapshots = info.raw_snapshots.iter().map(Into::into).collect();
     info.format_specific = Some(FormatSpecific {
         kind: "qcow2",
         data: SpecificData::Qcow2(Box::new(qcow2_data(file, ih).await)),

@@ -2,7 +2,6 @@
 
 use serde::Serialize;
 
-use super::snapshots::SnapshotInfo;
 use crate::output::size_to_str;
 
 /// One image of `qemu-img info --output=json`.
@@ -12,8 +11,13 @@ pub struct ImageInfo {
     pub children: Vec<Child>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename_format: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub snapshots: Vec<SnapshotInfo>,
+    /// The internal snapshots, on-disk form (serialized in qemu-img's form).
+    #[serde(
+        rename = "snapshots",
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "super::snapshots::serialize_json"
+    )]
+    pub raw_snapshots: Vec<qcow2_rs::format::snapshot::Snapshot>,
     pub virtual_size: u64,
     pub filename: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -29,9 +33,6 @@ pub struct ImageInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
     pub dirty_flag: bool,
-    /// Snapshots in their on-disk form, for the human table.
-    #[serde(skip)]
-    pub raw_snapshots: Vec<qcow2_rs::format::snapshot::Snapshot>,
 }
 
 /// A child node (always the protocol node `file`).
@@ -94,23 +95,23 @@ pub struct Qcow2Data {
 impl ImageInfo {
     /// Print in qemu-img's human layout.
     pub fn print_human(&self) {
-        println!("image: {}", self.filename);
-        println!("file format: {}", self.format);
-        println!(
+        outln!("image: {}", self.filename);
+        outln!("file format: {}", self.format);
+        outln!(
             "virtual size: {} ({} bytes)",
             size_to_str(self.virtual_size),
             self.virtual_size
         );
-        println!("disk size: {}", size_to_str(self.actual_size));
+        outln!("disk size: {}", size_to_str(self.actual_size));
         if self.encrypted == Some(true) {
-            println!("encrypted: yes");
+            outln!("encrypted: yes");
         }
         if let Some(c) = self.cluster_size {
-            println!("cluster_size: {c}");
+            outln!("cluster_size: {c}");
         }
         self.print_backing();
         if self.dirty_flag {
-            println!("cleanly shut down: no");
+            outln!("cleanly shut down: no");
         }
         if !self.raw_snapshots.is_empty() {
             super::snapshots::print_human(&self.raw_snapshots);
@@ -120,16 +121,16 @@ impl ImageInfo {
             ..
         }) = &self.format_specific
         {
-            println!("Format specific information:");
+            outln!("Format specific information:");
             d.print_human();
         }
         for c in &self.children {
-            println!("Child node '/{}':", c.name);
-            println!("    filename: {}", c.info.filename);
-            println!("    protocol type: {}", c.info.format);
+            outln!("Child node '/{}':", c.name);
+            outln!("    filename: {}", c.info.filename);
+            outln!("    protocol type: {}", c.info.format);
             let len = c.info.virtual_size;
-            println!("    file length: {} ({len} bytes)", size_to_str(len));
-            println!("    disk size: {}", size_to_str(c.info.actual_size));
+            outln!("    file length: {} ({len} bytes)", size_to_str(len));
+            outln!("    disk size: {}", size_to_str(c.info.actual_size));
         }
     }
 
@@ -138,11 +139,11 @@ impl ImageInfo {
             return;
         };
         match &self.full_backing_filename {
-            Some(full) if full != name => println!("backing file: {name} (actual path: {full})"),
-            _ => println!("backing file: {name}"),
+            Some(full) if full != name => outln!("backing file: {name} (actual path: {full})"),
+            _ => outln!("backing file: {name}"),
         }
         if let Some(f) = &self.backing_filename_format {
-            println!("backing file format: {f}");
+            outln!("backing file format: {f}");
         }
     }
 }
@@ -150,19 +151,19 @@ impl ImageInfo {
 impl Qcow2Data {
     /// The fields in qemu-img's order, one per line, indented by 4.
     fn print_human(&self) {
-        println!("    compat: {}", self.compat);
-        println!("    compression type: {}", self.compression_type);
+        outln!("    compat: {}", self.compat);
+        outln!("    compression type: {}", self.compression_type);
         let opt = |k: &str, v: Option<String>| {
             if let Some(v) = v {
-                println!("    {k}: {v}");
+                outln!("    {k}: {v}");
             }
         };
         opt("lazy refcounts", self.lazy_refcounts.map(|b| b.to_string()));
-        println!("    refcount bits: {}", self.refcount_bits);
+        outln!("    refcount bits: {}", self.refcount_bits);
         opt("data file", self.data_file.clone());
         opt("data file raw", self.data_file_raw.map(|b| b.to_string()));
         if let Some(e) = &self.encrypt {
-            println!("    encrypt:");
+            outln!("    encrypt:");
             print_tree(e, 2);
         }
         opt("corrupt", self.corrupt.map(|b| b.to_string()));
@@ -186,7 +187,7 @@ fn print_tree<T: Serialize>(v: &T, depth: usize) {
         match t {
             "}" | "]" | "{}" | "[]" => continue,
             "{" | "[" => {
-                println!("{pad}[{}]:", counters[level]);
+                outln!("{pad}[{}]:", counters[level]);
                 counters[level] += 1;
             }
             _ => {
@@ -195,9 +196,9 @@ fn print_tree<T: Serialize>(v: &T, depth: usize) {
                 match val {
                     "{" | "[" => {
                         counters[level + 1] = 0;
-                        println!("{pad}{k}:");
+                        outln!("{pad}{k}:");
                     }
-                    _ => println!("{pad}{k}: {}", val.trim_matches('"')),
+                    _ => outln!("{pad}{k}: {}", val.trim_matches('"')),
                 }
             }
         }

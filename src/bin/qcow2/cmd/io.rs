@@ -55,7 +55,7 @@ pub async fn run(a: Args) -> Result<u8> {
     }
     s.drain().await;
     if let Err(e) = s.disk.close().await {
-        eprintln!("qcow2: closing the image: {}", error_text(&e));
+        errln!("qcow2: closing the image: {}", error_text(&e));
         s.failed = true;
     }
     Ok(u8::from(s.failed))
@@ -67,7 +67,7 @@ impl Session {
         let ok = match io_ops::parse(line) {
             Ok(op) => self.execute(op).await,
             Err(e) => {
-                eprintln!("{}", error_text(&e));
+                errln!("{}", error_text(&e));
                 false
             }
         };
@@ -109,7 +109,7 @@ pub fn report(r: Result<()>) -> bool {
     match r {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("{}", error_text(&e));
+            errln!("{}", error_text(&e));
             false
         }
     }

@@ -220,13 +220,13 @@ pub async fn perform(disk: &Disk, req: &Request) -> bool {
     match r {
         Ok((ok, verb, off, len, quiet)) => {
             if !quiet {
-                println!("{verb} {len}/{len} bytes at offset {off}");
+                outln!("{verb} {len}/{len} bytes at offset {off}");
                 print_timing(len, start.elapsed().as_secs_f64());
             }
             ok
         }
         Err(e) => {
-            eprintln!("{} failed: {}", verb_of(req), error_text(&e));
+            errln!("{} failed: {}", verb_of(req), error_text(&e));
             false
         }
     }
@@ -247,7 +247,7 @@ async fn read(disk: &Disk, off: u64, len: u64, pattern: Option<u8>, verbose: boo
     disk.read_at(&mut buf, off).await?;
     let ok = pattern.is_none_or(|p| buf.iter().all(|&b| b == p));
     if !ok {
-        println!("Pattern verification failed at offset {off}, {len} bytes");
+        outln!("Pattern verification failed at offset {off}, {len} bytes");
     }
     if verbose {
         hexdump(&buf, off);
@@ -269,7 +269,7 @@ fn hexdump(buf: &[u8], base: u64) {
                 }
             })
             .collect();
-        println!("{:08x}: {hex}  {text}", base + 16 * i as u64);
+        outln!("{:08x}: {hex}  {text}", base + 16 * i as u64);
     }
 }
 
@@ -277,7 +277,7 @@ fn hexdump(buf: &[u8], base: u64) {
 fn print_timing(len: u64, secs: f64) {
     let secs = secs.max(1e-9);
     let rate = io_size((len as f64 / secs) as u64);
-    println!(
+    outln!(
         "{}, 1 ops; {secs:05.2} sec ({rate}/sec and {:.4} ops/sec)",
         io_size(len),
         1.0 / secs
@@ -296,7 +296,7 @@ pub async fn print_map(disk: &Disk) -> Result<()> {
     }
     for (alloc, start, len) in runs {
         let not = if alloc { "   " } else { "not" };
-        println!(
+        outln!(
             "{} ({len:#x}) bytes {not} allocated at offset {} ({start:#x})",
             io_size(len),
             io_size(start)
@@ -307,11 +307,11 @@ pub async fn print_map(disk: &Disk) -> Result<()> {
 
 /// qemu-io's `info`.
 pub async fn print_info(disk: &Disk, file: &Path) -> Result<()> {
-    println!("format name: {}", disk.format());
+    outln!("format name: {}", disk.format());
     if let Disk::Qcow2(img) = disk {
-        println!("cluster size: {}", io_size(img.cluster_size()));
+        outln!("cluster size: {}", io_size(img.cluster_size()));
     }
-    println!("image: {}", file.display());
-    println!("virtual size: {}", io_size(disk.size()));
+    outln!("image: {}", file.display());
+    outln!("virtual size: {}", io_size(disk.size()));
     Ok(())
 }

@@ -107,7 +107,7 @@ struct Printer {
 impl Printer {
     fn new(format: OutputFormat, names: Vec<String>) -> Self {
         if format == OutputFormat::Human {
-            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
         }
         Printer {
             format,
@@ -120,7 +120,7 @@ impl Printer {
         match self.format {
             OutputFormat::Json => {
                 let sep = if self.count == 0 { "[" } else { ",\n" };
-                print!("{sep}{}", json_line(e));
+                out!("{sep}{}", json_line(e));
             }
             OutputFormat::Human => self.human(e)?,
         }
@@ -137,7 +137,7 @@ impl Printer {
             bail!("File contains external, encrypted or compressed clusters.");
         };
         let file = self.names.get(e.depth as usize).map_or("?", String::as_str);
-        println!(
+        outln!(
             "{:<16}{:<16}{:<16}{file}",
             hex(e.start),
             hex(e.length),
@@ -162,9 +162,9 @@ impl Printer {
                 compressed: false,
                 offset: None,
             };
-            print!("[{}", json_line(&e));
+            out!("[{}", json_line(&e));
         }
-        println!("]");
+        outln!("]");
     }
 }
 

@@ -56,7 +56,7 @@ pub async fn run(a: Args) -> Result<u8> {
         }
     }
     if !a.quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(0)
 }
@@ -83,7 +83,7 @@ fn check_shrink(a: &Args, new: u64, old: u64) -> Result<()> {
         if !a.shrink {
             bail!("Use the --shrink option to perform a shrink operation.");
         }
-        eprintln!(
+        errln!(
             "qcow2: warning: Shrinking an image will delete all data beyond the shrunken \
              image's end. Before performing such an operation, make sure there is no \
              important data there."

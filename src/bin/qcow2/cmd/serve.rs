@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use qcow2_rs::nbd::{BlockDevice, Export, Listener, RawDevice, Server};
@@ -34,8 +35,23 @@ pub struct Args {
     /// Clients served at once; more wait until one leaves.
     #[arg(short = 'e', long, default_value_t = 16)]
     max_connections: usize,
+    /// Drop a client that has not finished the handshake after SECS seconds (0: no limit).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    handshake_limit: u64,
+    /// While all connection slots are taken, drop a client that has sent no request (and
+    /// has none in flight) for SECS seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    idle_timeout: u64,
     /// The image file.
     file: PathBuf,
+}
+
+/// SECS from the command line as a limit: 0 means none.
+fn seconds(secs: u64) -> Duration {
+    match secs {
+        0 => Duration::MAX,
+        s => Duration::from_secs(s),
+    }
 }
 
 /// Run `qcow2 serve`.
@@ -57,7 +73,9 @@ pub async fn run(a: Args) -> Result<u8> {
         (None, None) => unreachable!("clap requires --socket or --port"),
     };
     let server = Server::new(vec![Export::new(a.export_name.clone(), device)])
-        .max_connections(a.max_connections);
+        .max_connections(a.max_connections)
+        .handshake_timeout(seconds(a.handshake_limit))
+        .idle_timeout(seconds(a.idle_timeout));
     server
         .run(listener, stop_signal())
         .await

@@ -6,8 +6,9 @@ use qcow2_rs::format::header::Header;
 use qcow2_rs::format::snapshot::{self, ENTRY_HEADER_LEN, Snapshot};
 use serde::Serialize;
 
-/// Read the `nb_snapshots` entries at `snapshots_offset`, entry by entry (memory stays
-/// bounded by what the entries claim, which the format caps).
+/// Read the `nb_snapshots` entries at `snapshots_offset`, entry by entry. Like QEMU, a table
+/// over 64 MiB is refused before it is read; so are names taking over 64 MiB once decoded.
+/// Memory stays bounded whatever the entries claim.
 pub async fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>> {
     if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
         bail!(
@@ -19,6 +20,7 @@ pub async fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>>
     let file_len = file.len().await?;
     let mut off = h.snapshots_offset;
     let mut out = Vec::new();
+    let mut decoded = 0usize;
     for i in 0..h.nb_snapshots {
         off = off.next_multiple_of(8);
         if off >= file_len {
@@ -28,45 +30,63 @@ pub async fn read_table(file: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>>
         file.read_at(&mut hdr, off)
             .await
             .context("reading the snapshot table")?;
-        let mut entry = vec![0u8; snapshot::entry_len(&hdr)?];
+        let len = snapshot::entry_len(&hdr)?;
+        if off - h.snapshots_offset + len as u64 > snapshot::MAX_TABLE_SIZE as u64 {
+            bail!(
+                "snapshot table too large (over {} MiB at snapshot {i})",
+                snapshot::MAX_TABLE_SIZE >> 20
+            );
+        }
+        let mut entry = vec![0u8; len];
         file.read_at(&mut entry, off)
             .await
             .context("reading the snapshot table")?;
         let (snap, len) = snapshot::parse_entry(&entry)?;
+        // Bytes that are not UTF-8 decode to three-byte U+FFFD: bound the decoded names too.
+        decoded += snap.id.len() + snap.name.len();
+        if decoded > snapshot::MAX_TABLE_SIZE {
+            bail!("snapshot names too large (over 64 MiB once decoded, at snapshot {i})");
+        }
         out.push(snap);
         off += len as u64;
     }
     Ok(out)
 }
 
-/// One snapshot as `qemu-img info --output=json` prints it.
+/// One snapshot as `qemu-img info --output=json` prints it (borrowing the names: a table
+/// may hold up to 64 MiB of them).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct SnapshotInfo {
+pub struct SnapshotInfo<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     icount: Option<u64>,
     vm_clock_nsec: u64,
-    name: String,
+    name: &'a str,
     date_sec: u32,
     date_nsec: u32,
     vm_clock_sec: u64,
-    id: String,
+    id: &'a str,
     vm_state_size: u64,
 }
 
-impl From<&Snapshot> for SnapshotInfo {
-    fn from(s: &Snapshot) -> Self {
+impl<'a> From<&'a Snapshot> for SnapshotInfo<'a> {
+    fn from(s: &'a Snapshot) -> Self {
         SnapshotInfo {
             icount: s.icount,
             vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
-            name: s.name.clone(),
+            name: &s.name,
             date_sec: s.date_sec,
             date_nsec: s.date_nsec,
             vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
-            id: s.id.clone(),
+            id: &s.id,
             vm_state_size: s.vm_state_size,
         }
     }
+}
+
+/// Serialize snapshots in their `qemu-img info` JSON form, one at a time.
+pub fn serialize_json<S: serde::Serializer>(snaps: &[Snapshot], ser: S) -> Result<S::Ok, S::Error> {
+    ser.collect_seq(snaps.iter().map(SnapshotInfo::from))
 }
 
 /// Seconds since the Epoch as local `YYYY-MM-DD HH:MM:SS`.
@@ -98,14 +118,19 @@ fn vm_clock(nsec: u64) -> String {
 
 /// The snapshot list in qemu-img's human layout.
 pub fn print_human(snaps: &[Snapshot]) {
-    println!("Snapshot list:");
-    println!(
+    outln!("Snapshot list:");
+    outln!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        "ID",
+        "TAG",
+        "VM_SIZE",
+        "DATE",
+        "VM_CLOCK",
+        "ICOUNT"
     );
     for s in snaps {
         let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
-        println!(
+        outln!(
             "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
             s.id,
             s.name,
