@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
-use crate::storage::{OpenFlags, Storage};
+use crate::storage::{LockRequest, OpenFlags, Storage};
 
 /// A backing image, as the read path sees it.
 #[derive(Debug)]
@@ -108,8 +108,9 @@ pub async fn open_backing(
         read_only: true,
         direct: opts.direct,
     };
-    let storage = crate::storage::open_file(path, flags, opts.io_backend)
-        .map_err(|e| Error::io("opening the backing file", e).in_file(path))?;
+    let lock = opts.locking.then(|| LockRequest::backing(opts.force_share));
+    let storage = crate::storage::open_file_locked(path, flags, opts.io_backend, lock)
+        .map_err(|e| Error::open("opening the backing file", path, e))?;
     let fmt = match format {
         Some(f) => f.to_string(),
         None => probe_format(storage.as_ref()).await?.to_string(),

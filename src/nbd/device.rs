@@ -79,7 +79,12 @@ pub struct RawDevice {
     storage: Arc<dyn Storage>,
     size: u64,
     writable: bool,
+    /// The format was guessed by probing (see [`RawDevice::format_probed`]).
+    probed: bool,
 }
+
+/// Bytes of block 0 that format probing looks at.
+const PROBE_BYTES: usize = 512;
 
 impl RawDevice {
     /// Export `storage` (its current length is the export size).
@@ -89,7 +94,43 @@ impl RawDevice {
             storage,
             size,
             writable,
+            probed: false,
         })
+    }
+
+    /// Mark the raw format as guessed by probing: writes that would make block 0 probe as
+    /// another format (a qcow2 header naming `/etc/passwd` as its backing file, say) then fail
+    /// with [`crate::ErrorKind::Refused`] (EPERM to NBD clients), as with qemu-nbd. Otherwise
+    /// the next open of the file, also probing, would trust the client's header.
+    pub fn format_probed(mut self, on: bool) -> RawDevice {
+        self.probed = on;
+        self
+    }
+
+    /// Refuse a write of `buf` at `offset` if block 0 would then probe as non-raw.
+    async fn check_block0(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.probed || offset >= PROBE_BYTES as u64 {
+            return Ok(());
+        }
+        let mut block0 = vec![0u8; PROBE_BYTES];
+        io(
+            self.storage.read_at(&mut block0, 0).await,
+            "reading block 0",
+        )?;
+        let at = offset as usize;
+        let n = buf.len().min(PROBE_BYTES - at);
+        block0[at..at + n].copy_from_slice(&buf[..n]);
+        let probe = crate::storage::MemoryStorage::from_vec(block0);
+        match crate::image::probe_format(&probe).await? {
+            "raw" => Ok(()),
+            other => Err(Error::new(
+                crate::ErrorKind::Refused,
+                format!(
+                    "write to block 0 of a raw image whose format was probed would make it \
+                     probe as {other}"
+                ),
+            )),
+        }
     }
 
     /// Data and hole runs, merged; a hole reads as zeros.
@@ -142,7 +183,10 @@ impl BlockDevice for RawDevice {
         Box::pin(async move { io(self.storage.read_at(buf, offset).await, "reading") })
     }
     fn write_at<'a>(&'a self, buf: &'a [u8], offset: u64) -> DeviceFuture<'a, ()> {
-        Box::pin(async move { io(self.storage.write_at(buf, offset).await, "writing") })
+        Box::pin(async move {
+            self.check_block0(buf, offset).await?;
+            io(self.storage.write_at(buf, offset).await, "writing")
+        })
     }
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> DeviceFuture<'_, ()> {
         Box::pin(async move { io(self.storage.write_zeroes(offset, len).await, "zeroing") })

@@ -16,6 +16,7 @@ use std::pin::Pin;
 
 mod backend;
 pub mod file;
+pub mod lock;
 pub mod memory;
 #[cfg(target_os = "linux")]
 pub mod uring;
@@ -25,8 +26,9 @@ pub mod crash;
 #[cfg(feature = "test-utils")]
 pub mod fault;
 
-pub use backend::{IoBackend, open_file};
+pub use backend::{IoBackend, open_file, open_file_locked};
 pub use file::{FileStorage, OpenFlags};
+pub use lock::{LockRequest, Perms};
 pub use memory::MemoryStorage;
 #[cfg(target_os = "linux")]
 pub use uring::UringStorage;

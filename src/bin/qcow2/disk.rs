@@ -6,8 +6,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use qcow2_rs::Storage;
 use qcow2_rs::format::extensions::ImageHeader;
-use qcow2_rs::image::{Extent, Image, OpenOptions, ZeroFlags, probe_format};
-use qcow2_rs::storage::{FileStorage, OpenFlags};
+use qcow2_rs::image::{Extent, Image, ZeroFlags, probe_format};
+use qcow2_rs::storage::{FileStorage, LockRequest, OpenFlags};
+
+use crate::access::Access;
 
 /// An open image of either format. Cloning shares the open image (for concurrent requests).
 #[derive(Debug, Clone)]
@@ -32,7 +34,7 @@ pub async fn detect_format(path: &Path, format: Option<&str>) -> Result<&'static
         Some("raw") => Ok("raw"),
         Some(f) => bail!("unsupported image format '{f}' (qcow2 or raw)"),
         None => {
-            let s = open_file(path, false)?;
+            let s = open_file(path, false, None)?;
             Ok(probe_format(&s)
                 .await
                 .with_context(|| path.display().to_string())?)
@@ -40,27 +42,41 @@ pub async fn detect_format(path: &Path, format: Option<&str>) -> Result<&'static
     }
 }
 
-/// Open `path` as a plain file.
-pub fn open_file(path: &Path, writable: bool) -> Result<FileStorage> {
+/// Open `path` as a plain file, with `lock` taken on it.
+pub fn open_file(path: &Path, writable: bool, lock: Option<LockRequest>) -> Result<FileStorage> {
     let flags = OpenFlags {
         read_only: !writable,
         direct: false,
     };
-    FileStorage::open(path, flags).with_context(|| format!("could not open '{}'", path.display()))
+    let f = FileStorage::open(path, flags)
+        .with_context(|| format!("could not open '{}'", path.display()))?;
+    if let Some(req) = lock {
+        f.lock(req)
+            .map_err(|e| qcow2_rs::Error::open("locking", path, e))?;
+    }
+    Ok(f)
 }
 
-/// Open a qcow2 image with its backing chain.
-pub async fn open_qcow2(path: &Path, writable: bool) -> Result<Image> {
-    Ok(Image::open(path, &OpenOptions::new().writable(writable)).await?)
+/// Open a qcow2 image with its backing chain, as `access` allows.
+pub async fn open_qcow2(path: &Path, writable: bool, access: &Access) -> Result<Image> {
+    Ok(Image::open(path, &access.options(writable)).await?)
 }
 
 impl Disk {
-    /// Open `path` in `format` (probed when `None`) with its backing chain.
-    pub async fn open(path: &Path, format: Option<&str>, writable: bool) -> Result<Disk> {
+    /// Open `path` in `format` (probed when `None`) with its backing chain, as `access` allows.
+    pub async fn open(
+        path: &Path,
+        format: Option<&str>,
+        writable: bool,
+        access: &Access,
+    ) -> Result<Disk> {
+        if writable && access.force_share {
+            bail!("--force-share (-U) can only be used with read-only images");
+        }
         match detect_format(path, format).await? {
-            "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable).await?)),
+            "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable, access).await?)),
             _ => {
-                let storage = open_file(path, writable)?;
+                let storage = open_file(path, writable, access.raw_lock(writable))?;
                 // Like QEMU, a raw image's size is its length rounded up to whole sectors.
                 let size = storage
                     .len()

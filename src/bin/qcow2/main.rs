@@ -3,6 +3,7 @@
 //! Every command is a small module under `cmd/`. Errors print one line, `qcow2: <message>`,
 //! to stderr and exit with status 1 (or the command's documented status).
 
+mod access;
 mod args;
 mod cmd;
 mod disk;

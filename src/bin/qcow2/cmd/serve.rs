@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use qcow2_rs::nbd::{BlockDevice, Export, Listener, RawDevice, Server};
 
+use crate::access::Access;
 use crate::disk::{detect_format, open_file, open_qcow2};
 
 /// Arguments of `qcow2 serve`.
@@ -34,6 +35,10 @@ pub struct Args {
     /// Clients served at once; more wait until one leaves.
     #[arg(short = 'e', long, default_value_t = 16)]
     max_connections: usize,
+    /// Images are untrusted here: backing and data files only inside the image's directory
+    /// (named relatively, without '..'), data files read-only, unless --trusted.
+    #[command(flatten)]
+    access: Access,
     /// The image file.
     file: PathBuf,
 }
@@ -68,13 +73,28 @@ pub async fn run(a: Args) -> Result<u8> {
 /// Open the image as a device of its format.
 async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
     let writable = !a.read_only;
+    let access = a.access.clone().untrusted_by_default();
+    if writable && access.force_share {
+        bail!("--force-share (-U) can only be used with read-only exports (-r)");
+    }
     Ok(match detect_format(&a.file, a.format.as_deref()).await? {
-        "qcow2" => Arc::new(open_qcow2(&a.file, writable).await?),
+        "qcow2" => Arc::new(open_qcow2(&a.file, writable, &access).await?),
         _ => {
-            let storage = Arc::new(open_file(&a.file, writable)?);
+            let probed = a.format.is_none();
+            if probed {
+                eprintln!(
+                    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+                     Automatically detecting the format is dangerous for raw images, write \
+                     operations on block 0 will be restricted.\n         Specify the 'raw' \
+                     format explicitly to remove the restrictions.",
+                    a.file.display()
+                );
+            }
+            let storage = Arc::new(open_file(&a.file, writable, access.raw_lock(writable))?);
             let raw = RawDevice::new(storage, writable)
                 .await
-                .with_context(|| a.file.display().to_string())?;
+                .with_context(|| a.file.display().to_string())?
+                .format_probed(probed);
             Arc::new(raw)
         }
     })
