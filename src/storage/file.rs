@@ -296,6 +296,10 @@ impl Storage for FileStorage {
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.run_write(move |inner| inner.allocate(offset, len))
     }
+
+    fn release_locks(&self) -> io::Result<()> {
+        super::lock::unlock(&self.inner.file)
+    }
 }
 
 /// The blocking implementations, run on IO threads.

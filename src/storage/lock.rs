@@ -140,16 +140,21 @@ impl LockRequest {
 pub(crate) fn lock(file: &File, req: LockRequest) -> io::Result<()> {
     apply(file, req)?;
     if let Err(e) = check(file, req) {
-        let _ = apply(
-            file,
-            LockRequest {
-                perm: Perms::NONE,
-                shared: Perms::ALL,
-            },
-        );
+        let _ = unlock(file);
         return Err(e);
     }
     Ok(())
+}
+
+/// Drop every lock byte `file` holds.
+pub(crate) fn unlock(file: &File) -> io::Result<()> {
+    apply(
+        file,
+        LockRequest {
+            perm: Perms::NONE,
+            shared: Perms::ALL,
+        },
+    )
 }
 
 /// Lock (or unlock) each permission byte to match `req`.

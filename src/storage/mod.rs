@@ -83,6 +83,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn allocated_size(&self) -> IoFuture<'_, Option<u64>> {
         Box::pin(async { Ok(None) })
     }
+    /// Drop the image locks taken on the storage (see [`FileStorage::lock`]), so that the
+    /// file can be opened again at once even while clones of this handle live on. Storage
+    /// without locks does nothing.
+    fn release_locks(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Allocate (reserve) `len` bytes at `offset` without changing their content where possible.
     /// The default writes zeros past the current end only, via `write_zeroes`; bytes already
     /// inside the storage keep their content.
