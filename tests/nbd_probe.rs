@@ -121,3 +121,48 @@ fn explicit_raw_allows_any_block0() {
     assert_eq!(code, 0);
     assert!(!stderr.contains("WARNING"), "{stderr}");
 }
+
+/// `qcow2 io` on a probed raw image follows qemu-io's rule too: a write completing the qcow2
+/// magic in block 0 fails (as it does with qemu-io), other writes work, `-f raw` lifts it.
+#[test]
+fn cli_io_on_probed_raw_matches_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = path_in(dir.path(), "tenant.raw");
+    let mut data = vec![0u8; 1 << 20];
+    // A qcow2 header (magic, version 3) but for the magic's last byte.
+    data[..8].copy_from_slice(b"QFI\0\0\0\0\x03");
+    std::fs::write(&tenant, &data).unwrap();
+    let (code, text) = status("qemu-io", &["-c", "write -P 0xfb 3 1", &tenant]);
+    assert!(
+        code != 0 && text.contains("Operation not permitted"),
+        "{text}"
+    );
+    let r = common::qcow2(&["io", "-c", "write -P 0xfb 3 1", &tenant]);
+    assert!(
+        r.code != 0 && r.stderr.contains("probe as qcow2"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("probing guessed raw"), "{}", r.stderr);
+    common::qcow2_ok(&[
+        "io",
+        "-c",
+        "write -P 0xfc 3 1",
+        "-c",
+        "write -P 0xfb 512 1",
+        &tenant,
+    ]);
+    common::qcow2_ok(&["io", "-f", "raw", "-c", "write -P 0xfb 3 1", &tenant]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xfb 3 1",
+            "-c",
+            "read -P 0xfb 512 1",
+            &tenant,
+        ],
+    );
+}

@@ -24,6 +24,7 @@ mod open;
 mod options;
 mod prealloc;
 mod prepare;
+mod probe_guard;
 mod read;
 mod references;
 mod resize;
@@ -35,6 +36,7 @@ pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
+pub use probe_guard::check_probed_raw_write;
 pub use references::ReferencePolicy;
 pub use zero::ZeroFlags;
 

@@ -83,9 +83,6 @@ pub struct RawDevice {
     probed: bool,
 }
 
-/// Bytes of block 0 that format probing looks at.
-const PROBE_BYTES: usize = 512;
-
 impl RawDevice {
     /// Export `storage` (its current length is the export size).
     pub async fn new(storage: Arc<dyn Storage>, writable: bool) -> Result<RawDevice> {
@@ -109,28 +106,10 @@ impl RawDevice {
 
     /// Refuse a write of `buf` at `offset` if block 0 would then probe as non-raw.
     async fn check_block0(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if !self.probed || offset >= PROBE_BYTES as u64 {
+        if !self.probed {
             return Ok(());
         }
-        let mut block0 = vec![0u8; PROBE_BYTES];
-        io(
-            self.storage.read_at(&mut block0, 0).await,
-            "reading block 0",
-        )?;
-        let at = offset as usize;
-        let n = buf.len().min(PROBE_BYTES - at);
-        block0[at..at + n].copy_from_slice(&buf[..n]);
-        let probe = crate::storage::MemoryStorage::from_vec(block0);
-        match crate::image::probe_format(&probe).await? {
-            "raw" => Ok(()),
-            other => Err(Error::new(
-                crate::ErrorKind::Refused,
-                format!(
-                    "write to block 0 of a raw image whose format was probed would make it \
-                     probe as {other}"
-                ),
-            )),
-        }
+        crate::image::check_probed_raw_write(self.storage.as_ref(), buf, offset).await
     }
 
     /// Data and hole runs, merged; a hole reads as zeros.

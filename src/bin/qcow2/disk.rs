@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use qcow2_rs::Storage;
 use qcow2_rs::format::extensions::ImageHeader;
-use qcow2_rs::image::{Extent, Image, ZeroFlags, probe_format};
+use qcow2_rs::image::{Extent, Image, ZeroFlags, check_probed_raw_write, probe_format};
 use qcow2_rs::storage::{FileStorage, LockRequest, OpenFlags};
 
 use crate::access::Access;
@@ -25,6 +25,19 @@ pub enum Disk {
 pub struct RawDisk {
     storage: Arc<dyn Storage>,
     size: u64,
+    /// The format was guessed: writes must not make block 0 probe as another format.
+    probed: bool,
+}
+
+/// qemu-nbd's and qemu-io's warning when a writable image's format was probed as raw.
+pub fn probed_raw_warning(path: &Path) -> String {
+    format!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
+         the restrictions.",
+        path.display()
+    )
 }
 
 /// The format of `path`: `format` when given (checked), else probed from the magic.
@@ -76,6 +89,10 @@ impl Disk {
         match detect_format(path, format).await? {
             "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable, access).await?)),
             _ => {
+                let probed = writable && format.is_none();
+                if probed {
+                    eprintln!("{}", probed_raw_warning(path));
+                }
                 let storage = open_file(path, writable, access.raw_lock(writable))?;
                 // Like QEMU, a raw image's size is its length rounded up to whole sectors.
                 let size = storage
@@ -86,6 +103,7 @@ impl Disk {
                 Ok(Disk::Raw(RawDisk {
                     storage: Arc::new(storage),
                     size,
+                    probed,
                 }))
             }
         }
@@ -93,7 +111,11 @@ impl Disk {
 
     /// A raw disk over an already open file of `size` bytes.
     pub fn open_raw_storage(storage: Arc<dyn Storage>, size: u64) -> Disk {
-        Disk::Raw(RawDisk { storage, size })
+        Disk::Raw(RawDisk {
+            storage,
+            size,
+            probed: false,
+        })
     }
 
     /// The format name as qemu-img prints it.
@@ -126,7 +148,12 @@ impl Disk {
         self.check_range(off, buf.len() as u64)?;
         match self {
             Disk::Qcow2(img) => Ok(img.write_at(buf, off).await?),
-            Disk::Raw(r) => Ok(r.storage.write_at(buf, off).await?),
+            Disk::Raw(r) => {
+                if r.probed {
+                    check_probed_raw_write(r.storage.as_ref(), buf, off).await?;
+                }
+                Ok(r.storage.write_at(buf, off).await?)
+            }
         }
     }
 

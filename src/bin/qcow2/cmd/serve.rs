@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use qcow2_rs::nbd::{BlockDevice, Export, Listener, RawDevice, Server};
 
 use crate::access::Access;
-use crate::disk::{detect_format, open_file, open_qcow2};
+use crate::disk::{detect_format, open_file, open_qcow2, probed_raw_warning};
 
 /// Arguments of `qcow2 serve`.
 #[derive(Debug, clap::Args)]
@@ -80,15 +80,9 @@ async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
     Ok(match detect_format(&a.file, a.format.as_deref()).await? {
         "qcow2" => Arc::new(open_qcow2(&a.file, writable, &access).await?),
         _ => {
-            let probed = a.format.is_none();
+            let probed = writable && a.format.is_none();
             if probed {
-                eprintln!(
-                    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
-                     Automatically detecting the format is dangerous for raw images, write \
-                     operations on block 0 will be restricted.\n         Specify the 'raw' \
-                     format explicitly to remove the restrictions.",
-                    a.file.display()
-                );
+                eprintln!("{}", probed_raw_warning(&a.file));
             }
             let storage = Arc::new(open_file(&a.file, writable, access.raw_lock(writable))?);
             let raw = RawDevice::new(storage, writable)
