@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -188,8 +188,10 @@ async fn run_variant(v: Variant, seed: u64) {
             );
         }
     }
+    // Our own images: their absolute backing file names are fine.
     let opts = OpenOptions::new()
         .writable(true)
+        .references(ReferencePolicy::Any)
         .slice_size(512)
         .l2_cache_bytes(8 * 512)
         .refcount_cache_bytes(4 * 512);
