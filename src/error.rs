@@ -29,6 +29,11 @@ pub enum ErrorKind {
     InvalidArgument,
     /// An earlier metadata write failed; the image refuses writes until it is reopened.
     Poisoned,
+    /// Another holder of the file (this process or another, ours or QEMU) has it locked in a
+    /// conflicting way (QEMU-compatible image locks).
+    Locked,
+    /// The image names a file (backing or data file) that the reference policy does not allow.
+    Refused,
 }
 
 impl ErrorKind {
@@ -44,6 +49,8 @@ impl ErrorKind {
             ErrorKind::ReadOnly => "read-only",
             ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::Poisoned => "image poisoned by an earlier metadata write failure",
+            ErrorKind::Locked => "image is locked",
+            ErrorKind::Refused => "reference refused",
         }
     }
 }
@@ -109,6 +116,20 @@ impl Error {
         }
     }
 
+    /// An error opening `path` for `what`: a lock conflict (an IO error of kind
+    /// [`std::io::ErrorKind::ResourceBusy`]) becomes [`ErrorKind::Locked`] with QEMU's wording,
+    /// anything else [`Error::io`].
+    pub fn open(what: &str, path: &Path, source: std::io::Error) -> Self {
+        if source.kind() != std::io::ErrorKind::ResourceBusy {
+            return Self::io(what.to_string(), source).in_file(path);
+        }
+        let msg = format!(
+            "{source}. Is another process using the image [{}]?",
+            path.display()
+        );
+        Self::new(ErrorKind::Locked, msg)
+    }
+
     /// Attach the byte offset (guest or host, as `what` says) the error is about.
     pub fn at(mut self, offset: u64) -> Self {
         self.offset = Some(offset);
@@ -169,7 +190,8 @@ impl From<Error> for std::io::Error {
     fn from(e: Error) -> Self {
         let kind = match e.kind {
             ErrorKind::OutOfRange | ErrorKind::InvalidArgument => std::io::ErrorKind::InvalidInput,
-            ErrorKind::ReadOnly => std::io::ErrorKind::PermissionDenied,
+            ErrorKind::ReadOnly | ErrorKind::Refused => std::io::ErrorKind::PermissionDenied,
+            ErrorKind::Locked => std::io::ErrorKind::ResourceBusy,
             ErrorKind::Unsupported => std::io::ErrorKind::Unsupported,
             ErrorKind::NoSpace => std::io::ErrorKind::StorageFull,
             _ => std::io::ErrorKind::Other,

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// What a test cluster holds.
@@ -118,10 +118,13 @@ fn qemu_io(p: &Path, cmds: &[String]) {
     common::run("qemu-io", &args);
 }
 
+/// Open our own test image read-write (absolute data file names included).
 async fn open_rw(p: &Path) -> Image {
-    Image::open(p, &OpenOptions::new().writable(true))
-        .await
-        .unwrap()
+    let opts = OpenOptions::new()
+        .writable(true)
+        .references(ReferencePolicy::Any)
+        .writable_data_file(true);
+    Image::open(p, &opts).await.unwrap()
 }
 
 /// The shadow disk of a configuration.

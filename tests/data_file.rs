@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -136,8 +136,11 @@ async fn task(img: Image, model: Arc<Model>, seed: u64) {
 
 /// Our random workload: 6 concurrent tasks, a small cache.
 async fn our_writes(img_path: &Path, shadow: Vec<u8>, seed: u64) -> Vec<u8> {
+    // Our own test image names its data file by an absolute path: trust it.
     let opts = OpenOptions::new()
         .writable(true)
+        .references(ReferencePolicy::Any)
+        .writable_data_file(true)
         .slice_size(512)
         .l2_cache_bytes(4 * 512)
         .refcount_cache_bytes(4 * 512);
@@ -318,7 +321,8 @@ async fn check_flags_data_file_mapping_off_guest_offset() {
         "qcow2 check stderr:\n{}",
         r.stderr
     );
-    let image = Image::open(&img, &OpenOptions::new()).await.unwrap();
+    let opts = OpenOptions::new().references(ReferencePolicy::Any);
+    let image = Image::open(&img, &opts).await.unwrap();
     let mut buf = vec![0u8; 512];
     let err = image.read_at(&mut buf, 0).await.unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::yielding::YieldingStorage;
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -213,8 +213,10 @@ async fn run_variant(v: Variant, seed: u64) {
             );
         }
     }
+    // Our own images: their absolute backing file names are fine.
     let opts = OpenOptions::new()
         .writable(true)
+        .references(ReferencePolicy::Any)
         .slice_size(512)
         .l2_cache_bytes(8 * 512)
         .refcount_cache_bytes(4 * 512);

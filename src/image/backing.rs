@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::probe;
-use crate::storage::{OpenFlags, Storage};
+use crate::storage::{LockRequest, OpenFlags, Storage};
 
 /// A backing image, as the read path sees it.
 #[derive(Debug)]
@@ -111,8 +111,9 @@ pub async fn open_backing(
         read_only: true,
         direct: opts.direct,
     };
-    let storage = crate::storage::open_file(path, flags, opts.io_backend)
-        .map_err(|e| Error::io("opening the backing file", e).in_file(path))?;
+    let lock = opts.locking.then(|| LockRequest::backing(opts.force_share));
+    let storage = crate::storage::open_file_locked(path, flags, opts.io_backend, lock)
+        .map_err(|e| Error::open("opening the backing file", path, e))?;
     let fmt = match format {
         Some(f) => f.to_string(),
         None => probe_format(storage.as_ref()).await?.to_string(),

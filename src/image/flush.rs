@@ -54,9 +54,11 @@ impl Image {
         self.apply_frees(generation).await.map_err(|e| w.poison(e))
     }
 
-    /// Flush twice (the second persists the frees the first applied) and stop the
-    /// background flusher. Await this before dropping a writable image: there is no
-    /// async drop, and unflushed metadata is lost (leaving leaked clusters at worst).
+    /// Flush twice (the second persists the frees the first applied), stop the
+    /// background flusher and release the image locks (of the backing chain and data file
+    /// too), so the image can be opened again at once. Await this before dropping a writable
+    /// image: there is no async drop, and unflushed metadata is lost (leaving leaked clusters
+    /// at worst).
     pub async fn close(&self) -> Result<()> {
         self.flush().await?;
         self.flush().await?;
@@ -64,7 +66,22 @@ impl Image {
             w.closed.store(true, Ordering::Release);
             w.flush_wanted.notify_one();
         }
+        self.release_locks();
         Ok(())
+    }
+
+    /// Drop the locks of this image, its data file and its backing chain. Errors are ignored:
+    /// unlocking cannot fail on a valid descriptor, and the locks go with the file anyway.
+    fn release_locks(&self) {
+        let _ = self.inner.file.release_locks();
+        let _ = self.inner.data.release_locks();
+        match &self.inner.backing {
+            Some(super::Backing::Qcow2(img)) => img.release_locks(),
+            Some(super::Backing::Raw { storage, .. }) => {
+                let _ = storage.release_locks();
+            }
+            None => {}
+        }
     }
 
     /// Copies of the 512-byte L1 sectors holding dirty entries, as they are now.

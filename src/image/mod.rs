@@ -24,7 +24,9 @@ mod open;
 mod options;
 mod prealloc;
 mod prepare;
+mod probe_guard;
 mod read;
+mod references;
 mod resize;
 mod state;
 mod write;
@@ -34,6 +36,8 @@ pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
+pub use probe_guard::check_probed_raw_write;
+pub use references::ReferencePolicy;
 pub use zero::ZeroFlags;
 
 use std::path::{Path, PathBuf};
@@ -44,7 +48,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
 use crate::format::l1::L1Entry;
-use crate::storage::Storage;
+use crate::storage::{LockRequest, Storage};
 use geometry::Geometry;
 
 /// An open qcow2 image.
@@ -80,27 +84,36 @@ pub(crate) struct Inner {
 }
 
 impl Image {
-    /// Open the image file at `path`.
+    /// Open the image file at `path`, taking QEMU-compatible locks on it (and on its backing
+    /// and data files) unless [`OpenOptions::locking`] is off.
     pub async fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
+        opts.validate()?;
         let flags = crate::storage::OpenFlags {
             read_only: !opts.writable,
             direct: opts.direct,
         };
-        let storage = crate::storage::open_file(path, flags, opts.io_backend)
-            .map_err(|e| Error::io("opening the image", e).in_file(path))?;
+        let lock = opts
+            .locking
+            .then(|| LockRequest::image(opts.writable, opts.force_share));
+        let storage = crate::storage::open_file_locked(path, flags, opts.io_backend, lock)
+            .map_err(|e| Error::open("opening the image", path, e))?;
         let chain = std::fs::canonicalize(path)
             .map(|p| vec![p])
             .unwrap_or_default();
-        Self::open_chain(storage, opts, chain)
+        let opts = opts.anchored(Some(path));
+        Self::open_chain(storage, &opts, chain)
             .await
             .map_err(|e| e.in_file(path))
     }
 
     /// Open an image on any storage. Relative backing and data file names are resolved
-    /// against `storage.path()`'s directory when it has one.
+    /// against `storage.path()`'s directory when it has one. The caller opened `storage`, so
+    /// no lock is taken on it (backing and data files are locked as usual).
     pub async fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
-        Self::open_chain(storage, opts, Vec::new()).await
+        opts.validate()?;
+        let opts = opts.anchored(storage.path());
+        Self::open_chain(storage, &opts, Vec::new()).await
     }
 
     /// Virtual disk size in bytes.

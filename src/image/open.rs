@@ -10,13 +10,13 @@ use super::state::WriteState;
 use super::{Image, Inner, OpenOptions};
 use crate::alloc::{NewClusters, Refcounts};
 use crate::cache::SliceCache;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
 use crate::format::header::Header;
 use crate::format::l1;
 use crate::format::refcount;
-use crate::storage::{OpenFlags, Storage};
+use crate::storage::{LockRequest, OpenFlags, Storage};
 
 /// Bytes read first: enough for any header whose cluster is ≤ this; larger clusters are read
 /// whole in a second step.
@@ -181,6 +181,8 @@ async fn read_l1(file: &dyn Storage, h: &Header) -> Result<Vec<l1::L1Entry>> {
     Ok(entries)
 }
 
+/// Open the backing image: the caller's override as given, or the header's name if the
+/// reference policy allows it.
 async fn open_chain_backing(
     ih: &ImageHeader,
     path: Option<&std::path::Path>,
@@ -193,24 +195,21 @@ async fn open_chain_backing(
             None => return Ok(None),
         },
         None => match &ih.backing_file {
-            Some(n) => (
-                resolve_relative(path, n),
-                ih.backing_format().map(str::to_string),
-            ),
+            Some(n) => {
+                let resolved = resolve_relative(path, n);
+                opts.references.check("backing file", n, &resolved)?;
+                (resolved, ih.backing_format().map(str::to_string))
+            }
             None => return Ok(None),
         },
     };
-    if !opts.follow_backing {
-        return Err(Error::unsupported(format!(
-            "image has a backing file ({}) and following backing files is disabled",
-            name.display()
-        )));
-    }
     Ok(Some(
         open_backing(&name, format.as_deref(), opts, chain).await?,
     ))
 }
 
+/// Open the external data file: the caller's as given (writable with the image), or the
+/// header's name if the reference policy allows it (writable only if the caller opted in).
 async fn open_data_file(
     ih: &ImageHeader,
     file: &Arc<dyn Storage>,
@@ -220,9 +219,23 @@ async fn open_data_file(
     if !ih.header.has_external_data_file() {
         return Ok((file.clone(), None));
     }
-    let p = match (&opts.data_file, ih.data_file()) {
-        (Some(p), _) => p.clone(),
-        (None, Some(name)) => resolve_relative(path, name),
+    let (p, writable) = match (&opts.data_file, ih.data_file()) {
+        (Some(p), _) => (p.clone(), opts.writable),
+        (None, Some(name)) => {
+            let resolved = resolve_relative(path, name);
+            opts.references
+                .check("external data file", name, &resolved)?;
+            if opts.writable && !opts.writable_data_file {
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    format!(
+                        "not opening the external data file '{name}' that the image names for \
+                         writing: writable data files are off (OpenOptions::writable_data_file)"
+                    ),
+                ));
+            }
+            (resolved, opts.writable)
+        }
         (None, None) => {
             return Err(Error::invalid(
                 "image needs an external data file but names none (pass one explicitly)",
@@ -230,10 +243,13 @@ async fn open_data_file(
         }
     };
     let flags = OpenFlags {
-        read_only: !opts.writable,
+        read_only: !writable,
         direct: opts.direct,
     };
-    let s = crate::storage::open_file(&p, flags, opts.io_backend)
-        .map_err(|e| Error::io("opening the external data file", e).in_file(&p))?;
+    let lock = opts
+        .locking
+        .then(|| LockRequest::data_file(writable, opts.force_share));
+    let s = crate::storage::open_file_locked(&p, flags, opts.io_backend, lock)
+        .map_err(|e| Error::open("opening the external data file", &p, e))?;
     Ok((s, Some(p)))
 }

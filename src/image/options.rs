@@ -3,13 +3,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::ReferencePolicy;
 use crate::storage::IoBackend;
 
 /// How to open an image. Build with [`OpenOptions::new`] and the setters.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     pub(crate) writable: bool,
-    pub(crate) follow_backing: bool,
+    pub(crate) references: ReferencePolicy,
+    pub(crate) writable_data_file: bool,
+    pub(crate) locking: bool,
+    pub(crate) force_share: bool,
     pub(crate) backing_override: Option<BackingOverride>,
     pub(crate) data_file: Option<PathBuf>,
     pub(crate) l2_cache_bytes: usize,
@@ -35,7 +39,10 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             writable: false,
-            follow_backing: true,
+            references: ReferencePolicy::default(),
+            writable_data_file: false,
+            locking: true,
+            force_share: false,
             backing_override: None,
             data_file: None,
             l2_cache_bytes: 4 << 20,
@@ -51,7 +58,8 @@ impl Default for OpenOptions {
 }
 
 impl OpenOptions {
-    /// Read-only, follow backing files, 4 MiB L2 cache, 1 MiB refcount cache, 4 KiB slices.
+    /// Read-only, QEMU-compatible locks, backing and data files only inside the image's
+    /// directory ([`ReferencePolicy::ImageDirectory`]), data files read-only, 4 MiB L2 cache, 1 MiB refcount cache, 4 KiB slices.
     pub fn new() -> Self {
         Self::default()
     }
@@ -62,11 +70,47 @@ impl OpenOptions {
         self
     }
 
-    /// Whether to open the backing file named in the image. An image is untrusted input: a
-    /// server exporting images it did not create may want to refuse backing references
-    /// (the open then fails with [`crate::ErrorKind::Unsupported`] for images that have one).
+    /// Which backing and data files named inside the image may be opened (default
+    /// [`ReferencePolicy::ImageDirectory`]). An image is untrusted input: see
+    /// [`ReferencePolicy`]. A refused reference fails the open with
+    /// [`crate::ErrorKind::Refused`].
+    pub fn references(mut self, p: ReferencePolicy) -> Self {
+        self.references = p;
+        self
+    }
+
+    /// `false` is [`OpenOptions::references`]`(`[`ReferencePolicy::Refuse`]`)` (no backing
+    /// and no data files); `true` restores the default policy if references were refused.
     pub fn follow_backing(mut self, on: bool) -> Self {
-        self.follow_backing = on;
+        if !on {
+            self.references = ReferencePolicy::Refuse;
+        } else if self.references == ReferencePolicy::Refuse {
+            self.references = ReferencePolicy::default();
+        }
+        self
+    }
+
+    /// Open the external data file named by the image read-write when the image is opened
+    /// for writing (default `false`: a data file is another file the image points at, and a
+    /// writable open of such an image fails unless the caller opts in here or passes the data
+    /// file itself with [`OpenOptions::data_file`]).
+    pub fn writable_data_file(mut self, on: bool) -> Self {
+        self.writable_data_file = on;
+        self
+    }
+
+    /// Take QEMU-compatible image locks (default `true`): while one holder writes an image,
+    /// nobody else (ours or QEMU) can open it, and read-only holders keep writers out.
+    /// Turn off only when the caller arbitrates access itself.
+    pub fn locking(mut self, on: bool) -> Self {
+        self.locking = on;
+        self
+    }
+
+    /// Read-only opens only: let others write the image (and its backing files) while it is
+    /// open (qemu-img's `-U`/`--force-share`). What is read may then be inconsistent.
+    pub fn force_share(mut self, on: bool) -> Self {
+        self.force_share = on;
         self
     }
 
@@ -129,5 +173,22 @@ impl OpenOptions {
     pub fn max_chain_depth(mut self, n: usize) -> Self {
         self.max_chain_depth = n;
         self
+    }
+
+    /// Refuse contradictory options.
+    pub(crate) fn validate(&self) -> crate::Result<()> {
+        if self.force_share && self.writable {
+            return Err(crate::Error::invalid_arg(
+                "force-share (-U) can only be used with read-only opens",
+            ));
+        }
+        Ok(())
+    }
+
+    /// These options with the reference policy held to `image_path`'s directory.
+    pub(crate) fn anchored(&self, image_path: Option<&std::path::Path>) -> OpenOptions {
+        let mut o = self.clone();
+        o.references = self.references.anchored(image_path);
+        o
     }
 }

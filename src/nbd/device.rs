@@ -79,6 +79,8 @@ pub struct RawDevice {
     storage: Arc<dyn Storage>,
     size: u64,
     writable: bool,
+    /// The format was guessed by probing (see [`RawDevice::format_probed`]).
+    probed: bool,
 }
 
 impl RawDevice {
@@ -89,7 +91,25 @@ impl RawDevice {
             storage,
             size,
             writable,
+            probed: false,
         })
+    }
+
+    /// Mark the raw format as guessed by probing: writes that would make block 0 probe as
+    /// another format (a qcow2 header naming `/etc/passwd` as its backing file, say) then fail
+    /// with [`crate::ErrorKind::Refused`] (EPERM to NBD clients), as with qemu-nbd. Otherwise
+    /// the next open of the file, also probing, would trust the client's header.
+    pub fn format_probed(mut self, on: bool) -> RawDevice {
+        self.probed = on;
+        self
+    }
+
+    /// Refuse a write of `buf` at `offset` if block 0 would then probe as non-raw.
+    async fn check_block0(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.probed {
+            return Ok(());
+        }
+        crate::image::check_probed_raw_write(self.storage.as_ref(), buf, offset).await
     }
 
     /// Data and hole runs, merged; a hole reads as zeros.
@@ -142,7 +162,10 @@ impl BlockDevice for RawDevice {
         Box::pin(async move { io(self.storage.read_at(buf, offset).await, "reading") })
     }
     fn write_at<'a>(&'a self, buf: &'a [u8], offset: u64) -> DeviceFuture<'a, ()> {
-        Box::pin(async move { io(self.storage.write_at(buf, offset).await, "writing") })
+        Box::pin(async move {
+            self.check_block0(buf, offset).await?;
+            io(self.storage.write_at(buf, offset).await, "writing")
+        })
     }
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> DeviceFuture<'_, ()> {
         Box::pin(async move { io(self.storage.write_zeroes(offset, len).await, "zeroing") })

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::{FileStorage, OpenFlags, Storage};
+use super::{FileStorage, LockRequest, OpenFlags, Storage};
 
 /// Which backend does file IO (see [`open_file`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,7 +43,20 @@ pub fn open_file(
     flags: OpenFlags,
     backend: IoBackend,
 ) -> io::Result<Arc<dyn Storage>> {
+    open_file_locked(path, flags, backend, None)
+}
+
+/// Like [`open_file`], then take QEMU-compatible image locks (see [`FileStorage::lock`]).
+pub fn open_file_locked(
+    path: &Path,
+    flags: OpenFlags,
+    backend: IoBackend,
+    lock: Option<LockRequest>,
+) -> io::Result<Arc<dyn Storage>> {
     let file = FileStorage::open(path, flags)?;
+    if let Some(req) = lock {
+        file.lock(req)?;
+    }
     match backend {
         IoBackend::Threads => Ok(Arc::new(file)),
         IoBackend::Uring => uring(file),

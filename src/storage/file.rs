@@ -142,6 +142,14 @@ impl FileStorage {
         })
     }
 
+    /// Take QEMU-compatible image locks on the file (see [`super::lock`]); fails with
+    /// [`io::ErrorKind::ResourceBusy`] (`Failed to get "write" lock`) when another holder
+    /// (this process or another, ours or QEMU) conflicts. The locks last until the file is
+    /// closed (every clone dropped).
+    pub fn lock(&self, req: super::LockRequest) -> io::Result<()> {
+        super::lock::lock(&self.inner.file, req)
+    }
+
     /// The path the file was opened with.
     pub fn path(&self) -> &Path {
         &self.path
@@ -287,6 +295,10 @@ impl Storage for FileStorage {
 
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.run_write(move |inner| inner.allocate(offset, len))
+    }
+
+    fn release_locks(&self) -> io::Result<()> {
+        super::lock::unlock(&self.inner.file)
     }
 }
 

@@ -16,6 +16,7 @@ use std::pin::Pin;
 
 mod backend;
 pub mod file;
+pub mod lock;
 pub mod memory;
 #[cfg(target_os = "linux")]
 pub mod uring;
@@ -25,8 +26,9 @@ pub mod crash;
 #[cfg(feature = "test-utils")]
 pub mod fault;
 
-pub use backend::{IoBackend, open_file};
+pub use backend::{IoBackend, open_file, open_file_locked};
 pub use file::{FileStorage, OpenFlags};
+pub use lock::{LockRequest, Perms};
 pub use memory::MemoryStorage;
 #[cfg(target_os = "linux")]
 pub use uring::UringStorage;
@@ -80,6 +82,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Bytes the storage really occupies (a sparse file's allocated blocks), if known.
     fn allocated_size(&self) -> IoFuture<'_, Option<u64>> {
         Box::pin(async { Ok(None) })
+    }
+    /// Drop the image locks taken on the storage (see [`FileStorage::lock`]), so that the
+    /// file can be opened again at once even while clones of this handle live on. Storage
+    /// without locks does nothing.
+    fn release_locks(&self) -> io::Result<()> {
+        Ok(())
     }
     /// Allocate (reserve) `len` bytes at `offset` without changing their content where possible.
     /// The default writes zeros past the current end only, via `write_zeroes`; bytes already

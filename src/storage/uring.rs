@@ -211,6 +211,10 @@ impl Storage for UringStorage {
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.file.allocate(offset, len)
     }
+
+    fn release_locks(&self) -> io::Result<()> {
+        self.file.release_locks()
+    }
 }
 
 /// Wait for a request's reply; its buffer on success.

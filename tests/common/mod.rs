@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: running QEMU's tools and comparing images.
 #![allow(dead_code)]
 
+pub mod bg;
+
 use std::path::Path;
 use std::process::Command;
 

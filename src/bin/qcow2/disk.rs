@@ -7,8 +7,10 @@ use anyhow::{Context, Result, bail};
 use qcow2_rs::Storage;
 use qcow2_rs::format::extensions::ImageHeader;
 use qcow2_rs::format::probe;
-use qcow2_rs::image::{Extent, Image, OpenOptions, ZeroFlags};
-use qcow2_rs::storage::{FileStorage, OpenFlags};
+use qcow2_rs::image::{Extent, Image, ZeroFlags, check_probed_raw_write};
+use qcow2_rs::storage::{FileStorage, LockRequest, OpenFlags};
+
+use crate::access::Access;
 
 /// An open image of either format. Cloning shares the open image (for concurrent requests).
 #[derive(Debug, Clone)]
@@ -24,6 +26,19 @@ pub enum Disk {
 pub struct RawDisk {
     storage: Arc<dyn Storage>,
     size: u64,
+    /// The format was guessed: writes must not make block 0 probe as another format.
+    probed: bool,
+}
+
+/// qemu-nbd's and qemu-io's warning when a writable image's format was probed as raw.
+pub fn probed_raw_warning(path: &Path) -> String {
+    format!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
+         the restrictions.",
+        path.display()
+    )
 }
 
 /// The format of `path`: `format` when given (checked), else probed from the magic.
@@ -33,7 +48,7 @@ pub async fn detect_format(path: &Path, format: Option<&str>) -> Result<&'static
         Some("raw") => Ok("raw"),
         Some(f) => bail!("unsupported image format '{f}' (qcow2 or raw)"),
         None => {
-            let s = open_file(path, false)?;
+            let s = open_file(path, false, None)?;
             let mut head = vec![0u8; probe::PROBE_LEN];
             s.read_at(&mut head, 0)
                 .await
@@ -45,27 +60,45 @@ pub async fn detect_format(path: &Path, format: Option<&str>) -> Result<&'static
     }
 }
 
-/// Open `path` as a plain file.
-pub fn open_file(path: &Path, writable: bool) -> Result<FileStorage> {
+/// Open `path` as a plain file, with `lock` taken on it.
+pub fn open_file(path: &Path, writable: bool, lock: Option<LockRequest>) -> Result<FileStorage> {
     let flags = OpenFlags {
         read_only: !writable,
         direct: false,
     };
-    FileStorage::open(path, flags).with_context(|| format!("could not open '{}'", path.display()))
+    let f = FileStorage::open(path, flags)
+        .with_context(|| format!("could not open '{}'", path.display()))?;
+    if let Some(req) = lock {
+        f.lock(req)
+            .map_err(|e| qcow2_rs::Error::open("locking", path, e))?;
+    }
+    Ok(f)
 }
 
-/// Open a qcow2 image with its backing chain.
-pub async fn open_qcow2(path: &Path, writable: bool) -> Result<Image> {
-    Ok(Image::open(path, &OpenOptions::new().writable(writable)).await?)
+/// Open a qcow2 image with its backing chain, as `access` allows.
+pub async fn open_qcow2(path: &Path, writable: bool, access: &Access) -> Result<Image> {
+    Ok(Image::open(path, &access.options(writable)).await?)
 }
 
 impl Disk {
-    /// Open `path` in `format` (probed when `None`) with its backing chain.
-    pub async fn open(path: &Path, format: Option<&str>, writable: bool) -> Result<Disk> {
+    /// Open `path` in `format` (probed when `None`) with its backing chain, as `access` allows.
+    pub async fn open(
+        path: &Path,
+        format: Option<&str>,
+        writable: bool,
+        access: &Access,
+    ) -> Result<Disk> {
+        if writable && access.force_share {
+            bail!("--force-share (-U) can only be used with read-only images");
+        }
         match detect_format(path, format).await? {
-            "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable).await?)),
+            "qcow2" => Ok(Disk::Qcow2(open_qcow2(path, writable, access).await?)),
             _ => {
-                let storage = open_file(path, writable)?;
+                let probed = writable && format.is_none();
+                if probed {
+                    errln!("{}", probed_raw_warning(path));
+                }
+                let storage = open_file(path, writable, access.raw_lock(writable))?;
                 // Like QEMU, a raw image's size is its length rounded up to whole sectors.
                 let size = storage
                     .len()
@@ -75,6 +108,7 @@ impl Disk {
                 Ok(Disk::Raw(RawDisk {
                     storage: Arc::new(storage),
                     size,
+                    probed,
                 }))
             }
         }
@@ -82,7 +116,11 @@ impl Disk {
 
     /// A raw disk over an already open file of `size` bytes.
     pub fn open_raw_storage(storage: Arc<dyn Storage>, size: u64) -> Disk {
-        Disk::Raw(RawDisk { storage, size })
+        Disk::Raw(RawDisk {
+            storage,
+            size,
+            probed: false,
+        })
     }
 
     /// The format name as qemu-img prints it.
@@ -115,7 +153,12 @@ impl Disk {
         self.check_range(off, buf.len() as u64)?;
         match self {
             Disk::Qcow2(img) => Ok(img.write_at(buf, off).await?),
-            Disk::Raw(r) => Ok(r.storage.write_at(buf, off).await?),
+            Disk::Raw(r) => {
+                if r.probed {
+                    check_probed_raw_write(r.storage.as_ref(), buf, off).await?;
+                }
+                Ok(r.storage.write_at(buf, off).await?)
+            }
         }
     }
 

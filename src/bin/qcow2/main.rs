@@ -33,6 +33,7 @@ macro_rules! eprintln {
 
 #[macro_use]
 mod output;
+mod access;
 mod args;
 mod cmd;
 mod disk;

@@ -40,7 +40,7 @@ pub async fn dispatch(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Reply {
 /// The NBD error number for a library error.
 pub fn errno_of(e: &Error) -> Errno {
     match e.kind() {
-        ErrorKind::ReadOnly => Errno::EPERM,
+        ErrorKind::ReadOnly | ErrorKind::Refused => Errno::EPERM,
         ErrorKind::OutOfRange | ErrorKind::InvalidArgument => Errno::EINVAL,
         ErrorKind::NoSpace => Errno::ENOSPC,
         // Corruption, IO failures, a poisoned image, unsupported features (encrypted data):

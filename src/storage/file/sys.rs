@@ -88,16 +88,20 @@ pub(super) fn write_full(file: &File, buf: &[u8], offset: u64) -> io::Result<()>
 
 /// Open `path` with the given access, optionally with `O_DIRECT` (a clear `Unsupported` error if
 /// the filesystem refuses it, as tmpfs does).
+///
+/// Only regular files and block devices are accepted. The file is opened with `O_NONBLOCK` so
+/// that a FIFO or a character device named by a hostile image cannot block the open (a FIFO
+/// without a writer blocks `open` forever); the type is checked on the open descriptor (no
+/// race with a rename), then `O_NONBLOCK` is cleared for ordinary blocking IO.
 pub(super) fn open(path: &Path, write: bool, create: bool, direct: bool) -> io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(write);
     if create {
         opts.create(true).truncate(true);
     }
-    if direct {
-        opts.custom_flags(direct_flag()?);
-    }
-    opts.open(path).map_err(|e| {
+    let direct_flag = if direct { direct_flag()? } else { 0 };
+    opts.custom_flags(direct_flag | libc::O_NONBLOCK);
+    let file = opts.open(path).map_err(|e| {
         if direct && e.raw_os_error() == Some(libc::EINVAL) {
             io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -109,7 +113,50 @@ pub(super) fn open(path: &Path, write: bool, create: bool, direct: bool) -> io::
         } else {
             e
         }
-    })
+    })?;
+    check_file_type(&file)?;
+    clear_nonblock(&file)?;
+    Ok(file)
+}
+
+/// Refuse anything but a regular file or a block device.
+fn check_file_type(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = file.metadata()?.file_type();
+    if t.is_file() || t.is_block_device() {
+        return Ok(());
+    }
+    let what = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what} is not an image (only regular files and block devices are opened)"),
+    ))
+}
+
+/// Clear `O_NONBLOCK`, which `open` set only to make the open itself safe.
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: `fcntl(F_GETFL)` takes no pointer; `fd` is valid while `file` is borrowed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; `F_SETFL` takes an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(target_os = "linux")]

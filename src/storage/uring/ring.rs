@@ -88,9 +88,12 @@ impl Shared {
     }
 }
 
-/// The callers' side of a ring: queues requests. Dropping it lets the thread finish and exit.
+/// The callers' side of a ring: queues requests. Dropping it lets the thread finish and exit,
+/// and waits for that: the thread holds the file open, and the file's image locks must be gone
+/// once the storage is dropped (so that the same process can open the image again).
 pub(crate) struct Ring {
     shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -125,7 +128,7 @@ impl Ring {
         // may submit.
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let thread_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("qcow2-uring".into())
             .stack_size(256 << 10)
             .spawn(move || match Driver::new(thread_shared, file) {
@@ -139,7 +142,10 @@ impl Ring {
             })?;
         rx.recv()
             .map_err(|_| io::Error::other("io_uring thread died during setup"))??;
-        Ok(Ring { shared })
+        Ok(Ring {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// Queue `op`; its reply arrives on the receiver [`Op::new`] returned.
@@ -161,6 +167,12 @@ impl Drop for Ring {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::SeqCst);
         self.shared.wake();
+        // The thread exits once the requests in flight complete; never join from itself.
+        if let Some(t) = self.thread.take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
     }
 }
 

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use qcow2_rs::image::{Image, IoBackend, OpenOptions};
+use qcow2_rs::image::{Image, IoBackend};
+
+use crate::access::Access;
 
 use crate::args::parse_size;
 
@@ -45,6 +47,8 @@ pub struct Args {
     /// available, else threads).
     #[arg(short = 'i', long)]
     aio: Option<String>,
+    #[command(flatten)]
+    access: Access,
     /// The image.
     file: PathBuf,
 }
@@ -66,10 +70,7 @@ pub async fn run(a: Args) -> Result<u8> {
         None | Some("native") => IoBackend::Auto,
         Some(other) => other.parse().map_err(anyhow::Error::msg)?,
     };
-    let opts = OpenOptions::new()
-        .writable(a.write)
-        .direct(direct)
-        .io_backend(backend);
+    let opts = a.access.options(a.write).direct(direct).io_backend(backend);
     let img = Image::open(&a.file, &opts).await?;
     let step = a.step.unwrap_or(a.size);
     let kind = if a.write { "write" } else { "read" };

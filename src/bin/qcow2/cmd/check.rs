@@ -22,6 +22,7 @@ use qcow2_rs::check::{CheckOptions, CheckReport, RepairMode, check, repair_with}
 use serde::Serialize;
 
 use super::OutputFormat;
+use crate::access::Access;
 use crate::disk::{detect_format, open_file};
 use crate::output::print_json;
 
@@ -43,9 +44,8 @@ pub struct Args {
     /// Print nothing on stdout (findings still go to stderr).
     #[arg(short = 'q', long)]
     quiet: bool,
-    /// Accepted for qemu-img compatibility (images are opened without locking).
-    #[arg(short = 'U', long)]
-    force_share: bool,
+    #[command(flatten)]
+    access: Access,
     /// The image file.
     file: PathBuf,
 }
@@ -74,7 +74,11 @@ pub async fn run(a: Args) -> Result<u8> {
         errln!("qcow2: This image format does not support checks");
         return Ok(EXIT_NOT_SUPPORTED);
     }
-    let storage: Arc<dyn Storage> = Arc::new(open_file(&a.file, a.repair.is_some())?);
+    let storage: Arc<dyn Storage> = Arc::new(open_file(
+        &a.file,
+        a.repair.is_some(),
+        a.access.image_lock(a.repair.is_some()),
+    )?);
     let opts = CheckOptions {
         filename: Some(a.file.display().to_string()),
         ..CheckOptions::default()

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use qcow2_rs::image::Extent;
 
+use crate::access::Access;
 use crate::disk::Disk;
 
 /// Arguments of `qcow2 compare`.
@@ -33,9 +34,8 @@ pub struct Args {
     /// Quiet: print nothing, report through the exit status only.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Accepted for qemu-img compatibility.
-    #[arg(short = 'U', long)]
-    force_share: bool,
+    #[command(flatten)]
+    access: Access,
     /// The first image.
     image1: PathBuf,
     /// The second image.
@@ -73,8 +73,8 @@ pub async fn run(a: Args) -> Result<u8> {
 }
 
 async fn compare(a: &Args) -> Result<u8> {
-    let d1 = Disk::open(&a.image1, a.format1.as_deref(), false).await?;
-    let d2 = Disk::open(&a.image2, a.format2.as_deref(), false).await?;
+    let d1 = Disk::open(&a.image1, a.format1.as_deref(), false, &a.access).await?;
+    let d2 = Disk::open(&a.image2, a.format2.as_deref(), false, &a.access).await?;
     let say = |s: String| {
         if !a.quiet {
             outln!("{s}");

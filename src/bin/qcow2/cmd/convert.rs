@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use qcow2_rs::Storage;
-use qcow2_rs::storage::FileStorage;
+use qcow2_rs::storage::{FileStorage, LockRequest};
 
+use crate::access::Access;
 use crate::disk::{Disk, open_qcow2};
 
 /// Arguments of `qcow2 convert`.
@@ -35,9 +36,8 @@ pub struct Args {
     /// Quiet (the default; accepted for qemu-img compatibility).
     #[arg(short = 'q')]
     quiet: bool,
-    /// Accepted for qemu-img compatibility.
-    #[arg(short = 'U', long)]
-    force_share: bool,
+    #[command(flatten)]
+    access: Access,
     /// Source image.
     src: PathBuf,
     /// Destination image (created or truncated).
@@ -57,13 +57,13 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.options.is_some() && a.output_format != "qcow2" {
         bail!("-o is only supported with -O qcow2");
     }
-    let src = Disk::open(&a.src, a.format.as_deref(), false).await?;
+    let src = Disk::open(&a.src, a.format.as_deref(), false, &a.access).await?;
     let size = src.size();
     let dst = match a.output_format.as_str() {
         "raw" => create_raw(&a.dst, size).await?,
         "qcow2" => {
             super::create::create_qcow2(&a.dst, size, a.options.as_deref()).await?;
-            Disk::Qcow2(open_qcow2(&a.dst, true).await?)
+            Disk::Qcow2(open_qcow2(&a.dst, true, &Access::default()).await?)
         }
         f => bail!("unsupported output format '{f}' (raw or qcow2)"),
     };
@@ -83,6 +83,8 @@ pub async fn run(a: Args) -> Result<u8> {
 async fn create_raw(path: &std::path::Path, size: u64) -> Result<Disk> {
     let f = FileStorage::create(path)
         .with_context(|| format!("could not create '{}'", path.display()))?;
+    f.lock(LockRequest::raw(true))
+        .map_err(|e| qcow2_rs::Error::open("locking", path, e))?;
     f.set_len(size)
         .await
         .with_context(|| format!("sizing '{}'", path.display()))?;

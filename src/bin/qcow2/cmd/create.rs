@@ -12,6 +12,7 @@ use qcow2_rs::Storage;
 use qcow2_rs::image::create::{self as lib, Compat, CreateOptions, Preallocation};
 use qcow2_rs::storage::FileStorage;
 
+use crate::access::Access;
 use crate::disk::{Disk, full_backing_name};
 
 /// Arguments of `qcow2 create`.
@@ -88,9 +89,14 @@ async fn create_with(
     if let Some(name) = opts.backing_file.clone() {
         let backing = full_backing_name(path, &name);
         if !unsafe_backing || opts.size.is_none() {
-            let disk = Disk::open(&backing, opts.backing_fmt.as_deref(), false)
-                .await
-                .with_context(|| format!("could not open backing image '{}'", backing.display()))?;
+            let disk = Disk::open(
+                &backing,
+                opts.backing_fmt.as_deref(),
+                false,
+                &Access::default(),
+            )
+            .await
+            .with_context(|| format!("could not open backing image '{}'", backing.display()))?;
             opts.backing_fmt
                 .get_or_insert_with(|| disk.format().to_string());
             opts.size.get_or_insert(disk.size());

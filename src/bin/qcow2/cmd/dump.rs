@@ -29,7 +29,7 @@ pub struct Args {
 
 /// Run `qcow2 dump`.
 pub async fn run(a: Args) -> Result<u8> {
-    let file = open_file(&a.file, false)?;
+    let file = open_file(&a.file, false, None)?;
     let file_len = file.len().await.context("sizing the file")?;
     let mut first = vec![0u8; 4096];
     file.read_at(&mut first, 0)

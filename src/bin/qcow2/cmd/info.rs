@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use qcow2_rs::format::extensions::ImageHeader;
-use qcow2_rs::storage::FileStorage;
+use qcow2_rs::storage::{FileStorage, LockRequest};
 
 use super::info_types::{Child, FileInfo, FormatSpecific, ImageInfo, Qcow2Data, SpecificData};
 use super::{OutputFormat, info_luks, snapshots};
+use crate::access::Access;
 use crate::disk::{detect_format, full_backing_name, open_file, read_image_header};
 use crate::output::print_json;
 
@@ -24,9 +25,8 @@ pub struct Args {
     /// Show every image of the backing chain.
     #[arg(long)]
     backing_chain: bool,
-    /// Accepted for qemu-img compatibility (images are opened without locking).
-    #[arg(short = 'U', long)]
-    force_share: bool,
+    #[command(flatten)]
+    access: Access,
     /// The image file.
     file: PathBuf,
 }
@@ -49,7 +49,22 @@ pub async fn run(a: Args) -> Result<u8> {
             bail!("backing chain of '{}' contains a loop", a.file.display());
         }
         seen.push(canon);
-        let (info, backing) = image_info(&path, fmt.as_deref()).await?;
+        let lock = match chain.is_empty() {
+            true => a.access.image_lock(false),
+            // Backing files are only read, as the image above them is.
+            false => a
+                .access
+                .image_lock(false)
+                .map(|_| LockRequest::backing(a.access.force_share)),
+        };
+        let (info, backing) = image_info(&path, fmt.as_deref(), lock).await?;
+        warn_about_references(&info);
+        if let (true, Some((full, _)), Some(name)) =
+            (a.backing_chain, &backing, &info.backing_filename)
+        {
+            a.access
+                .check_reference(&a.file, "backing file", name, full)?;
+        }
         chain.push(info);
         next = backing.filter(|_| a.backing_chain);
     }
@@ -70,10 +85,42 @@ fn print_human_chain(chain: &[ImageInfo]) {
     }
 }
 
-/// Information about one image, and its backing file (path, format) if it has one.
+/// Warn about names in the image that reach outside its directory: info itself opens no file
+/// an image names (unless `--backing-chain` asks for it), but other tools may.
+fn warn_about_references(info: &ImageInfo) {
+    let data = match &info.format_specific {
+        Some(FormatSpecific {
+            data: SpecificData::Qcow2(q),
+            ..
+        }) => q.data_file.as_deref(),
+        _ => None,
+    };
+    for (what, name) in [
+        ("backing file", info.backing_filename.as_deref()),
+        ("data file", data),
+    ] {
+        let Some(name) = name else { continue };
+        let p = Path::new(name);
+        if p.is_absolute() {
+            errln!(
+                "qcow2: warning: {} names the {what} '{name}' by an absolute name",
+                info.filename
+            );
+        } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+            errln!(
+                "qcow2: warning: {} names the {what} '{name}' outside its directory ('..')",
+                info.filename
+            );
+        }
+    }
+}
+
+/// Information about one image (locked with `lock`), and its backing file (path, format) if
+/// it has one.
 pub async fn image_info(
     path: &Path,
     format: Option<&str>,
+    lock: Option<LockRequest>,
 ) -> Result<(ImageInfo, Option<(PathBuf, Option<String>)>)> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("could not open '{}'", path.display()))?;
@@ -111,9 +158,11 @@ pub async fn image_info(
         info: file_info,
     });
     if detect_format(path, format).await? == "raw" {
+        // Taken only to honour other holders' locks, as qemu-img does.
+        let _file = open_file(path, false, lock.map(|_| LockRequest::raw(false)))?;
         return Ok((info, None));
     }
-    let file = open_file(path, false)?;
+    let file = open_file(path, false, lock)?;
     let ih = read_image_header(&file)
         .await
         .with_context(|| path.display().to_string())?;

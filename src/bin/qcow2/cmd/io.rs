@@ -10,6 +10,7 @@ use anyhow::Result;
 use tokio::task::JoinHandle;
 
 use super::io_ops::{self, Op, Request};
+use crate::access::Access;
 use crate::disk::Disk;
 use crate::output::error_text;
 
@@ -26,9 +27,8 @@ pub struct Args {
     /// aio_flush, map, info.
     #[arg(short = 'c', long = "cmd")]
     commands: Vec<String>,
-    /// Accepted for qemu-io compatibility.
-    #[arg(short = 'U', long)]
-    force_share: bool,
+    #[command(flatten)]
+    access: Access,
     /// The image file.
     file: PathBuf,
 }
@@ -43,7 +43,7 @@ struct Session {
 
 /// Run `qcow2 io`.
 pub async fn run(a: Args) -> Result<u8> {
-    let disk = Disk::open(&a.file, a.format.as_deref(), !a.read_only).await?;
+    let disk = Disk::open(&a.file, a.format.as_deref(), !a.read_only, &a.access).await?;
     let mut s = Session {
         disk,
         file: a.file,

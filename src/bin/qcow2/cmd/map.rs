@@ -6,6 +6,7 @@ use anyhow::{Result, bail};
 use qcow2_rs::image::Extent;
 
 use super::OutputFormat;
+use crate::access::Access;
 use crate::args::parse_size;
 use crate::disk::{Disk, full_backing_name};
 
@@ -24,9 +25,8 @@ pub struct Args {
     /// Bytes to report (default: up to the end of the image).
     #[arg(short = 'l', long, value_parser = parse_size)]
     max_length: Option<u64>,
-    /// Accepted for qemu-img compatibility.
-    #[arg(short = 'U', long)]
-    force_share: bool,
+    #[command(flatten)]
+    access: Access,
     /// The image file.
     file: PathBuf,
 }
@@ -36,7 +36,7 @@ const WINDOW: u64 = 1 << 30;
 
 /// Run `qcow2 map`.
 pub async fn run(a: Args) -> Result<u8> {
-    let disk = Disk::open(&a.file, a.format.as_deref(), false).await?;
+    let disk = Disk::open(&a.file, a.format.as_deref(), false, &a.access).await?;
     let start = a.start_offset.min(disk.size());
     let end = a
         .max_length

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
+use crate::access::Access;
 use crate::args::parse_size;
 use crate::disk::{detect_format, open_file, open_qcow2};
 
@@ -22,6 +23,8 @@ pub struct Args {
     /// Print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    access: Access,
     /// The image file.
     file: PathBuf,
     /// New size: `SIZE`, `+SIZE` or `-SIZE` (suffixes k, M, G, ...).
@@ -34,7 +37,7 @@ pub async fn run(a: Args) -> Result<u8> {
     let format = detect_format(&a.file, a.format.as_deref()).await?;
     match format {
         "qcow2" => {
-            let img = open_qcow2(&a.file, true).await?;
+            let img = open_qcow2(&a.file, true, &a.access).await?;
             let new = new_size(&a.size, img.virtual_size())?;
             check_shrink(&a, new, img.virtual_size())?;
             let r = img.resize_with(new, a.shrink).await;
@@ -44,15 +47,16 @@ pub async fn run(a: Args) -> Result<u8> {
             closed?;
         }
         _ => {
-            let file = open_file(&a.file, true)?;
+            let file = open_file(&a.file, true, a.access.raw_lock(true))?;
             let old = qcow2_rs::Storage::len(&file).await?;
             let new = new_size(&a.size, old)?;
             check_shrink(&a, new, old)?;
-            drop(file);
+            // `file` (and its lock) stays open until the resize is done.
             let f = std::fs::OpenOptions::new().write(true).open(&a.file)?;
             f.set_len(new)
                 .and_then(|()| f.sync_all())
                 .with_context(|| format!("could not resize '{}'", a.file.display()))?;
+            drop(file);
         }
     }
     if !a.quiet {

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use qcow2_rs::nbd::{BlockDevice, Export, Listener, RawDevice, Server};
 
-use crate::disk::{detect_format, open_file, open_qcow2};
+use crate::access::Access;
+use crate::disk::{detect_format, open_file, open_qcow2, probed_raw_warning};
 
 /// Arguments of `qcow2 serve`.
 #[derive(Debug, clap::Args)]
@@ -42,6 +43,10 @@ pub struct Args {
     /// has none in flight) for SECS seconds (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     idle_timeout: u64,
+    /// Images are untrusted here: backing and data files only inside the image's directory
+    /// (named relatively, without '..'), data files read-only, unless --trusted.
+    #[command(flatten)]
+    access: Access,
     /// The image file.
     file: PathBuf,
 }
@@ -86,13 +91,22 @@ pub async fn run(a: Args) -> Result<u8> {
 /// Open the image as a device of its format.
 async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
     let writable = !a.read_only;
+    let access = a.access.clone().untrusted_by_default();
+    if writable && access.force_share {
+        bail!("--force-share (-U) can only be used with read-only exports (-r)");
+    }
     Ok(match detect_format(&a.file, a.format.as_deref()).await? {
-        "qcow2" => Arc::new(open_qcow2(&a.file, writable).await?),
+        "qcow2" => Arc::new(open_qcow2(&a.file, writable, &access).await?),
         _ => {
-            let storage = Arc::new(open_file(&a.file, writable)?);
+            let probed = writable && a.format.is_none();
+            if probed {
+                errln!("{}", probed_raw_warning(&a.file));
+            }
+            let storage = Arc::new(open_file(&a.file, writable, access.raw_lock(writable))?);
             let raw = RawDevice::new(storage, writable)
                 .await
-                .with_context(|| a.file.display().to_string())?;
+                .with_context(|| a.file.display().to_string())?
+                .format_probed(probed);
             Arc::new(raw)
         }
     })
