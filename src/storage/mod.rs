@@ -24,6 +24,8 @@ pub mod uring;
 pub mod crash;
 #[cfg(feature = "test-utils")]
 pub mod fault;
+#[cfg(feature = "test-utils")]
+pub mod park;
 
 pub use backend::{IoBackend, open_file};
 pub use file::{FileStorage, OpenFlags};
@@ -35,6 +37,8 @@ pub use uring::UringStorage;
 pub use crash::{CrashPolicy, CrashStorage};
 #[cfg(feature = "test-utils")]
 pub use fault::{FaultError, FaultRule, FaultStorage, OpCounts, OpKind};
+#[cfg(feature = "test-utils")]
+pub use park::ParkStorage;
 
 /// A boxed, `Send` future returned by [`Storage`] methods.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
