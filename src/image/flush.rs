@@ -27,7 +27,15 @@ type L2Snapshot = Vec<(std::sync::Arc<crate::cache::Slice>, Vec<u8>, u64)>;
 impl Image {
     /// Make every write that completed before this call durable: data, then metadata in
     /// soft-update order, ending with fsync. On a read-only image this does nothing.
+    ///
+    /// Cancel-safe: a flush whose future is dropped still runs to its end in the background,
+    /// so no dirty metadata it took over is lost.
     pub async fn flush(&self) -> Result<()> {
+        self.detached(async move |img| img.flush_now().await).await
+    }
+
+    /// [`Image::flush`]'s work, run to completion by its caller.
+    async fn flush_now(&self) -> Result<()> {
         let Some(w) = self.inner.write.as_ref() else {
             return Ok(());
         };
@@ -54,12 +62,21 @@ impl Image {
         self.apply_frees(generation).await.map_err(|e| w.poison(e))
     }
 
-    /// Flush twice (the second persists the frees the first applied) and stop the
+    /// Wait for the requests in flight (including those whose callers dropped their futures),
+    /// flush twice (the second persists the frees the first applied) and stop the
     /// background flusher. Await this before dropping a writable image: there is no
     /// async drop, and unflushed metadata is lost (leaving leaked clusters at worst).
+    /// Cancel-safe: a dropped close still finishes in the background.
     pub async fn close(&self) -> Result<()> {
-        self.flush().await?;
-        self.flush().await?;
+        self.detached(async move |img| img.close_now().await).await
+    }
+
+    async fn close_now(&self) -> Result<()> {
+        if let Some(w) = self.inner.write.as_ref() {
+            w.epochs.idle().await;
+        }
+        self.flush_now().await?;
+        self.flush_now().await?;
         if let Some(w) = self.inner.write.as_ref() {
             w.closed.store(true, Ordering::Release);
             w.flush_wanted.notify_one();

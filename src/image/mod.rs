@@ -161,6 +161,16 @@ impl Image {
         &self.inner.file
     }
 
+    /// Run `work` on a clone of this handle as a cancel-safe future: if the caller drops it
+    /// after it started, the work finishes in the background (see `crate::detach`).
+    fn detached<T, F>(&self, work: impl FnOnce(Image) -> F) -> crate::detach::Detached<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        crate::detach::Detached::new(work(self.clone()))
+    }
+
     /// Check that `[offset, offset + len)` lies inside the virtual disk.
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.virtual_size();
