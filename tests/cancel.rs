@@ -364,3 +364,50 @@ cancel_tests! {
     write_compressed: "write_compressed",
     resize: "resize",
 }
+
+/// Even the task that finishes a dropped flush can be dropped: when its runtime shuts down.
+/// The flush then puts the L1 entries it took back into the dirty set (and clears the
+/// "being written" marks of its slices), so a close on another runtime still writes them.
+#[test]
+fn flush_dropped_by_runtime_shutdown_keeps_its_l1_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let tpl = first.block_on(make_template(dir.path()));
+    let mem = Arc::new(MemoryStorage::from_vec(tpl));
+    let park = Arc::new(ParkStorage::new(mem.clone()));
+    let img = first.block_on(async {
+        let img = Image::open_storage(park.clone(), &opts()).await.unwrap();
+        prep_writes(&img).await.unwrap();
+        park.hold();
+        let flushing = tokio::spawn({
+            let img = img.clone();
+            async move { img.flush().await }
+        });
+        while park.parked() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(flushing); // detached: only the runtime's shutdown stops it
+        img
+    });
+    drop(first);
+    runtime().block_on(async {
+        park.release_all().await;
+        img.close().await.unwrap();
+    });
+    drop(img);
+    let path = dir.path().join("shutdown.qcow2");
+    std::fs::write(&path, mem.snapshot()).unwrap();
+    common::assert_check_clean(&path);
+    let raw = qemu_head(&path, SIZE);
+    for (i, &b) in raw.iter().enumerate() {
+        let off = i as u64;
+        let want = prep_content(off).unwrap_or_else(|| template(off));
+        assert_eq!(b, want, "byte at {off:#x}");
+    }
+}

@@ -13,6 +13,7 @@
 //! so the refcounts written after the snapshot cover everything the snapshot references.
 //! A crash can leak clusters, never leave a mapping without its refcount.
 
+use std::collections::BTreeSet;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
 
@@ -49,16 +50,18 @@ impl Image {
         let w = self.write_state_unpoisoned();
         w.check_poison()?;
         let generation = w.generation.fetch_add(1, Ordering::AcqRel);
-        let l1 = self.snapshot_l1();
+        let (l1_taken, l1) = self.snapshot_l1();
         let l2 = self.snapshot_l2();
+        // Until the L1 sectors are written, the entries stay owed: if this future is dropped
+        // (the runtime dropped the task finishing it) they go back to the dirty set.
+        let mut owed = L1Owed(w, Some(l1_taken));
+        let writing: Vec<_> = l2.iter().map(|(s, _, _)| s.start_writing()).collect();
         let written = self.write_metadata(&l1, &l2).await;
-        // Whatever happened, the slices are no longer being written (evictable once clean).
-        for (s, _, _) in &l2 {
-            s.set_writing(false);
-        }
+        drop(writing);
         if let Err(e) = written {
             return Err(w.poison(e));
         }
+        owed.1 = None;
         self.apply_frees(generation).await.map_err(|e| w.poison(e))
     }
 
@@ -84,14 +87,15 @@ impl Image {
         Ok(())
     }
 
-    /// Copies of the 512-byte L1 sectors holding dirty entries, as they are now.
-    fn snapshot_l1(&self) -> Vec<(usize, Vec<u8>)> {
+    /// The dirty L1 entries (taken from the dirty set) and copies of the 512-byte L1 sectors
+    /// holding them, as they are now.
+    fn snapshot_l1(&self) -> (BTreeSet<usize>, Vec<(usize, Vec<u8>)>) {
         let w = self.write_state_unpoisoned();
         let dirty = std::mem::take(&mut *w.l1_dirty.lock().unwrap());
         let mut sectors: Vec<usize> = dirty.iter().map(|i| i / 64).collect();
         sectors.dedup();
         let l1 = self.inner.l1.read().unwrap();
-        sectors
+        let sectors = sectors
             .into_iter()
             .map(|sec| {
                 let end = ((sec + 1) * 64).min(l1.len());
@@ -99,14 +103,14 @@ impl Image {
                 l1::write_table(&l1[sec * 64..end], &mut buf);
                 (sec, buf)
             })
-            .collect()
+            .collect();
+        (dirty, sectors)
     }
 
     fn snapshot_l2(&self) -> L2Snapshot {
         let mut v = Vec::new();
         for s in self.inner.l2_cache.dirty_slices() {
             if let Some((bytes, g)) = s.snapshot_dirty() {
-                s.set_writing(true);
                 v.push((s, bytes, g));
             }
         }
@@ -245,6 +249,17 @@ impl Image {
         let weak = std::sync::Arc::downgrade(&self.inner);
         let interval = self.inner.flush_interval;
         rt.spawn(flusher(weak, interval));
+    }
+}
+
+/// L1 entries a flush took from the dirty set and has not written yet; put back on drop.
+struct L1Owed<'a>(&'a super::state::WriteState, Option<BTreeSet<usize>>);
+
+impl Drop for L1Owed<'_> {
+    fn drop(&mut self) {
+        if let Some(owed) = self.1.take() {
+            self.0.l1_dirty.lock().unwrap().extend(owed);
+        }
     }
 }
 
