@@ -15,6 +15,7 @@ pub mod alloc;
 pub mod blocking;
 pub mod cache;
 pub mod check;
+mod detach;
 pub mod error;
 pub mod format;
 pub mod image;

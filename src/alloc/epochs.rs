@@ -5,20 +5,29 @@
 //! another region's data or, worse, overwrite it. So every request registers the epoch it
 //! started in, a free is stamped with the epoch current when the mapping dropped the cluster,
 //! and the free is applied only once no request from that epoch or earlier is still running.
+//!
+//! `close` also uses it to wait until no request is running (a request whose caller dropped
+//! its future keeps running in the background until its IO is done; see `crate::detach`).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 /// Counts running requests per start epoch.
 #[derive(Debug, Default)]
 pub struct Epochs {
     inner: Mutex<EpochState>,
+    /// Woken when the last running request leaves while someone waits in [`Epochs::idle`].
+    idle: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
 struct EpochState {
     current: u64,
     running: BTreeMap<u64, usize>,
+    /// Tasks waiting in [`Epochs::idle`] (so the hot path skips the notify when 0).
+    waiting: usize,
 }
 
 /// A running request; leaves its epoch when dropped.
@@ -53,6 +62,24 @@ impl Epochs {
         e
     }
 
+    /// Wait until no request is running.
+    pub async fn idle(&self) {
+        loop {
+            let notified = {
+                let mut s = self.inner.lock().unwrap();
+                if s.running.is_empty() {
+                    return;
+                }
+                s.waiting += 1;
+                // Created under the lock that the last leaving request notifies under, so
+                // the wake-up cannot be missed.
+                self.idle.clone().notified_owned()
+            };
+            let _leave = Waiting(self);
+            notified.await;
+        }
+    }
+
     /// Whether every request that started at or before epoch `e` has finished.
     pub fn quiesced(&self, e: u64) -> bool {
         let s = self.inner.lock().unwrap();
@@ -67,8 +94,20 @@ impl Drop for EpochGuard<'_> {
             *n -= 1;
             if *n == 0 {
                 s.running.remove(&self.epoch);
+                if s.running.is_empty() && s.waiting > 0 {
+                    self.epochs.idle.notify_waiters();
+                }
             }
         }
+    }
+}
+
+/// Counts a task waiting in [`Epochs::idle`] until it stops waiting (woken or dropped).
+struct Waiting<'a>(&'a Epochs);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.inner.lock().unwrap().waiting -= 1;
     }
 }
 
@@ -90,5 +129,28 @@ mod tests {
         );
         drop(young);
         assert!(e.quiesced(stamp));
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_the_last_request() {
+        let e = Arc::new(Epochs::new());
+        e.idle().await; // nothing running
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let e2 = e.clone();
+        let req = tokio::spawn(async move {
+            let _g = e2.enter();
+            let _ = rx.await;
+        });
+        tokio::task::yield_now().await;
+        let waiter = tokio::spawn({
+            let e = e.clone();
+            async move { e.idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        tx.send(()).unwrap();
+        req.await.unwrap();
+        waiter.await.unwrap();
+        assert_eq!(e.inner.lock().unwrap().waiting, 0);
     }
 }

@@ -293,9 +293,9 @@ impl Refcounts {
             let Some((bytes, gen_)) = s.snapshot_dirty() else {
                 continue;
             };
-            s.set_writing(true);
+            let writing = s.start_writing();
             let r = self.file.write_at(&bytes, s.offset()).await;
-            s.set_writing(false);
+            drop(writing);
             r.map_err(|e| Error::io("writing a refcount block", e).at(s.offset()))?;
             s.mark_clean(gen_);
         }

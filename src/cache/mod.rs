@@ -17,7 +17,7 @@
 
 mod slice;
 
-pub use slice::Slice;
+pub use slice::{Slice, WritingGuard};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

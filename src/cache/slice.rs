@@ -120,9 +120,11 @@ impl Slice {
         }
     }
 
-    /// Flag the slice as being written (or not) by a flush.
-    pub fn set_writing(&self, on: bool) {
-        self.writing.store(on, Ordering::Release);
+    /// Flag the slice as being written by a flush until the guard is dropped — also when the
+    /// flush's future is dropped mid-write, so the slice never stays unevictable.
+    pub fn start_writing(&self) -> WritingGuard<'_> {
+        self.writing.store(true, Ordering::Release);
+        WritingGuard(self)
     }
 
     pub(super) fn is_evictable(&self) -> bool {
@@ -135,5 +137,15 @@ impl Slice {
 
     pub(super) fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
+    }
+}
+
+/// A slice flagged as being written (see [`Slice::start_writing`]); clears the flag on drop.
+#[derive(Debug)]
+pub struct WritingGuard<'a>(&'a Slice);
+
+impl Drop for WritingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.writing.store(false, Ordering::Release);
     }
 }

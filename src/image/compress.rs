@@ -23,8 +23,14 @@ impl Image {
     /// of the disk (it is zero-padded for compression). Data that does not compress is
     /// written uncompressed. Unlike QEMU, an already allocated cluster may be overwritten;
     /// its old host references are released. Images with an external data file cannot hold
-    /// compressed clusters and are refused.
+    /// compressed clusters and are refused. Cancel-safe (see [`Image::write_at`]).
     pub async fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let buf = buf.to_vec();
+        self.detached(async move |img| img.write_compressed_now(&buf, offset).await)
+            .await
+    }
+
+    async fn write_compressed_now(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.write_state()?;
         self.check_data_access()?;
         if self.inner.data_file_path.is_some() {
@@ -53,7 +59,7 @@ impl Image {
         };
         let Some(payload) = compressed::compress(self.inner.compression, &input)? else {
             // As QEMU: incompressible data is stored as a normal cluster.
-            return self.write_at(buf, offset).await;
+            return self.write_at_now(buf, offset).await;
         };
         let _epoch = w.epochs.enter();
         let gc = geo.guest_cluster(offset);

@@ -13,6 +13,7 @@
 //! so the refcounts written after the snapshot cover everything the snapshot references.
 //! A crash can leak clusters, never leave a mapping without its refcount.
 
+use std::collections::BTreeSet;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
 
@@ -27,7 +28,15 @@ type L2Snapshot = Vec<(std::sync::Arc<crate::cache::Slice>, Vec<u8>, u64)>;
 impl Image {
     /// Make every write that completed before this call durable: data, then metadata in
     /// soft-update order, ending with fsync. On a read-only image this does nothing.
+    ///
+    /// Cancel-safe: a flush whose future is dropped still runs to its end in the background,
+    /// so no dirty metadata it took over is lost.
     pub async fn flush(&self) -> Result<()> {
+        self.detached(async move |img| img.flush_now().await).await
+    }
+
+    /// [`Image::flush`]'s work, run to completion by its caller.
+    async fn flush_now(&self) -> Result<()> {
         let Some(w) = self.inner.write.as_ref() else {
             return Ok(());
         };
@@ -41,27 +50,37 @@ impl Image {
         let w = self.write_state_unpoisoned();
         w.check_poison()?;
         let generation = w.generation.fetch_add(1, Ordering::AcqRel);
-        let l1 = self.snapshot_l1();
+        let (l1_taken, l1) = self.snapshot_l1();
         let l2 = self.snapshot_l2();
+        // Until the L1 sectors are written, the entries stay owed: if this future is dropped
+        // (the runtime dropped the task finishing it) they go back to the dirty set.
+        let mut owed = L1Owed(w, Some(l1_taken));
+        let writing: Vec<_> = l2.iter().map(|(s, _, _)| s.start_writing()).collect();
         let written = self.write_metadata(&l1, &l2).await;
-        // Whatever happened, the slices are no longer being written (evictable once clean).
-        for (s, _, _) in &l2 {
-            s.set_writing(false);
-        }
+        drop(writing);
         if let Err(e) = written {
             return Err(w.poison(e));
         }
+        owed.1 = None;
         self.apply_frees(generation).await.map_err(|e| w.poison(e))
     }
 
-    /// Flush twice (the second persists the frees the first applied), stop the
-    /// background flusher and release the image locks (of the backing chain and data file
-    /// too), so the image can be opened again at once. Await this before dropping a writable
-    /// image: there is no async drop, and unflushed metadata is lost (leaving leaked clusters
-    /// at worst).
+    /// Wait for the requests in flight (including those whose callers dropped their futures),
+    /// flush twice (the second persists the frees the first applied), stop the background
+    /// flusher and release the image locks (of the backing chain and data file too), so the
+    /// image can be opened again at once. Await this before dropping a writable image: there
+    /// is no async drop, and unflushed metadata is lost (leaving leaked clusters at worst).
+    /// Cancel-safe: a dropped close still finishes in the background.
     pub async fn close(&self) -> Result<()> {
-        self.flush().await?;
-        self.flush().await?;
+        self.detached(async move |img| img.close_now().await).await
+    }
+
+    async fn close_now(&self) -> Result<()> {
+        if let Some(w) = self.inner.write.as_ref() {
+            w.epochs.idle().await;
+        }
+        self.flush_now().await?;
+        self.flush_now().await?;
         if let Some(w) = self.inner.write.as_ref() {
             w.closed.store(true, Ordering::Release);
             w.flush_wanted.notify_one();
@@ -84,14 +103,15 @@ impl Image {
         }
     }
 
-    /// Copies of the 512-byte L1 sectors holding dirty entries, as they are now.
-    fn snapshot_l1(&self) -> Vec<(usize, Vec<u8>)> {
+    /// The dirty L1 entries (taken from the dirty set) and copies of the 512-byte L1 sectors
+    /// holding them, as they are now.
+    fn snapshot_l1(&self) -> (BTreeSet<usize>, Vec<(usize, Vec<u8>)>) {
         let w = self.write_state_unpoisoned();
         let dirty = std::mem::take(&mut *w.l1_dirty.lock().unwrap());
         let mut sectors: Vec<usize> = dirty.iter().map(|i| i / 64).collect();
         sectors.dedup();
         let l1 = self.inner.l1.read().unwrap();
-        sectors
+        let sectors = sectors
             .into_iter()
             .map(|sec| {
                 let end = ((sec + 1) * 64).min(l1.len());
@@ -99,14 +119,14 @@ impl Image {
                 l1::write_table(&l1[sec * 64..end], &mut buf);
                 (sec, buf)
             })
-            .collect()
+            .collect();
+        (dirty, sectors)
     }
 
     fn snapshot_l2(&self) -> L2Snapshot {
         let mut v = Vec::new();
         for s in self.inner.l2_cache.dirty_slices() {
             if let Some((bytes, g)) = s.snapshot_dirty() {
-                s.set_writing(true);
                 v.push((s, bytes, g));
             }
         }
@@ -245,6 +265,17 @@ impl Image {
         let weak = std::sync::Arc::downgrade(&self.inner);
         let interval = self.inner.flush_interval;
         rt.spawn(flusher(weak, interval));
+    }
+}
+
+/// L1 entries a flush took from the dirty set and has not written yet; put back on drop.
+struct L1Owed<'a>(&'a super::state::WriteState, Option<BTreeSet<usize>>);
+
+impl Drop for L1Owed<'_> {
+    fn drop(&mut self) {
+        if let Some(owed) = self.1.take() {
+            self.0.l1_dirty.lock().unwrap().extend(owed);
+        }
     }
 }
 

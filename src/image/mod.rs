@@ -3,6 +3,11 @@
 //! [`Image`] is a cheap handle (`Clone` shares the same open image) whose methods all take
 //! `&self`, so any number of requests can be in flight from many tasks and threads.
 //!
+//! Every future is cancel-safe (DESIGN.md §5c): dropping a mutating one after it started
+//! hands the rest of its work to a background task (`crate::detach`), so it never loses
+//! metadata a flush had taken over nor leaves data IO in flight to a cluster that could be
+//! freed; [`Image::close`] waits for such work.
+//!
 //! ```no_run
 //! # async fn demo() -> qcow2_rs::Result<()> {
 //! use qcow2_rs::image::{Image, OpenOptions};
@@ -172,6 +177,16 @@ impl Image {
     /// The storage holding the image file.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.file
+    }
+
+    /// Run `work` on a clone of this handle as a cancel-safe future: if the caller drops it
+    /// after it started, the work finishes in the background (see `crate::detach`).
+    fn detached<T, F>(&self, work: impl FnOnce(Image) -> F) -> crate::detach::Detached<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        crate::detach::Detached::new(work(self.clone()))
     }
 
     /// Check that `[offset, offset + len)` lies inside the virtual disk.

@@ -31,7 +31,9 @@ impl Image {
     /// Read `buf.len()` bytes at guest offset `offset`.
     ///
     /// Any offset and length inside the virtual size; any number of reads (and writes) may
-    /// be in flight at once.
+    /// be in flight at once. Dropping the future is safe: a read changes nothing (a flush it
+    /// starts under cache pressure finishes on its own), and a host IO still in flight reads
+    /// into a buffer the storage owns.
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.check_data_access()?;

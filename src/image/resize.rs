@@ -37,7 +37,13 @@ impl Image {
     /// Change the virtual size to `new_size` bytes (a multiple of 512). With `allow_shrink`
     /// a smaller size discards all data past the new end (`qemu-img resize --shrink`);
     /// without it a smaller size is refused. The new size is durable when this returns.
+    /// Cancel-safe: a dropped resize still finishes in the background.
     pub async fn resize_with(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        self.detached(async move |img| img.resize_now(new_size, allow_shrink).await)
+            .await
+    }
+
+    async fn resize_now(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
         let w = self.write_state()?;
         self.check_resizable(new_size)?;
         let old = self.virtual_size();
@@ -53,7 +59,7 @@ impl Image {
                 ));
             }
             // Before taking the flush lock: a discard under cache pressure flushes.
-            self.discard(new_size, old - new_size).await?;
+            self.zero_range(new_size, old - new_size, true).await?;
         }
         let _one = w.flush_lock.lock().await;
         w.check_poison()?;

@@ -28,7 +28,16 @@ impl Image {
     /// Write all of `buf` at guest offset `offset`.
     ///
     /// Completes when the data is written (not yet durable: call [`Image::flush`]).
+    /// Cancel-safe: if the future is dropped, the write still finishes in the background
+    /// (on a copy of `buf`), so its data is either all old or all new per cluster.
     pub async fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let buf = buf.to_vec();
+        self.detached(async move |img| img.write_at_now(&buf, offset).await)
+            .await
+    }
+
+    /// [`Image::write_at`]'s work, run to completion by its caller.
+    pub(crate) async fn write_at_now(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.write_state()?;
         self.check_range(offset, buf.len() as u64)?;
         self.check_data_access()?;

@@ -18,18 +18,20 @@ pub struct ZeroFlags {
 }
 
 impl Image {
-    /// Make `[offset, offset + len)` read as zeros.
+    /// Make `[offset, offset + len)` read as zeros. Cancel-safe (see [`Image::write_at`]).
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.zero_range(offset, len, flags.may_unmap).await
+        self.detached(async move |img| img.zero_range(offset, len, flags.may_unmap).await)
+            .await
     }
 
     /// Discard `[offset, offset + len)`: it reads as zeros afterwards, its clusters are freed
-    /// (once the new mapping is on disk) and their host space is punched.
+    /// (once the new mapping is on disk) and their host space is punched. Cancel-safe.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.zero_range(offset, len, true).await
+        self.detached(async move |img| img.zero_range(offset, len, true).await)
+            .await
     }
 
-    async fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+    pub(crate) async fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let w = self.write_state()?;
         self.check_range(offset, len)?;
         self.check_data_access()?;

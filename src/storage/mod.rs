@@ -25,6 +25,8 @@ pub mod uring;
 pub mod crash;
 #[cfg(feature = "test-utils")]
 pub mod fault;
+#[cfg(feature = "test-utils")]
+pub mod park;
 
 pub use backend::{IoBackend, open_file, open_file_locked};
 pub use file::{FileStorage, OpenFlags};
@@ -37,6 +39,8 @@ pub use uring::UringStorage;
 pub use crash::{CrashPolicy, CrashStorage};
 #[cfg(feature = "test-utils")]
 pub use fault::{FaultError, FaultRule, FaultStorage, OpCounts, OpKind};
+#[cfg(feature = "test-utils")]
+pub use park::ParkStorage;
 
 /// A boxed, `Send` future returned by [`Storage`] methods.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
