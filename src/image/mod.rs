@@ -22,6 +22,7 @@ mod lookup;
 mod map;
 mod open;
 mod options;
+mod overlap;
 mod prealloc;
 mod prepare;
 mod read;
