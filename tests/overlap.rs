@@ -135,6 +135,23 @@ async fn l2_entry_pointing_at_its_own_l2_table_is_refused() {
     in_place_write_onto(|(_, _, _, l2)| l2).await;
 }
 
+/// A compressed write replacing an L2 entry that points at a refcount block: the block's
+/// reference must not be dropped (it used to be freed and then reused).
+#[tokio::test]
+async fn compressed_rewrite_does_not_free_a_refcount_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), &["write -P 0x11 0 64k"]);
+    let (_, rb, _, l2) = layout(&p);
+    patch64(&p, l2, rb); // normal, not COPIED: the write goes to the allocating path
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 7) as u8).collect();
+    let err = img.write_compressed(&data, 0).await.unwrap_err();
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}
+
 /// Set the 16-bit refcount of host cluster `c` to 0 in refcount block 0.
 fn zero_refcount(p: &Path, c: u64) {
     let (_, rb, _, _) = layout(p);
@@ -146,9 +163,11 @@ fn zero_refcount(p: &Path, c: u64) {
 
 /// Refcounts claim a metadata cluster is free; the first allocation would hand it out (for
 /// the new L2 table of the write) and overwrite it.
-async fn allocation_onto_free_claimed(cluster: impl Fn((u64, u64, u64, u64)) -> u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = image(dir.path(), &[]);
+async fn allocation_onto_free_claimed(
+    dir: &Path,
+    cluster: impl Fn((u64, u64, u64, u64)) -> u64,
+) -> PathBuf {
+    let p = image(dir, &[]);
     let c = cluster(layout(&p)) >> 16;
     zero_refcount(&p, c);
     let b = before(&p);
@@ -157,18 +176,36 @@ async fn allocation_onto_free_claimed(cluster: impl Fn((u64, u64, u64, u64)) -> 
     let _ = img.close().await;
     drop(img);
     assert_refused_and_marked(&p, &b, err).await;
+    p
 }
 
 #[tokio::test]
 async fn refcount_table_claimed_free_is_not_allocated() {
-    allocation_onto_free_claimed(|(rt, _, _, _)| rt).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = allocation_onto_free_claimed(dir.path(), |(rt, _, _, _)| rt).await;
+    // `check -r all` repairs the refcount and clears the corrupt bit: writable again.
+    let storage = common::storage(&p, false);
+    qcow2_rs::check::repair(storage, qcow2_rs::check::RepairMode::All)
+        .await
+        .unwrap();
+    common::assert_check_clean(&p);
+    assert_eq!(
+        be64(&std::fs::read(&p).unwrap(), INCOMPAT as u64) & CORRUPT,
+        0
+    );
+    let img = open_rw(&p).await.unwrap();
+    img.write_at(&[0xee; 4096], 0).await.unwrap();
+    img.close().await.unwrap();
+    drop(img);
+    common::assert_check_clean(&p);
 }
 
 #[tokio::test]
 async fn l1_table_claimed_free_is_not_allocated() {
     // Clusters 1 and 2 (refcount table and block) stay referenced, so the scan reaches the
     // L1 table at cluster 3 first.
-    allocation_onto_free_claimed(|(_, _, l1, _)| l1).await;
+    let dir = tempfile::tempdir().unwrap();
+    allocation_onto_free_claimed(dir.path(), |(_, _, l1, _)| l1).await;
 }
 
 /// A compressed L2 entry whose payload lies in the L1 table's cluster: rewriting the whole
