@@ -92,8 +92,7 @@ async fn assert_refused_and_marked(p: &Path, b: &Before, err: qcow2_rs::Error) {
     assert_eq!(qemu_check(p), b.check, "qemu-img check reports nothing new");
     let e = open_rw(p)
         .await
-        .err()
-        .expect("a corrupt image opens read-only only");
+        .expect_err("a corrupt image opens read-only only");
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     let (code, text) = status("qemu-io", &["-c", "write 0 4k", p.to_str().unwrap()]);
     assert_ne!(code, 0, "QEMU refuses it too: {text}");
@@ -249,7 +248,7 @@ async fn l1_table_in_the_header_cluster_is_refused_at_open() {
     patch64(&p, 40, 0);
     let bytes = std::fs::read(&p).unwrap();
     for opts in [OpenOptions::new().writable(true), OpenOptions::new()] {
-        let err = Image::open(&p, &opts).await.err().expect("open refused");
+        let err = Image::open(&p, &opts).await.expect_err("open refused");
         assert_eq!(err.kind(), ErrorKind::InvalidImage, "{err}");
         assert!(err.what().contains("l1_table_offset"), "{err}");
     }
