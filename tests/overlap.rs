@@ -134,6 +134,26 @@ async fn l2_entry_pointing_at_its_own_l2_table_is_refused() {
     in_place_write_onto(|(_, _, _, l2)| l2).await;
 }
 
+/// An internal snapshot's L1 table is metadata too (the check covers the snapshot table and
+/// every snapshot's L1 table, as QEMU's does).
+#[tokio::test]
+async fn l2_entry_pointing_at_a_snapshot_l1_table_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), &["write -P 0x11 0 64k"]);
+    run("qemu-img", &["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    let bytes = std::fs::read(&p).unwrap();
+    let snap_l1 = be64(&bytes, be64(&bytes, 64));
+    let (_, _, _, l2) = layout(&p);
+    patch64(&p, l2, snap_l1 | COPIED);
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
+    assert!(err.what().contains("inactive L1"), "{err}");
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}
+
 /// A compressed write replacing an L2 entry that points at a refcount block: the block's
 /// reference must not be dropped (it used to be freed and then reused).
 #[tokio::test]

@@ -90,6 +90,11 @@ impl MetadataMap {
         }
     }
 
+    /// log2 of the cluster size.
+    pub fn cluster_bits(&self) -> u32 {
+        self.cluster_bits
+    }
+
     /// Host clusters touched by `[host, host + len)` (`len` > 0), as an inclusive range.
     fn cluster_span(&self, host: u64, len: u64) -> (u64, u64) {
         let last = host.saturating_add(len.max(1) - 1);

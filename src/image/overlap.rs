@@ -39,20 +39,47 @@ pub(super) async fn build_map(
         map.insert(b.0, cs, Kinds::REFBLOCK);
     }
     let len = file.len().await.unwrap_or(0);
-    add_snapshots(&map, file.as_ref(), ih, len).await;
-    add_bitmaps(&map, file.as_ref(), ih, len).await;
+    let mut extra = Bounded {
+        map: &map,
+        file_len: len,
+        budget: len >> h.cluster_bits,
+    };
+    add_snapshots(&mut extra, file.as_ref(), ih).await;
+    add_bitmaps(&mut extra, file.as_ref(), ih).await;
     for e in &ih.extensions {
         if let Extension::FullDiskEncryption { offset, length } = e {
-            map.insert(*offset, *length, Kinds::CRYPTO_HEADER);
+            extra.insert(*offset, *length, Kinds::CRYPTO_HEADER);
         }
     }
     Arc::new(map)
 }
 
+/// Inserts of ranges whose sizes come from untrusted fields (snapshot L1 sizes, bitmap table
+/// sizes, the encryption header length): each must lie inside the file, and together they
+/// may not cover more clusters than the file has — the tables of a sound image are disjoint,
+/// so more means overlapping garbage, and the time spent stays bounded by the file size.
+struct Bounded<'a> {
+    map: &'a MetadataMap,
+    file_len: u64,
+    budget: u64,
+}
+
+impl Bounded<'_> {
+    fn insert(&mut self, off: u64, len: u64, kind: Kinds) {
+        let inside = off.checked_add(len).is_some_and(|end| end <= self.file_len);
+        let clusters = len.div_ceil(1 << self.map.cluster_bits()) + 1;
+        if inside && clusters <= self.budget {
+            self.budget -= clusters;
+            self.map.insert(off, len, kind);
+        }
+    }
+}
+
 /// The snapshot table and each snapshot's L1 table. Best effort: the table is read entry by
 /// entry and a malformed entry ends the walk (reading does not need it; only the overlap
 /// check loses those entries).
-async fn add_snapshots(map: &MetadataMap, file: &dyn Storage, ih: &ImageHeader, len: u64) {
+async fn add_snapshots(map: &mut Bounded<'_>, file: &dyn Storage, ih: &ImageHeader) {
+    let len = map.file_len;
     let h = &ih.header;
     let mut off = 0u64;
     for _ in 0..h.nb_snapshots {
@@ -84,7 +111,8 @@ async fn add_snapshots(map: &MetadataMap, file: &dyn Storage, ih: &ImageHeader, 
 }
 
 /// The bitmap directory and the bitmap tables it lists (best effort, as for snapshots).
-async fn add_bitmaps(map: &MetadataMap, file: &dyn Storage, ih: &ImageHeader, len: u64) {
+async fn add_bitmaps(map: &mut Bounded<'_>, file: &dyn Storage, ih: &ImageHeader) {
+    let len = map.file_len;
     let Some((nb, dir_size, dir_off)) = ih.bitmaps() else {
         return;
     };
