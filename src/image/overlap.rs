@@ -189,3 +189,26 @@ impl Image {
 pub(crate) fn corrupt_latched() -> Error {
     Error::corrupt("the image was marked corrupt; repair it with check -r all before writing")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_ranges_stay_inside_the_file_and_the_budget() {
+        let file: Arc<dyn Storage> = Arc::new(crate::storage::MemoryStorage::new());
+        let map = MetadataMap::new(file, 9);
+        let mut b = Bounded {
+            map: &map,
+            file_len: 64 << 9,
+            budget: 64,
+        };
+        b.insert(0, u64::MAX, Kinds::BITMAP_TABLE); // would wrap
+        b.insert(1 << 40, 512, Kinds::SNAPSHOT_L1); // past the end of the file
+        assert_eq!(map.find(0, 1 << 41, Kinds::NONE), None);
+        b.insert(512, 40 << 9, Kinds::SNAPSHOT_L1); // 41 of the 64 clusters' budget
+        b.insert(0, 40 << 9, Kinds::BITMAP_TABLE); // over the budget: overlapping garbage
+        assert_eq!(map.find(0, 512, Kinds::NONE), None);
+        assert_eq!(map.find(512, 512, Kinds::NONE), Some(Kinds::SNAPSHOT_L1));
+    }
+}
