@@ -80,6 +80,7 @@ impl Refcounts {
         if self.get(st, c).await? != 0 {
             return Ok(false);
         }
+        self.check_free_cluster(c).await?;
         self.set(st, c, 1).await?;
         Ok(true)
     }

@@ -9,7 +9,7 @@
 //! table → fsync → the old table's clusters are freed. A crash at any point leaves either the
 //! old table (new clusters merely leaked) or the new one, both complete.
 
-use super::{RefState, Refcounts};
+use super::{Kinds, RefState, Refcounts};
 use crate::error::{Error, Result};
 use crate::format::refcount::{self, RefTableEntry};
 
@@ -26,6 +26,8 @@ impl Refcounts {
         let epb = self.entries_per_block();
         let a = st.end_cluster.max(st.table.len() as u64 * epb);
         let (entries, t, first_blk, b) = self.layout(st, needed, a)?;
+        let (fresh, fresh_len) = (a << self.cluster_bits, (t + b) << self.cluster_bits);
+        self.map.check(fresh, fresh_len, Kinds::NONE).await?;
         // Blocks referenced by the new table must already be valid on disk.
         self.write_dirty_slices().await?;
         let mut blocks = vec![0u8; (b * cs) as usize];
@@ -56,6 +58,13 @@ impl Refcounts {
         st.table_clusters = t;
         st.table_dirty = false;
         st.end_cluster = st.end_cluster.max(a + t + b);
+        self.map
+            .insert(fresh, t << self.cluster_bits, Kinds::REFTABLE);
+        self.map.insert(
+            (a + t) << self.cluster_bits,
+            b << self.cluster_bits,
+            Kinds::REFBLOCK,
+        );
         for c in 0..old_clusters {
             let cl = (old_off >> self.cluster_bits) + c;
             let cur = self.get(st, cl).await?;

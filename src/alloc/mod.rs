@@ -15,10 +15,12 @@ mod epochs;
 mod grow;
 mod inflight;
 mod new_clusters;
+mod overlap;
 
 pub use epochs::{EpochGuard, Epochs};
 pub use inflight::{Inflight, InflightGuard};
 pub use new_clusters::{NewClusters, NewKind};
+pub use overlap::{Kinds, MetadataMap};
 
 use std::sync::Arc;
 
@@ -58,6 +60,7 @@ pub struct Refcounts {
     order: u32,
     cache: SliceCache,
     new: Arc<NewClusters>,
+    map: Arc<MetadataMap>,
     state: Mutex<RefState>,
 }
 
@@ -69,7 +72,7 @@ impl Refcounts {
         table: Vec<RefTableEntry>,
         file_len: u64,
         (slice_size, cache_bytes): (usize, usize),
-        new: Arc<NewClusters>,
+        (new, map): (Arc<NewClusters>, Arc<MetadataMap>),
     ) -> Refcounts {
         let (cluster_bits, order) = (header.cluster_bits, header.refcount_order);
         let table_offset = header.refcount_table_offset;
@@ -85,6 +88,7 @@ impl Refcounts {
             order,
             cache: SliceCache::new("refcount", slice_size, cache_bytes),
             new,
+            map,
             state: Mutex::new(RefState {
                 table,
                 table_offset,
@@ -100,6 +104,11 @@ impl Refcounts {
     /// Take the allocator lock.
     pub async fn lock(&self) -> MutexGuard<'_, RefState> {
         self.state.lock().await
+    }
+
+    /// Where the image's metadata lives (the overlap check).
+    pub fn map(&self) -> &Arc<MetadataMap> {
+        &self.map
     }
 
     /// The refcount-block slice cache (for accounting and flushing).
@@ -188,6 +197,8 @@ impl Refcounts {
         let s = self.slice(off).await?;
         s.update(|b| refcount::set(b, idx, self.order, v))?;
         if v == 0 {
+            // A free cluster holds no metadata any more (old tables after a move, freed L2s).
+            self.map.remove_cluster(c);
             st.hint = st.hint.min(c);
             // A free cluster may be reallocated for anything: never pack into it again.
             if st.compress_cursor >> self.cluster_bits == c {
@@ -215,23 +226,53 @@ impl Refcounts {
     }
 
     /// Make sure refcount block `ti` exists. A missing block is placed at the first cluster
-    /// of the range it covers: no block covers that range yet, so all of it is free.
+    /// of the range it covers: no block covers that range yet, so all of it should be free.
+    /// A range that holds known metadata proves the refcount table wrong (an entry was
+    /// zeroed): then the image is marked corrupt instead of overwriting that metadata.
     async fn ensure_block(&self, st: &mut RefState, ti: u64) -> Result<()> {
         if ti as usize >= st.table.len() {
             self.grow(st, ti).await?;
         }
-        if st.table[ti as usize] != 0 {
+        let slot = st
+            .table
+            .get(ti as usize)
+            .copied()
+            .ok_or_else(|| Error::corrupt(format!("refcount table has no entry {ti}")))?;
+        if slot != 0 {
             return Ok(());
         }
-        let c = ti * self.entries_per_block();
+        let epb = self.entries_per_block();
+        let c = ti * epb;
         let host = c << self.cluster_bits;
+        let range = epb << self.cluster_bits;
+        if let Some(k) = self.map.find(host, range, Kinds::NONE) {
+            let msg = format!(
+                "refcount table entry {ti} is empty but the clusters it covers hold metadata                  ({}); refusing to place a refcount block there",
+                k.name()
+            );
+            return Err(self.map.signal(msg).await.at(host));
+        }
         self.new.insert(host, NewKind::Refblock);
+        self.map.insert(host, self.cluster_size(), Kinds::REFBLOCK);
         st.table[ti as usize] = host;
         st.table_dirty = true;
         st.end_cluster = st.end_cluster.max(c + 1);
-        let (off, idx) = self.locate(st, c).expect("just set");
+        let (off, idx) = self
+            .locate(st, c)
+            .ok_or_else(|| Error::corrupt(format!("no refcount block for cluster {c}")))?;
         let s = self.slice(off).await?;
         s.update(|b| refcount::set(b, idx, self.order, 1))
+    }
+
+    /// Refuse to hand out cluster `c` (refcount 0) when it is known to hold metadata: the
+    /// refcounts contradict the tables, and using it would overwrite them.
+    async fn check_free_cluster(&self, c: u64) -> Result<()> {
+        if !self.map.holds_metadata(c) {
+            return Ok(());
+        }
+        let host = c << self.cluster_bits;
+        let msg = format!("cluster {c} holds metadata but its refcount is 0");
+        Err(self.map.signal(msg).await.at(host))
     }
 
     /// Allocate `n` contiguous free clusters, set their refcounts to 1 and return the host
@@ -262,6 +303,9 @@ impl Refcounts {
                 }
             }
             for k in 0..n {
+                self.check_free_cluster(c + k).await?;
+            }
+            for k in 0..n {
                 self.set(st, c + k, 1).await?;
             }
             st.hint = c + n;
@@ -283,6 +327,9 @@ impl Refcounts {
 
     async fn write_dirty_slices(&self) -> Result<()> {
         for host in self.new.of_kind(NewKind::Refblock) {
+            self.map
+                .check(host, self.cluster_size(), Kinds::REFBLOCK)
+                .await?;
             self.file
                 .write_zeroes(host, self.cluster_size())
                 .await
@@ -293,6 +340,9 @@ impl Refcounts {
             let Some((bytes, gen_)) = s.snapshot_dirty() else {
                 continue;
             };
+            self.map
+                .check(s.offset(), bytes.len() as u64, Kinds::REFBLOCK)
+                .await?;
             let writing = s.start_writing();
             let r = self.file.write_at(&bytes, s.offset()).await;
             drop(writing);
@@ -306,6 +356,9 @@ impl Refcounts {
         let mut buf = vec![0u8; (st.table_clusters << self.cluster_bits) as usize];
         let entries: Vec<RefTableEntry> = st.table.iter().map(|&o| RefTableEntry(o)).collect();
         refcount::write_table(&entries, &mut buf);
+        self.map
+            .check(st.table_offset, buf.len() as u64, Kinds::REFTABLE)
+            .await?;
         self.file
             .write_at(&buf, st.table_offset)
             .await

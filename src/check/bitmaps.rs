@@ -101,7 +101,7 @@ fn count_entry(ctx: &Ctx, rep: &mut CheckReport, imrt: &mut Imrt, e: u64) -> Res
 
 /// The (table offset, table entries) of each of the `nb` directory entries, or `None` when
 /// the directory is malformed.
-fn parse_directory(dir: &[u8], nb: u32) -> Option<Vec<(u64, u64)>> {
+pub(crate) fn parse_directory(dir: &[u8], nb: u32) -> Option<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     let mut off = 0usize;
     for _ in 0..nb {

@@ -46,6 +46,7 @@ mod walk;
 
 use std::sync::Arc;
 
+pub(crate) use bitmaps::parse_directory as bitmap_tables;
 pub use report::{CheckReport, MAX_MESSAGES};
 
 use crate::error::Result;

@@ -65,6 +65,7 @@ impl Image {
         let gc = geo.guest_cluster(offset);
         let _guard = w.inflight.lock(gc).await;
         let old = self.lookup(gc).await?;
+        self.check_entry_is_data(&old.entry).await?;
         let table = self.ensure_l2_table(gc).await?;
         let host = w.refcounts.alloc_bytes(payload.len() as u64).await?;
         let desc =

@@ -18,7 +18,7 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 
 use super::{Image, Inner};
-use crate::alloc::NewKind;
+use crate::alloc::{Kinds, NewKind};
 use crate::error::{Error, Result};
 use crate::format::l1;
 
@@ -143,6 +143,7 @@ impl Image {
         }
         let cs = self.inner.geo.cluster_size;
         for &h in &new_l2 {
+            self.check_metadata_write(h, cs, Kinds::L2).await?;
             self.inner
                 .file
                 .write_zeroes(h, cs)
@@ -163,6 +164,9 @@ impl Image {
 
     async fn write_l2_snapshot(&self, l2: &L2Snapshot) -> Result<()> {
         for (s, bytes, g) in l2 {
+            let len = bytes.len() as u64;
+            self.check_metadata_write(s.offset(), len, Kinds::L2)
+                .await?;
             self.inner
                 .file
                 .write_at(bytes, s.offset())
@@ -178,6 +182,8 @@ impl Image {
         let table_off = self.inner.header.lock().unwrap().header.l1_table_offset;
         for (sec, buf) in sectors {
             let at = table_off + *sec as u64 * 512;
+            self.check_metadata_write(at, buf.len() as u64, Kinds::L1)
+                .await?;
             self.inner
                 .file
                 .write_at(buf, at)

@@ -2,7 +2,7 @@
 //! the cached slice.
 
 use super::Image;
-use crate::alloc::NewKind;
+use crate::alloc::{Kinds, NewKind};
 use crate::error::{Error, Result};
 use crate::format::l1::L1Entry;
 use crate::format::l2::{self, L2Entry, SubclusterBitmap};
@@ -24,6 +24,8 @@ impl Image {
         }
         let old = self.inner.l1.read().unwrap()[idx].l2_offset();
         let new = w.refcounts.alloc(1).await?;
+        let cs = self.inner.geo.cluster_size;
+        w.refcounts.map().insert(new, cs, Kinds::L2);
         self.inner.new.insert(new, NewKind::L2);
         if let Some(old) = old {
             self.copy_l2_table(old.0, new).await?;

@@ -27,6 +27,7 @@ mod lookup;
 mod map;
 mod open;
 mod options;
+mod overlap;
 mod prealloc;
 mod prepare;
 mod probe_guard;

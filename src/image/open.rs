@@ -45,7 +45,7 @@ impl Image {
         let (data, data_file_path) = open_data_file(&ih, &file, path.as_deref(), opts).await?;
         let new = Arc::new(NewClusters::new());
         let write = match opts.writable {
-            true => Some(open_write_state(&file, &ih, file_len, opts, &new).await?),
+            true => Some(open_write_state(&file, &ih, file_len, opts, (&new, &l1)).await?),
             false => None,
         };
         let inner = Inner {
@@ -109,7 +109,7 @@ async fn open_write_state(
     ih: &ImageHeader,
     file_len: u64,
     opts: &OpenOptions,
-    new: &Arc<NewClusters>,
+    (new, l1): (&Arc<NewClusters>, &[l1::L1Entry]),
 ) -> Result<WriteState> {
     let h = &ih.header;
     if h.crypt_method != 0 {
@@ -118,8 +118,9 @@ async fn open_write_state(
         ));
     }
     if h.is_corrupt() {
+        // QEMU's words: a corrupt-marked image opens read-only until `check -r` clears it.
         return Err(Error::corrupt(
-            "the image is marked corrupt; repair it (check -r all) before writing",
+            "qcow2: Image is corrupt; cannot be opened read/write (repair it with check -r all)",
         ));
     }
     let clusters = u64::from(h.refcount_table_clusters);
@@ -135,7 +136,8 @@ async fn open_write_state(
     }
     let slice = (opts.slice_size.next_power_of_two() as u64).clamp(512, h.cluster_size()) as usize;
     let cache = (slice, opts.refcount_cache_bytes);
-    let rc = Refcounts::new(file.clone(), h, table, file_len, cache, new.clone());
+    let map = super::overlap::build_map(file, ih, l1, &table).await;
+    let rc = Refcounts::new(file.clone(), h, table, file_len, cache, (new.clone(), map));
     Ok(WriteState::new(rc))
 }
 
@@ -162,6 +164,7 @@ async fn read_image_header(file: &dyn Storage, file_len: u64) -> Result<ImageHea
     }
     let ih = ImageHeader::parse(&cluster0)?;
     ih.validate(file_len)?;
+    ih.header.check_tables_clear_of_header()?;
     Ok(ih)
 }
 

@@ -23,6 +23,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Image;
+use crate::alloc::Kinds;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{self, L1_ENTRY_SIZE, MAX_L1_BYTES};
 use crate::format::l1::L1Entry;
@@ -134,11 +135,14 @@ impl Image {
             .await
             .map_err(|e| Error::io("reading the L1 table", e).at(old_off))?;
         let new_off = w.refcounts.alloc(clusters).await?;
+        w.refcounts.map().insert(new_off, clusters * cs, Kinds::L1);
         {
             // The new clusters' refcounts must be on disk before the header points there.
             let mut st = w.refcounts.lock().await;
             w.refcounts.flush_locked(&mut st).await?;
         }
+        self.check_metadata_write(new_off, buf.len() as u64, Kinds::L1)
+            .await?;
         self.write_meta(&buf, new_off, "writing the new L1 table")
             .await?;
         self.sync_file().await?;

@@ -62,6 +62,9 @@ impl WriteState {
 
     /// Refuse to continue after a metadata write failure.
     pub fn check_poison(&self) -> Result<()> {
+        if self.refcounts.map().is_corrupt() {
+            return Err(super::overlap::corrupt_latched());
+        }
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::Poisoned,

@@ -90,7 +90,7 @@ impl Image {
     }
 
     pub(crate) async fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
-        self.check_overlap(host, data.len() as u64)?;
+        self.check_data_write(host, data.len() as u64).await?;
         self.inner
             .data
             .write_at(data, host)
@@ -115,6 +115,7 @@ impl Image {
         } else {
             (cstart, cstart + geo.cluster_size)
         };
+        self.check_entry_is_data(&m.entry).await?;
         let table = self.ensure_l2_table(gc).await?;
         let (host, reused, fresh) = match m.entry {
             L2Entry::Normal { host, copied: true } => (host.0, true, false),
@@ -292,37 +293,12 @@ impl Image {
     }
 
     pub(crate) async fn zero_data(&self, host: u64, len: u64) -> Result<()> {
-        self.check_overlap(host, len)?;
+        self.check_data_write(host, len).await?;
         self.inner
             .data
             .write_zeroes(host, len)
             .await
             .map_err(|e| Error::io("zeroing guest data", e).at(host))
-    }
-
-    /// Refuse a data write that would land on the header cluster or the active L1 table. A
-    /// healthy image never maps data there (refcounts keep them apart); a corrupt or hostile
-    /// L2 entry can, and overwriting the L1 table would lose the whole disk. (L2 tables and
-    /// refcount blocks are not checked yet.)
-    fn check_overlap(&self, host: u64, len: u64) -> Result<()> {
-        if self.inner.data_file_path.is_some() {
-            return Ok(()); // guest data lives in another file
-        }
-        let (l1_off, l1_len) = {
-            let h = &self.inner.header.lock().unwrap().header;
-            (h.l1_table_offset, u64::from(h.l1_size) * 8)
-        };
-        let end = host.saturating_add(len);
-        let hits_header = host < self.inner.geo.cluster_size;
-        let hits_l1 = l1_len > 0 && host < l1_off + l1_len && l1_off < end;
-        if hits_header || hits_l1 {
-            let what = if hits_header { "header" } else { "L1 table" };
-            return Err(Error::corrupt(format!(
-                "an L2 entry maps guest data onto the {what}; refusing the write (run check -r all)"
-            ))
-            .at(host));
-        }
-        Ok(())
     }
 
     /// Schedule dropping the references the old entry held (after the new mapping is on disk).

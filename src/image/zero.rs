@@ -106,6 +106,9 @@ impl Image {
         if entry == m.entry && bitmap == m.bitmap {
             return Ok(());
         }
+        if keep.is_none() {
+            self.check_entry_is_data(&m.entry).await?;
+        }
         let table = self.ensure_l2_table(gc).await?;
         self.set_l2(table, gc, entry, bitmap).await?;
         if keep.is_none() {

@@ -536,3 +536,22 @@ fn empty_l1_needs_only_alignment() {
     h.l1_table_offset = 0;
     h.validate(FILE_LEN).unwrap();
 }
+
+#[test]
+fn tables_in_the_header_cluster_are_refused_at_open() {
+    assert!(v3().check_tables_clear_of_header().is_ok());
+    let mut h = v3();
+    h.l1_table_offset = 0;
+    let err = h.check_tables_clear_of_header().unwrap_err();
+    assert!(err.what().contains("l1_table_offset"), "{err}");
+    h.l1_size = 0; // an empty L1 table is never written
+    assert!(h.check_tables_clear_of_header().is_ok());
+    let mut h = v3();
+    h.refcount_table_offset = 0;
+    let err = h.check_tables_clear_of_header().unwrap_err();
+    assert!(err.what().contains("refcount_table_offset"), "{err}");
+    let mut h = v3();
+    h.nb_snapshots = 1;
+    let err = h.check_tables_clear_of_header().unwrap_err();
+    assert!(err.what().contains("snapshots_offset"), "{err}");
+}

@@ -263,6 +263,30 @@ impl Header {
         Ok(())
     }
 
+    /// The engine's extra rule at open: no table may lie in the header cluster. (QEMU opens
+    /// such an image and marks it corrupt at the first write, after its L1 or refcount
+    /// update was refused; refusing at open says what is wrong before anything is tried.
+    /// `check` does not call this, so it can still report on such an image.)
+    pub fn check_tables_clear_of_header(&self) -> Result<()> {
+        let tables = [
+            ("l1_table_offset", self.l1_table_offset, self.l1_size > 0),
+            ("refcount_table_offset", self.refcount_table_offset, true),
+            (
+                "snapshots_offset",
+                self.snapshots_offset,
+                self.nb_snapshots > 0,
+            ),
+        ];
+        for (field, offset, present) in tables {
+            if present && offset < self.cluster_size() {
+                return Err(Error::invalid(format!(
+                    "{field} {offset:#x} points into the header cluster"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A table at `offset` of `bytes` bytes: cluster aligned, not wrapping, inside the file
     /// (an empty table only needs the alignment, as in QEMU).
     fn check_table(&self, field: &str, offset: u64, bytes: u64, file_len: u64) -> Result<()> {
