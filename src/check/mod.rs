@@ -111,21 +111,35 @@ pub async fn repair(
 }
 
 /// [`repair`] with options.
+///
+/// Cancel-safe: once started, a repair whose future is dropped still runs to the end in the
+/// background (a repair stopped half-way would leave refcounts half-rewritten).
 pub async fn repair_with(
     storage: Arc<dyn Storage>,
     opts: &CheckOptions,
     mode: RepairMode,
 ) -> Result<(CheckReport, CheckReport)> {
-    let before = run(storage.clone(), opts, None, false).await?;
-    let fixed = run(storage.clone(), opts, Some(mode), false).await?;
-    let after = double_check(storage, opts, fixed).await?;
-    Ok((before, after))
+    let opts = opts.clone();
+    crate::detach::Detached::new(async move {
+        let before = run(storage.clone(), &opts, None, false).await?;
+        let fixed = run(storage.clone(), &opts, Some(mode), false).await?;
+        let after = double_check(storage, &opts, fixed).await?;
+        Ok((before, after))
+    })
+    .await
 }
 
 /// Rebuild the refcount structure from the metadata, fix COPIED flags and clear the dirty
 /// bit: what the engine runs when it opens a dirty (lazy refcounts) image for writing.
 /// Errors when the image still has corruptions afterwards.
+///
+/// Cancel-safe like [`repair_with`]: a dropped rebuild (e.g. a dropped writable open) still
+/// finishes in the background.
 pub async fn rebuild_refcounts(storage: Arc<dyn Storage>) -> Result<()> {
+    crate::detach::Detached::new(rebuild_refcounts_now(storage)).await
+}
+
+async fn rebuild_refcounts_now(storage: Arc<dyn Storage>) -> Result<()> {
     let opts = CheckOptions::default();
     let fixed = run(storage.clone(), &opts, Some(RepairMode::All), true).await?;
     let after = double_check(storage, &opts, fixed).await?;
