@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use qcow2_rs::check::{CheckReport, RepairMode, check, repair_with};
 
-use crate::block_on;
-use crate::capped::CappedStorage;
-use crate::image_bytes::check_options;
+use super::block_on;
+use super::capped::CappedStorage;
+use super::image_bytes::check_options;
 
 /// Run the target on one input.
 pub fn run(data: &[u8]) {

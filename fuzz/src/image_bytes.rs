@@ -11,8 +11,8 @@ use qcow2_rs::format::header::Header;
 use qcow2_rs::format::snapshot::{self, ENTRY_HEADER_LEN, Snapshot};
 use qcow2_rs::image::{Image, OpenOptions};
 
-use crate::block_on;
-use crate::capped::CappedStorage;
+use super::block_on;
+use super::capped::CappedStorage;
 
 /// At most this many guest bytes are read per image.
 const READ_BUDGET: u64 = 8 << 20;

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use qcow2_rs::check::{CheckReport, check};
 use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
 
-use crate::block_on;
-use crate::capped::CappedStorage;
-use crate::image_bytes::check_options;
-use crate::input::{Input, Rng};
-use crate::shadow::Shadow;
+use super::block_on;
+use super::capped::CappedStorage;
+use super::image_bytes::check_options;
+use super::input::{Input, Rng};
+use super::shadow::Shadow;
 
 /// Bytes of script in front of the image: an 8-byte seed and 8 operation codes.
 pub const SCRIPT_LEN: usize = 16;
@@ -72,7 +72,10 @@ async fn exercise(script: &[u8], image: Vec<u8>) {
         return;
     }
     let after = check(storage, &check_options()).await;
-    assert!(clean(&after), "corruption after writing a clean image: {after:?}");
+    assert!(
+        clean(&after),
+        "corruption after writing a clean image: {after:?}"
+    );
     let leaked_before = before.map(|r| r.leaks).unwrap_or(0);
     if let (false, 0, Ok(r)) = (run.failed, leaked_before, &after) {
         assert_eq!(r.leaks, 0, "leaks although every operation succeeded");
@@ -110,7 +113,7 @@ impl Script {
 
     async fn play(&mut self, img: &Image) {
         for op in std::mem::take(&mut self.ops) {
-            let size = img.virtual_size().min(crate::capped::MAX_LEN);
+            let size = img.virtual_size().min(super::capped::MAX_LEN);
             if size == 0 && op % 8 != 4 {
                 continue;
             }

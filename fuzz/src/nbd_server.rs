@@ -16,18 +16,18 @@ use qcow2_rs::image::create::{CreateOptions, create};
 use qcow2_rs::image::{Image, OpenOptions};
 use qcow2_rs::nbd::connection::serve;
 use qcow2_rs::nbd::proto::{
-    BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
-    CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO, OPT_MAGIC,
-    OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REQUEST_MAGIC,
+    BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO, OPT_MAGIC, OPT_SET_META_CONTEXT,
+    OPT_STRUCTURED_REPLY, REQUEST_MAGIC,
 };
 use qcow2_rs::nbd::{Export, Exports};
 use tokio::io::{AsyncWriteExt, split};
 use tokio::sync::watch;
 
-use crate::block_on;
-use crate::capped::CappedStorage;
-use crate::image_bytes::check_options;
-use crate::input::Input;
+use super::block_on;
+use super::capped::CappedStorage;
+use super::image_bytes::check_options;
+use super::input::Input;
 
 /// Virtual size of the exported disk.
 const DISK_SIZE: u64 = 1 << 20;
@@ -49,9 +49,7 @@ async fn exercise(cfg: u8, rest: &[u8]) {
         .await
         .expect("creating the exported image");
     let pristine = storage.snapshot();
-    let open = OpenOptions::new()
-        .writable(!read_only)
-        .flush_interval(None);
+    let open = OpenOptions::new().writable(!read_only).flush_interval(None);
     let img = Image::open_storage(storage.clone(), &open)
         .await
         .expect("opening the exported image");
@@ -77,7 +75,10 @@ async fn exercise(cfg: u8, rest: &[u8]) {
         "image damaged by an NBD session: {report:?}"
     );
     if read_only {
-        assert!(storage.snapshot() == pristine, "a read-only export changed its file");
+        assert!(
+            storage.snapshot() == pristine,
+            "a read-only export changed its file"
+        );
     }
 }
 
@@ -120,7 +121,9 @@ async fn talk(img: &Image, stream: Vec<u8>) {
 /// The client half of a fixed-newstyle handshake ending in `NBD_OPT_GO` for the default
 /// export, optionally with structured replies and `base:allocation`.
 pub fn handshake(structured: bool) -> Vec<u8> {
-    let mut b = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+    let mut b = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
     if structured {
         option(&mut b, OPT_STRUCTURED_REPLY, &[]);
         let mut meta = 0u32.to_be_bytes().to_vec(); // export name ""

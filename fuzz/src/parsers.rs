@@ -10,7 +10,7 @@ use qcow2_rs::format::{features, l1, refcount, snapshot};
 use qcow2_rs::image::create::{CreateOptions, parse_size};
 use qcow2_rs::nbd::frame::{Cursor, Limits, OPTION_HEADER_LEN, OptionHeader, REQUEST_LEN, Request};
 
-use crate::input::Input;
+use super::input::Input;
 
 /// Run the target on one input.
 pub fn run(data: &[u8]) {
@@ -31,7 +31,12 @@ pub fn run(data: &[u8]) {
 
 fn header(b: &[u8]) {
     if let Ok(h) = Header::from_bytes(b) {
-        let _ = (h.cluster_size(), h.refcount_bits(), h.l2_entries(), h.min_l1_size());
+        let _ = (
+            h.cluster_size(),
+            h.refcount_bits(),
+            h.l2_entries(),
+            h.min_l1_size(),
+        );
         let _ = h.refcount_block_entries();
         let again = Header::from_bytes(&h.to_bytes()).expect("an encoded header decodes");
         assert_eq!(again, h, "header round trip");
@@ -39,9 +44,16 @@ fn header(b: &[u8]) {
 }
 
 fn image_header(b: &[u8]) {
-    let Ok(ih) = ImageHeader::parse(b) else { return };
+    let Ok(ih) = ImageHeader::parse(b) else {
+        return;
+    };
     let _ = ih.validate(b.len() as u64);
-    let _ = (ih.backing_format(), ih.data_file(), ih.bitmaps(), ih.feature_names());
+    let _ = (
+        ih.backing_format(),
+        ih.data_file(),
+        ih.bitmaps(),
+        ih.feature_names(),
+    );
     if let Ok(c0) = ih.to_cluster0() {
         let again = ImageHeader::parse(&c0).expect("an encoded image header parses");
         assert_eq!(again, ih, "image header round trip");
@@ -63,7 +75,11 @@ fn snapshots(mut input: Input) {
         }
         let _ = snapshot::check_writable(&snaps);
         let table = snapshot::write_table(&snaps);
-        assert_eq!(table.len(), snapshot::table_size(&snaps), "snapshot table size");
+        assert_eq!(
+            table.len(),
+            snapshot::table_size(&snaps),
+            "snapshot table size"
+        );
         let again = snapshot::parse_table(&table, count).expect("a written table parses");
         assert_eq!(again, snaps, "snapshot table round trip");
     }
@@ -82,11 +98,15 @@ fn l2_entries(mut input: Input) {
     let mut index = 0;
     while let Some((raw, bitmap)) = read_raw(table, index, &geo) {
         index += 1;
-        for decoded in [L2Entry::decode(raw, &geo), L2Entry::decode_external(raw, &geo)] {
+        for decoded in [
+            L2Entry::decode(raw, &geo),
+            L2Entry::decode_external(raw, &geo),
+        ] {
             let Ok(e) = decoded else { continue };
             let _ = (e.host(), e.copied(), bitmap.validate_for(&e));
             if let Ok(enc) = e.try_encode(&geo) {
-                let back = L2Entry::decode(enc, &geo).or_else(|_| L2Entry::decode_external(enc, &geo));
+                let back =
+                    L2Entry::decode(enc, &geo).or_else(|_| L2Entry::decode_external(enc, &geo));
                 assert_eq!(back.ok(), Some(e), "L2 entry {raw:#x} round trip");
             }
         }
@@ -101,7 +121,11 @@ fn compressed(mut input: Input) {
     let flags = input.u8();
     let cluster_bits = 9 + u32::from(flags % 13);
     let d = CompressedDescriptor::decode(raw, cluster_bits);
-    let _ = (d.read_len(), d.host_clusters(cluster_bits), d.encode(cluster_bits));
+    let _ = (
+        d.read_len(),
+        d.host_clusters(cluster_bits),
+        d.encode(cluster_bits),
+    );
     let _ = d.encode_masked(cluster_bits);
     let Ok(kind) = CompressionType::from_u8(flags >> 4 & 1) else {
         return;
@@ -118,7 +142,11 @@ fn refcounts(mut input: Input) {
     for i in 0..entries.min(4096) + 2 {
         let v = refcount::get(&block, i, order);
         if refcount::set(&mut block, i, order, value).is_ok() {
-            assert_eq!(refcount::get(&block, i, order), value, "refcount {i} round trip");
+            assert_eq!(
+                refcount::get(&block, i, order),
+                value,
+                "refcount {i} round trip"
+            );
             refcount::set(&mut block, i, order, v).expect("restoring a value read back");
         }
     }
@@ -129,7 +157,12 @@ fn refcounts(mut input: Input) {
 fn tables(b: &[u8]) {
     for cluster_size in [512, 65536, 1 << 21] {
         for e in l1::parse_table(b) {
-            let _ = (e.l2_offset(), e.copied(), e.reserved_bits(), e.validate(cluster_size));
+            let _ = (
+                e.l2_offset(),
+                e.copied(),
+                e.reserved_bits(),
+                e.validate(cluster_size),
+            );
         }
         for e in refcount::parse_table(b) {
             let _ = (e.block_offset(), e.validate(cluster_size));
@@ -152,7 +185,9 @@ fn nbd_frames(mut input: Input) {
     };
     let b = input.rest();
     for chunk in b.chunks_exact(REQUEST_LEN) {
-        let Ok(buf) = <&[u8; REQUEST_LEN]>::try_from(chunk) else { continue };
+        let Ok(buf) = <&[u8; REQUEST_LEN]>::try_from(chunk) else {
+            continue;
+        };
         if let Ok(req) = Request::parse(buf) {
             let _ = (req.validate(&lim), req.payload_len());
             assert_eq!(&req.encode(), buf, "request round trip");
@@ -174,7 +209,9 @@ fn nbd_frames(mut input: Input) {
 }
 
 fn text(b: &[u8]) {
-    let Ok(s) = std::str::from_utf8(b) else { return };
+    let Ok(s) = std::str::from_utf8(b) else {
+        return;
+    };
     let _ = parse_size(s);
     let _ = CreateOptions::parse_o(s);
     let mut o = CreateOptions::default();
