@@ -69,7 +69,7 @@ for img in "$work"/*.qcow2; do
   cp "$img" "$out/check_repair/$name"
   # image_rw: a 16-byte script (seed + operation codes) in front of the image.
   for s in 0 1 2; do
-    { head -c 8 /dev/urandom; printf '\x00\x01\x02\x03\x04\x05\x06\x0%d' "$s"; cat "$img"; } \
+    { head -c 8 /dev/urandom; printf '\x00\x01\x02\x03\x04\x05\x06'; printf "\\x0$s"; cat "$img"; } \
       >"$out/image_rw/$name-$s"
   done
   # parsers: selector byte + the header cluster (0: header, 1: image header) or the

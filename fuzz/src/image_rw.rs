@@ -5,7 +5,7 @@
 //! Oracles, beyond "no panic, no hang": when `check` found the image free of corruption
 //! before, it must still be afterwards, the image must reopen, and every byte we know (from
 //! reading the disk first and from the operations that succeeded) must read back the same,
-//! during the script and after close + reopen.
+//! during the script and after close + reopen. `QCOW2_FUZZ_TRACE=1` prints the script as it runs.
 
 use std::sync::Arc;
 
@@ -46,15 +46,13 @@ fn options(writable: bool) -> OpenOptions {
 
 async fn exercise(script: &[u8], image: Vec<u8>) {
     let storage = Arc::new(CappedStorage::new(image));
-    let before = check(storage.clone(), &check_options()).await;
-    let was_clean = clean(&before);
+    let was_clean = clean(&check(storage.clone(), &check_options()).await);
     let Ok(img) = Image::open_storage(storage.clone(), &options(true)).await else {
         return;
     };
     let mut run = Script::new(script, &img, was_clean).await;
     run.play(&img).await;
     if img.flush().await.is_err() | img.close().await.is_err() {
-        run.failed = true;
         run.shadow = None;
     }
     drop(img);
@@ -76,10 +74,9 @@ async fn exercise(script: &[u8], image: Vec<u8>) {
         clean(&after),
         "corruption after writing a clean image: {after:?}"
     );
-    let leaked_before = before.map(|r| r.leaks).unwrap_or(0);
-    if let (false, 0, Ok(r)) = (run.failed, leaked_before, &after) {
-        assert_eq!(r.leaks, 0, "leaks although every operation succeeded");
-    }
+    // No assertion on leaks: an image whose refcounts mark clusters past its end as used
+    // checks clean (QEMU ignores refcounts past the end), and leaks once the file grows over
+    // them. Leaks lose no data.
 }
 
 /// The operations to run and what we know about the disk.
@@ -88,8 +85,6 @@ struct Script {
     ops: Vec<u8>,
     cluster: u64,
     shadow: Option<Shadow>,
-    /// Whether any operation failed (a failure may leak clusters).
-    failed: bool,
 }
 
 impl Script {
@@ -107,12 +102,15 @@ impl Script {
             ops,
             cluster: img.cluster_size(),
             shadow,
-            failed: false,
         }
     }
 
     async fn play(&mut self, img: &Image) {
+        let trace = std::env::var_os("QCOW2_FUZZ_TRACE").is_some();
         for op in std::mem::take(&mut self.ops) {
+            if trace {
+                eprintln!("op {} on a disk of {} bytes", op % 8, img.virtual_size());
+            }
             let size = img.virtual_size().min(super::capped::MAX_LEN);
             if size == 0 && op % 8 != 4 {
                 continue;
@@ -124,9 +122,7 @@ impl Script {
                 3 => self.compressed(img, size).await,
                 4 => self.resize(img, size).await,
                 5 => {
-                    if img.flush().await.is_err() {
-                        self.failed = true;
-                    }
+                    let _ = img.flush().await;
                 }
                 _ => self.read(img, size).await,
             }
@@ -147,14 +143,15 @@ impl Script {
     /// Record an operation's outcome: `Ok` applies `apply`, an error makes the clusters it
     /// touched unknown.
     fn record(&mut self, ok: bool, off: u64, len: u64, apply: impl FnOnce(&mut Shadow)) {
+        if std::env::var_os("QCOW2_FUZZ_TRACE").is_some() {
+            eprintln!("  [{off}, +{len}): {}", if ok { "ok" } else { "failed" });
+        }
         let Some(shadow) = &mut self.shadow else {
-            self.failed |= !ok;
             return;
         };
         if ok {
             apply(shadow);
         } else {
-            self.failed = true;
             let start = off - off % self.cluster;
             let end = off.saturating_add(len).next_multiple_of(self.cluster);
             shadow.fill(start, end - start, None);
@@ -209,10 +206,8 @@ impl Script {
                     s.resize(now);
                 }
             }
-            Err(_) => {
-                self.failed = true;
-                self.shadow = None;
-            }
+            // The size may be old or new: stop comparing.
+            Err(_) => self.shadow = None,
         }
     }
 
