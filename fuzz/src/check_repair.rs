@@ -1,9 +1,10 @@
 //! Target `check_repair`: arbitrary bytes (in the corpus: mutated qemu-img images) checked,
 //! then repaired with `-r leaks` and with `-r all` on separate copies.
 //!
-//! Oracle, beyond "no panic, no hang": the report a repair returns for the repaired image
-//! must be what a fresh check of the repaired bytes says, and a repair must never make the
-//! corruption count go up.
+//! Oracle, beyond "no panic, no hang": when a repair finishes (no check errors), the report
+//! it returns for the repaired image must be what a fresh check of the repaired bytes says.
+//! (The corruption count may go up, as with qemu-img: `-r leaks` can lower an L2 table's
+//! refcount to 1 under an L1 entry without COPIED, which is then an OFLAG_COPIED error.)
 
 use std::sync::Arc;
 
@@ -39,6 +40,11 @@ async fn repair_copy(data: &[u8], mode: RepairMode, first: &CheckReport) {
         (first.corruptions, first.leaks),
         "{mode:?}: the repair's first check disagrees with a plain check"
     );
+    if after.check_errors > 0 {
+        // The repair could not finish (qemu-img fails the same way, exit 1): nothing to hold
+        // it to.
+        return;
+    }
     let fresh = check(storage, &check_options())
         .await
         .unwrap_or_else(|e| panic!("{mode:?}: the repaired image cannot be checked: {e}"));
@@ -46,11 +52,5 @@ async fn repair_copy(data: &[u8], mode: RepairMode, first: &CheckReport) {
         (fresh.corruptions, fresh.leaks, fresh.check_errors),
         (after.corruptions, after.leaks, after.check_errors),
         "{mode:?}: the repair's report disagrees with a fresh check of the result"
-    );
-    assert!(
-        fresh.corruptions <= first.corruptions,
-        "{mode:?}: repair raised corruptions from {} to {}",
-        first.corruptions,
-        fresh.corruptions
     );
 }
