@@ -98,16 +98,18 @@ fn l2_entries(mut input: Input) {
     let mut index = 0;
     while let Some((raw, bitmap)) = read_raw(table, index, &geo) {
         index += 1;
-        for decoded in [
-            L2Entry::decode(raw, &geo),
-            L2Entry::decode_external(raw, &geo),
-        ] {
-            let Ok(e) = decoded else { continue };
+        // Each decoder must round-trip on its own (they differ on offset 0 with COPIED).
+        let decoders: [fn(u64, &L2Geometry) -> qcow2_rs::Result<L2Entry>; 2] =
+            [L2Entry::decode, L2Entry::decode_external];
+        for decode in decoders {
+            let Ok(e) = decode(raw, &geo) else { continue };
             let _ = (e.host(), e.copied(), bitmap.validate_for(&e));
             if let Ok(enc) = e.try_encode(&geo) {
-                let back =
-                    L2Entry::decode(enc, &geo).or_else(|_| L2Entry::decode_external(enc, &geo));
-                assert_eq!(back.ok(), Some(e), "L2 entry {raw:#x} round trip");
+                assert_eq!(
+                    decode(enc, &geo).ok(),
+                    Some(e),
+                    "L2 entry {raw:#x} round trip"
+                );
             }
         }
         for i in 0..40 {
