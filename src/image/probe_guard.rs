@@ -46,12 +46,16 @@ mod tests {
     #[tokio::test]
     async fn qcow2_magic_in_block0_is_refused() {
         let s = MemoryStorage::from_vec(vec![0u8; 4096]);
-        let e = check_probed_raw_write(&s, b"QFI\xfb", 0).await.unwrap_err();
+        // A qcow2 magic and version: what QEMU's qcow2 probe looks for.
+        let qcow2 = b"QFI\xfb\0\0\0\x03";
+        let e = check_probed_raw_write(&s, qcow2, 0).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Refused);
         // Completing the magic from a write that starts inside it is caught too.
         s.write_at(b"Q", 0).await.unwrap();
-        assert!(check_probed_raw_write(&s, b"FI\xfb", 1).await.is_err());
-        check_probed_raw_write(&s, b"QFI\xfb", 512).await.unwrap();
+        assert!(check_probed_raw_write(&s, &qcow2[1..], 1).await.is_err());
+        // The magic with version 0 probes as raw (for QEMU too), and past block 0 is free.
+        check_probed_raw_write(&s, b"QFI\xfb", 0).await.unwrap();
+        check_probed_raw_write(&s, qcow2, 512).await.unwrap();
         check_probed_raw_write(&s, &[0x51; 512], 0).await.unwrap();
     }
 }
