@@ -14,7 +14,7 @@ use std::time::Duration;
 use qcow2_rs::check::check;
 use qcow2_rs::image::create::{CreateOptions, create};
 use qcow2_rs::image::{Image, OpenOptions};
-use qcow2_rs::nbd::connection::serve;
+use qcow2_rs::nbd::connection::{Patience, serve};
 use qcow2_rs::nbd::proto::{
     BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
     FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO, OPT_MAGIC, OPT_SET_META_CONTEXT,
@@ -106,7 +106,13 @@ async fn talk(img: &Image, stream: Vec<u8>) {
     let exports = Exports::new(vec![Export::new("", Arc::new(img.clone()))]);
     let (client, server) = tokio::io::duplex(64 << 10);
     let (_stop, stopped) = watch::channel(false);
-    let srv = tokio::spawn(serve(server, exports, stopped, Duration::from_secs(5)));
+    // A free slot: the idle timeout never fires (the fuzzer is the only client).
+    let patience = Patience {
+        handshake: Duration::from_secs(5),
+        idle: Duration::from_secs(5),
+        slots: Arc::new(tokio::sync::Semaphore::new(1)),
+    };
+    let srv = tokio::spawn(serve(server, exports, stopped, patience));
     let (mut rd, mut wr) = split(client);
     let drain = tokio::spawn(async move { tokio::io::copy(&mut rd, &mut tokio::io::sink()).await });
     // The server may hang up early (bad magic, protocol error): then writing fails.
