@@ -65,8 +65,19 @@ fn run(img: &Path, rng: &mut StdRng, delay: Option<Duration>) -> bool {
 }
 
 /// `qemu-img check`'s exit status.
+///
+/// The killed process's image lock can outlive it for a moment: the kernel tears an io_uring
+/// ring down asynchronously, and requests still in it keep the file (and its OFD locks)
+/// open. So a lock refusal right after the kill is retried for a while.
 fn qemu_check(img: &Path) -> (i32, String) {
-    common::status("qemu-img", &["check", img.to_str().unwrap()])
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, text) = common::status("qemu-img", &["check", img.to_str().unwrap()]);
+        if !(code == 1 && text.contains("lock") && Instant::now() < deadline) {
+            return (code, text);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
