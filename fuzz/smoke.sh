@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-20}"
+# A fixed seed and run count make the CI run repeatable: the same inputs every time (unless
+# the time cap cuts it short on a slow machine). Long exploratory runs: see README "Fuzzing".
+seed="${FUZZ_SEED:-1}"
+runs="${FUZZ_RUNS:-20000}"
 cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 # cargo-fuzz passes nightly-only flags to rustc; the stable toolchain accepts them this way.
 export RUSTC_BOOTSTRAP=1
@@ -15,9 +19,10 @@ trap 'rm -rf "$corpus"' EXIT
 cargo fuzz build -s none -O
 failed=()
 for target in $(cargo fuzz list); do
-  echo "== fuzzing $target for ${secs}s"
+  echo "== fuzzing $target: seed $seed, at most $runs runs or ${secs}s"
   cargo fuzz run -s none -O "$target" "$corpus/$target" -- \
-    -max_len=262144 -rss_limit_mb=2048 -timeout=10 -max_total_time="$secs" -print_final_stats=1 ||
+    -seed="$seed" -runs="$runs" -max_len=262144 -rss_limit_mb=2048 -timeout=10 \
+    -max_total_time="$secs" -print_final_stats=1 ||
     failed+=("$target")
 done
 if [ ${#failed[@]} -gt 0 ]; then

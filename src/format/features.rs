@@ -116,7 +116,7 @@ impl FeatureName {
         FeatureName {
             kind: FeatureKind::from_u8(entry[0]),
             bit: entry[1],
-            name: String::from_utf8_lossy(&raw[..end]).into_owned(),
+            name: fit_name(String::from_utf8_lossy(&raw[..end]).into_owned()),
         }
     }
 
@@ -125,11 +125,22 @@ impl FeatureName {
         let mut out = [0u8; FEATURE_NAME_ENTRY_SIZE];
         out[0] = self.kind.as_u8();
         out[1] = self.bit;
-        let name = self.name.as_bytes();
-        let n = name.len().min(FEATURE_NAME_MAX);
-        out[2..2 + n].copy_from_slice(&name[..n]);
+        let name = fit_name(self.name.clone());
+        out[2..2 + name.len()].copy_from_slice(name.as_bytes());
         out
     }
+}
+
+/// `name` cut to at most [`FEATURE_NAME_MAX`] bytes on a character boundary. Invalid UTF-8
+/// read from a file becomes U+FFFD (three bytes for one), which can overflow the field; cutting
+/// inside a character would write bytes that read back as something else.
+fn fit_name(mut name: String) -> String {
+    let mut n = name.len().min(FEATURE_NAME_MAX);
+    while !name.is_char_boundary(n) {
+        n -= 1;
+    }
+    name.truncate(n);
+    name
 }
 
 /// Decode a feature name table extension's data: every whole 48-byte entry, in order.
@@ -192,6 +203,25 @@ pub fn unknown_incompatible_message(incompatible: u64, table: &[FeatureName]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `parsers` fuzz target (CI smoke run): a name of invalid UTF-8 bytes
+    /// decodes to U+FFFD characters, three bytes each, longer than the 46-byte field; the
+    /// encoder cut the last one in half and the entry read back differently.
+    #[test]
+    fn invalid_utf8_name_round_trips() {
+        let mut entry = [0u8; FEATURE_NAME_ENTRY_SIZE];
+        entry[2..17].copy_from_slice(b"compression typ");
+        entry[17..].fill(0xff);
+        let name = FeatureName::from_entry(&entry);
+        assert!(name.name.len() <= FEATURE_NAME_MAX);
+        assert_eq!(FeatureName::from_entry(&name.to_entry()), name);
+        // A user-made name with a multi-byte character at the cut stays valid.
+        let long = FeatureName::new(FeatureKind::Compatible, 0, &"é".repeat(40));
+        assert_eq!(
+            FeatureName::from_entry(&long.to_entry()).name,
+            "é".repeat(23)
+        );
+    }
 
     #[test]
     fn bit_values_match_the_spec() {
