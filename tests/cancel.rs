@@ -9,7 +9,7 @@
 //! fresh clusters: the freed host clusters get reused, which is where a late write from a
 //! dropped request that had stopped being tracked would land.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::ops::Range;
@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
-use qcow2_rs::storage::{MemoryStorage, ParkStorage};
+use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_engine::storage::{MemoryStorage, ParkStorage};
 
 const CS: u64 = 4096;
 const SIZE: u64 = 8 << 20;
@@ -31,7 +31,7 @@ const FOLLOW: u8 = 0xee;
 /// Follow-up writes go here: unallocated in the template, same L2 table as the template data.
 const FRESH: Range<u64> = 40 * CS..44 * CS;
 
-type BoxFut<'a> = Pin<Box<dyn Future<Output = qcow2_rs::Result<()>> + Send + 'a>>;
+type BoxFut<'a> = Pin<Box<dyn Future<Output = qcow2_engine::Result<()>> + Send + 'a>>;
 
 /// One public operation to cancel.
 struct Case {
@@ -189,7 +189,7 @@ async fn make_template(dir: &std::path::Path) -> Vec<u8> {
 }
 
 /// Poll `fut` once with a waker that does nothing (the test drives progress itself).
-fn poll_once(fut: &mut BoxFut<'_>) -> Poll<qcow2_rs::Result<()>> {
+fn poll_once(fut: &mut BoxFut<'_>) -> Poll<qcow2_engine::Result<()>> {
     fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
 }
 
@@ -428,7 +428,7 @@ fn append_leaked_cluster(bytes: &mut Vec<u8>) {
 /// clean with its data intact. Before repairs were detached, a dropped repair left the leak.
 #[tokio::test(flavor = "current_thread")]
 async fn repair_dropped_at_each_step_still_finishes() {
-    use qcow2_rs::check::{CheckOptions, RepairMode, repair_with};
+    use qcow2_engine::check::{CheckOptions, RepairMode, repair_with};
     let dir = tempfile::tempdir().unwrap();
     let mut tpl = make_template(dir.path()).await;
     append_leaked_cluster(&mut tpl);

@@ -1,11 +1,11 @@
 //! `check` on clean images made by QEMU in many variants: every number must equal
 //! `qemu-img check --output=json`'s.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use qcow2_rs::check::{CheckOptions, CheckReport, check};
+use qcow2_engine::check::{CheckOptions, CheckReport, check};
 
 /// The numbers qemu-img reports (everything but the names).
 fn numbers(r: &CheckReport) -> [u64; 8] {

@@ -2,13 +2,13 @@
 //! unflushed writes) and the image is never worse than before — it still opens, has no more
 //! corruptions, a second repair makes it clean, and the guest data is unchanged.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use qcow2_rs::check::{CheckOptions, RepairMode, check, repair};
-use qcow2_rs::storage::{CrashPolicy, CrashStorage, MemoryStorage};
+use qcow2_engine::check::{CheckOptions, RepairMode, check, repair};
+use qcow2_engine::storage::{CrashPolicy, CrashStorage, MemoryStorage};
 
 /// Damage a fresh image with `damage(path, l2_table_offset, l1_table_offset)`.
 fn damaged(dir: &Path, name: &str, damage: impl Fn(&Path, u64, u64)) -> Vec<u8> {

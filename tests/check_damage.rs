@@ -2,17 +2,17 @@
 //! repair must leave an image that `qemu-img check` finds clean, with the same guest data as a
 //! copy repaired by `qemu-img check -r`.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use qcow2_rs::check::{CheckOptions, CheckReport, RepairMode, check, repair};
-use qcow2_rs::format::header::Header;
-use qcow2_rs::format::l1::L1E_OFFSET_MASK;
-use qcow2_rs::format::l2::{L2E_COPIED, L2E_OFFSET_MASK};
-use qcow2_rs::format::refcount;
+use qcow2_engine::check::{CheckOptions, CheckReport, RepairMode, check, repair};
+use qcow2_engine::format::header::Header;
+use qcow2_engine::format::l1::L1E_OFFSET_MASK;
+use qcow2_engine::format::l2::{L2E_COPIED, L2E_OFFSET_MASK};
+use qcow2_engine::format::refcount;
 
 /// Offsets of the structures a test damages, found with the library's format parsers.
 struct Meta {
@@ -364,7 +364,7 @@ async fn rebuild_refcounts_for_the_engine() {
     let dir = tempfile::tempdir().unwrap();
     let img = base(dir.path(), "rebuild.qcow2", true);
     let want = common::qemu_raw(&img);
-    qcow2_rs::check::rebuild_refcounts(common::storage(&img, false))
+    qcow2_engine::check::rebuild_refcounts(common::storage(&img, false))
         .await
         .unwrap();
     common::assert_check_clean(&img);
@@ -425,7 +425,7 @@ async fn not_qcow2_is_an_error() {
     let err = check(common::storage(&img, true), &CheckOptions::default())
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), qcow2_rs::ErrorKind::InvalidImage);
+    assert_eq!(err.kind(), qcow2_engine::ErrorKind::InvalidImage);
 }
 
 #[tokio::test]
@@ -437,5 +437,5 @@ async fn memory_limit_is_enforced() {
         ..CheckOptions::default()
     };
     let err = check(common::storage(&img, true), &opts).await.unwrap_err();
-    assert_eq!(err.kind(), qcow2_rs::ErrorKind::InvalidArgument);
+    assert_eq!(err.kind(), qcow2_engine::ErrorKind::InvalidArgument);
 }

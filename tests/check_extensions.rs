@@ -3,13 +3,13 @@
 //! them, and `-r leaks`/`-r all` must never free them. An extension we do not understand makes
 //! the repair refuse rather than free clusters it might own.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::{path_in, qcow2, qemu_check, run};
-use qcow2_rs::check::CheckReport;
+use qcow2_engine::check::CheckReport;
 
 const SECRET: &str = "secret,id=sec0,data=abc";
 

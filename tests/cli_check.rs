@@ -3,16 +3,16 @@
 //! damaged on purpose; and `-r leaks` / `-r all` leave images that qemu-img finds clean, with
 //! the guest data of a copy that qemu-img repaired.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use qcow2_rs::format::header::Header;
-use qcow2_rs::format::l1::L1E_OFFSET_MASK;
-use qcow2_rs::format::l2::{L2E_COPIED, L2E_OFFSET_MASK};
-use qcow2_rs::format::refcount;
+use qcow2_engine::format::header::Header;
+use qcow2_engine::format::l1::L1E_OFFSET_MASK;
+use qcow2_engine::format::l2::{L2E_COPIED, L2E_OFFSET_MASK};
+use qcow2_engine::format::refcount;
 
 /// What one run printed and returned.
 #[derive(Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! `qcow2 compare` against `qemu-img compare`: the same stdout and exit status for identical
 //! images, single differing bytes, qcow2 vs raw, differing sizes, strict mode, backing chains.
 
-mod common;
+use crate::common;
 
 use common::{path_in, qcow2, run, status};
 

@@ -1,7 +1,7 @@
 //! `qcow2 convert`: the destination reads back exactly like the source (by `qemu-img
 //! compare`), stays sparse, and qcow2 destinations pass `qemu-img check`.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! `qcow2 create`: images QEMU accepts, with the settings qemu-img would give them.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! `qcow2 dump`: decodes QEMU images, and survives damaged or hostile ones with bounded output.
 
-mod common;
+use crate::common;
 
 use common::{path_in, qcow2, qcow2_ok, run};
 

@@ -1,6 +1,6 @@
 //! `qcow2 info` against `qemu-img info` on the same images: identical JSON text.
 
-mod common;
+use crate::common;
 
 use common::{path_in, qcow2, qcow2_ok, run};
 

@@ -1,7 +1,7 @@
 //! `qcow2 io` against `qemu-io`: the same command lists on two copies of a QEMU-made image
 //! must leave identical, clean images and print the same lines (timing lines aside).
 
-mod common;
+use crate::common;
 
 use common::{assert_check_clean, path_in, qcow2, run, status};
 

@@ -2,7 +2,7 @@
 //! sparse file whose header claims thousands of snapshots with 64 KiB names each) must refuse
 //! the table as QEMU does (over 64 MiB) in bounded memory, not allocate what it claims.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};

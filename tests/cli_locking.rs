@@ -3,14 +3,14 @@
 //! as between two QEMU processes; `-U` read-only opens still work; backing files are locked
 //! against writers; a read-only holder keeps writers out.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
 use common::bg::Bg;
 use common::{assert_check_clean, path_in, qcow2, qcow2_ok, run, status};
-use qcow2_rs::ErrorKind;
-use qcow2_rs::image::{Image, OpenOptions};
+use qcow2_engine::ErrorKind;
+use qcow2_engine::image::{Image, OpenOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qcow2");
 

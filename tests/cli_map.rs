@@ -1,7 +1,7 @@
 //! `qcow2 map` against `qemu-img map`: the same text, JSON and human, for every kind of
 //! mapping (data, zero clusters, preallocation, compression, subclusters, backing chains).
 
-mod common;
+use crate::common;
 
 use common::{path_in, qcow2, qcow2_ok, run, status};
 

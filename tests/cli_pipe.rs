@@ -1,7 +1,7 @@
 //! A closed stdout (`qcow2 io ... | true`, `qcow2 info IMG | head -1`) must not panic or lose
 //! work: the commands stop printing, finish, close the image and exit as they would have.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 

@@ -2,7 +2,7 @@
 //! are refused with an error naming the format, never read as raw disks; `-f raw` still
 //! forces raw.
 
-mod common;
+use crate::common;
 
 use common::{path_in, qcow2, run};
 

@@ -3,15 +3,15 @@
 //! directory unless allowed; FIFOs never hang an open; data files stay read-only unless the
 //! caller opts in; `serve` distrusts images by default; `info` warns about such names.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
 
 use common::bg::Bg;
 use common::{path_in, qcow2, qcow2_ok, run};
-use qcow2_rs::ErrorKind;
-use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy};
+use qcow2_engine::ErrorKind;
+use qcow2_engine::image::{Image, OpenOptions, ReferencePolicy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qcow2");
 

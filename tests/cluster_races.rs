@@ -14,14 +14,14 @@
 //! unallocated subcluster copied the allocated subcluster's old bytes back over a concurrent
 //! in-place write.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::yielding::YieldingStorage;
-use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
-use qcow2_rs::storage::MemoryStorage;
+use qcow2_engine::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
+use qcow2_engine::storage::MemoryStorage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

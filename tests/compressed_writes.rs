@@ -4,11 +4,11 @@
 //! also after rewriting, overwriting and discarding compressed clusters with our write path
 //! and with qemu-io, which exercises the shared-host-cluster refcounts (DESIGN.md §7).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
+use qcow2_engine::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// What a test cluster holds.

@@ -5,7 +5,7 @@
 //! and read it. Options qemu-img refuses are refused too. (`tests/cli_create.rs` covers the
 //! output line, the size from the backing file and argument errors.)
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -11,14 +11,14 @@
 //! Each group test runs a table of variants and reports every failing variant by name with the
 //! first differing offset.
 
-mod common;
+use crate::common;
 
 use std::fmt::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy};
+use qcow2_engine::image::{Image, OpenOptions, ReferencePolicy};
 
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;

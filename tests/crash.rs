@@ -9,14 +9,14 @@
 //!
 //! Seeds are printed on failure; `QCOW2_TEST_SEED=<n>` replays one.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use qcow2_rs::Storage;
-use qcow2_rs::image::{BackingOverride, Image, OpenOptions, ZeroFlags};
-use qcow2_rs::storage::{CrashPolicy, CrashStorage, MemoryStorage};
+use qcow2_engine::Storage;
+use qcow2_engine::image::{BackingOverride, Image, OpenOptions, ZeroFlags};
+use qcow2_engine::storage::{CrashPolicy, CrashStorage, MemoryStorage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -381,7 +381,7 @@ async fn run(
         }
         for (i, op) in crash.log().iter().enumerate() {
             let d = match op {
-                qcow2_rs::storage::crash::LoggedOp::Write { offset, data } => {
+                qcow2_engine::storage::crash::LoggedOp::Write { offset, data } => {
                     format!("W {offset:#x}+{:#x}", data.len())
                 }
                 other => format!("{other:?}"),

@@ -7,12 +7,12 @@
 //! file itself must equal the shadow. Our `check` must flag a mapping that breaks
 //! host == guest.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
+use qcow2_engine::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -11,14 +11,14 @@
 //!
 //! Images start as `qemu-img create` files read into a [`MemoryStorage`].
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
-use qcow2_rs::check::{CheckOptions, CheckReport, RepairMode, check, repair};
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
-use qcow2_rs::storage::{FaultError, FaultRule, FaultStorage, MemoryStorage, OpKind};
-use qcow2_rs::{ErrorKind, Storage};
+use qcow2_engine::check::{CheckOptions, CheckReport, RepairMode, check, repair};
+use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_engine::storage::{FaultError, FaultRule, FaultStorage, MemoryStorage, OpKind};
+use qcow2_engine::{ErrorKind, Storage};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;

@@ -2,7 +2,7 @@
 //! on images qemu-img made (their oracles must hold on valid input), then one test per input a
 //! fuzzer found crashing, named after what went wrong, with the target that found it.
 
-mod common;
+use crate::common;
 
 #[allow(dead_code)]
 #[path = "../fuzz/src/lib.rs"]

@@ -2,14 +2,14 @@
 //! errors, never a panic, a hang or an unbounded allocation — through open, read, map,
 //! writes + flush, and check. Seeds are printed; `QCOW2_TEST_SEED=<n>` replays a run.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use qcow2_rs::Storage;
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
-use qcow2_rs::storage::MemoryStorage;
+use qcow2_engine::Storage;
+use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_engine::storage::MemoryStorage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -98,7 +98,7 @@ async fn exercise(bytes: Vec<u8>) -> bool {
         }
         let _ = img.close().await;
     }
-    let _ = qcow2_rs::check::check(storage, &Default::default()).await;
+    let _ = qcow2_engine::check::check(storage, &Default::default()).await;
     ok
 }
 

@@ -2,11 +2,11 @@
 //! and reads the right data; a read-write open rebuilds the refcounts first, so that after
 //! our writes and close `qemu-img check` is clean and the dirty flag is gone.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use qcow2_rs::image::{Image, OpenOptions};
+use qcow2_engine::image::{Image, OpenOptions};
 
 const MIB: usize = 1 << 20;
 

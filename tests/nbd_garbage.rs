@@ -2,15 +2,15 @@
 //! panic, hang or lose framing for the next client, and the image must stay consistent.
 //! `QCOW2_TEST_SEED=<n>` replays a run.
 
-mod common;
-mod nbd_util;
+use crate::common;
+use crate::nbd_util;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nbd_util::{Raw, TestServer, create_image};
-use qcow2_rs::nbd::frame::Request;
-use qcow2_rs::nbd::proto::*;
+use qcow2_nbd::frame::Request;
+use qcow2_nbd::proto::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,10 +1,10 @@
 //! Raw-byte tests of the NBD handshake against an in-process server on a Unix socket:
 //! every option we support, unknown and malformed options, and clients that misbehave.
 
-mod nbd_util;
+use crate::nbd_util;
 
 use nbd_util::{Raw, TestServer, create_image, info_data, meta_data};
-use qcow2_rs::nbd::proto::*;
+use qcow2_nbd::proto::*;
 
 const SIZE: u64 = 16 << 20;
 

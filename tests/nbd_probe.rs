@@ -3,7 +3,7 @@
 //! /etc/passwd as its backing file would give the client that file on the next serve). Such
 //! writes get EPERM, as with qemu-nbd, and serve prints qemu-nbd's warning.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

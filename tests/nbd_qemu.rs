@@ -2,8 +2,8 @@
 //! nbdinfo/nbdcopy from libnbd-bin when installed. After a SIGTERM shutdown the image must
 //! pass `qemu-img check` and hold exactly what the clients wrote (a shadow copy).
 
-mod common;
-mod nbd_util;
+use crate::common;
+use crate::nbd_util;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

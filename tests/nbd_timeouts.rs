@@ -2,12 +2,12 @@
 //! is dropped after the handshake limit, and silent clients filling every slot are dropped
 //! after the idle timeout, so they cannot lock everybody else out.
 
-mod nbd_util;
+use crate::nbd_util;
 
 use std::time::{Duration, Instant};
 
 use nbd_util::{Raw, TestServer, create_image};
-use qcow2_rs::nbd::proto::*;
+use qcow2_nbd::proto::*;
 
 const SIZE: u64 = 1 << 20;
 const BOTH: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;

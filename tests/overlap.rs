@@ -6,13 +6,13 @@
 //! exactly what it reported before. QEMU refuses the same writes ("Preventing invalid write
 //! on metadata") and marks the image corrupt the same way.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
 use common::{run, status};
-use qcow2_rs::ErrorKind;
-use qcow2_rs::image::{Image, OpenOptions};
+use qcow2_engine::ErrorKind;
+use qcow2_engine::image::{Image, OpenOptions};
 
 /// Header offset of `incompatible_features`.
 const INCOMPAT: usize = 72;
@@ -58,7 +58,7 @@ fn qemu_check(p: &Path) -> (i32, String) {
     status("qemu-img", &["check", p.to_str().unwrap()])
 }
 
-async fn open_rw(p: &Path) -> qcow2_rs::Result<Image> {
+async fn open_rw(p: &Path) -> qcow2_engine::Result<Image> {
     Image::open(p, &OpenOptions::new().writable(true)).await
 }
 
@@ -78,7 +78,7 @@ fn before(p: &Path) -> Before {
 /// The operation was refused as a corruption, the image gained the corrupt bit and nothing
 /// else, `qemu-img check` reports what it reported before, and a read-write open is refused
 /// (as QEMU refuses it) while a read-only one works.
-async fn assert_refused_and_marked(p: &Path, b: &Before, err: qcow2_rs::Error) {
+async fn assert_refused_and_marked(p: &Path, b: &Before, err: qcow2_engine::Error) {
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
     let mut after = std::fs::read(p).unwrap();
     assert_eq!(
@@ -204,7 +204,7 @@ async fn refcount_table_claimed_free_is_not_allocated() {
     let p = allocation_onto_free_claimed(dir.path(), |(rt, _, _, _)| rt).await;
     // `check -r all` repairs the refcount and clears the corrupt bit: writable again.
     let storage = common::storage(&p, false);
-    qcow2_rs::check::repair(storage, qcow2_rs::check::RepairMode::All)
+    qcow2_engine::check::repair(storage, qcow2_engine::check::RepairMode::All)
         .await
         .unwrap();
     common::assert_check_clean(&p);

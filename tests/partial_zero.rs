@@ -2,11 +2,11 @@
 //! (unallocated without a backing file, or zero clusters) change nothing: no data cluster is
 //! allocated, the file does not grow. Over backing data they still make the range read zeros.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
 
 const K: u64 = 1024;
 

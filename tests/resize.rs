@@ -2,16 +2,16 @@
 //! only 32 KiB), shrinking with and without permission, the CLI against `qemu-img resize`
 //! (results compared with `qemu-img compare`), raw files, and power cuts during a grow.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use common::{assert_check_clean, path_in, qcow2, qemu_raw, run, status};
-use qcow2_rs::Storage;
-use qcow2_rs::check::{CheckOptions, check};
-use qcow2_rs::image::{Image, OpenOptions};
-use qcow2_rs::storage::{CrashPolicy, CrashStorage, MemoryStorage};
+use qcow2_engine::Storage;
+use qcow2_engine::check::{CheckOptions, check};
+use qcow2_engine::image::{Image, OpenOptions};
+use qcow2_engine::storage::{CrashPolicy, CrashStorage, MemoryStorage};
 
 fn create(img: &str, opts: &str, size: &str) {
     run(

@@ -7,7 +7,7 @@
 //! SIGKILL keeps the page cache, so this models a process crash; the crash-simulating storage
 //! (tests/crash.rs) models power cuts.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

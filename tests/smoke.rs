@@ -1,6 +1,6 @@
-mod common;
+use crate::common;
 
-use qcow2_rs::image::{Image, OpenOptions};
+use qcow2_engine::image::{Image, OpenOptions};
 
 #[tokio::test]
 async fn reads_a_qemu_image() {
@@ -57,7 +57,11 @@ async fn writes_and_checks_clean() {
     assert_eq!(common::first_difference(&got, &shadow), None);
     image.close().await.unwrap();
     let err = image.write_at(&[1], 0).await.unwrap_err();
-    assert_eq!(err.kind(), qcow2_rs::ErrorKind::InvalidArgument, "{err}");
+    assert_eq!(
+        err.kind(),
+        qcow2_engine::ErrorKind::InvalidArgument,
+        "{err}"
+    );
     drop(image);
     common::assert_check_clean(&img);
     assert_eq!(
@@ -91,13 +95,13 @@ async fn encrypted_images_open_for_info_but_refuse_data_access() {
     assert_eq!(image.virtual_size(), 1 << 20);
     let mut buf = [0u8; 512];
     let err = image.read_at(&mut buf, 0).await.unwrap_err();
-    assert_eq!(err.kind(), qcow2_rs::ErrorKind::Unsupported, "{err}");
+    assert_eq!(err.kind(), qcow2_engine::ErrorKind::Unsupported, "{err}");
     // A read-only holder keeps writers out (image locks): let go first.
     drop(image);
     let err = Image::open(&img, &OpenOptions::new().writable(true))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), qcow2_rs::ErrorKind::Unsupported, "{err}");
+    assert_eq!(err.kind(), qcow2_engine::ErrorKind::Unsupported, "{err}");
 }
 
 #[tokio::test]

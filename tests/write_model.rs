@@ -7,13 +7,13 @@
 //! doesn't issue conflicting IO), but they freely share clusters, L2 tables and refcount
 //! blocks — which is what exercises in-flight allocation and the caches.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::yielding::YieldingStorage;
-use qcow2_rs::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
+use qcow2_engine::image::{Image, OpenOptions, ReferencePolicy, ZeroFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

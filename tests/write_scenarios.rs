@@ -1,11 +1,11 @@
 //! Write-path scenarios that QEMU-made images bring: refcount-table growth, internal
 //! snapshots (shared clusters), compressed clusters, preallocated zero clusters.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let p = dir.join(name);
@@ -289,7 +289,7 @@ async fn odd_size_tail(opts: &str) {
     img.write_at(&[0x65; 7], (size - 7) as u64).await.unwrap();
     shadow[size - 7..].fill(0x65);
     let err = img.write_at(&[1; 8], (size - 7) as u64).await.unwrap_err();
-    assert_eq!(err.kind(), qcow2_rs::ErrorKind::OutOfRange);
+    assert_eq!(err.kind(), qcow2_engine::ErrorKind::OutOfRange);
     img.close().await.unwrap();
     drop(img);
     common::assert_check_clean(&p);
@@ -357,7 +357,7 @@ async fn data_write_onto_the_l1_table_is_refused() {
     let l1_before = bytes[l1..l1 + 512].to_vec();
     let img = open_rw(&p).await;
     let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
-    assert_eq!(err.kind(), qcow2_rs::ErrorKind::Corrupt, "{err}");
+    assert_eq!(err.kind(), qcow2_engine::ErrorKind::Corrupt, "{err}");
     // The image is now marked corrupt: its closing flush is refused (tests/overlap.rs).
     let _ = img.close().await;
     drop(img);

@@ -6,8 +6,8 @@
 use std::io;
 use std::path::Path;
 
-use qcow2_rs::Storage;
-use qcow2_rs::storage::{IoFuture, MemoryStorage};
+use qcow2_engine::Storage;
+use qcow2_engine::storage::{IoFuture, MemoryStorage};
 
 /// The largest a fuzzed image file may become: 64 MiB.
 pub const MAX_LEN: u64 = 64 << 20;

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use qcow2_rs::check::{CheckReport, RepairMode, check, repair_with};
+use qcow2_engine::check::{CheckReport, RepairMode, check, repair_with};
 
 use super::block_on;
 use super::capped::CappedStorage;

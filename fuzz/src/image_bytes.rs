@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use qcow2_rs::Storage;
-use qcow2_rs::check::{CheckOptions, check};
-use qcow2_rs::format::extensions::ImageHeader;
-use qcow2_rs::format::header::Header;
-use qcow2_rs::format::snapshot::{self, ENTRY_HEADER_LEN, Snapshot};
-use qcow2_rs::image::{Image, OpenOptions};
+use qcow2_engine::Storage;
+use qcow2_engine::check::{CheckOptions, check};
+use qcow2_engine::format::extensions::ImageHeader;
+use qcow2_engine::format::header::Header;
+use qcow2_engine::format::snapshot::{self, ENTRY_HEADER_LEN, Snapshot};
+use qcow2_engine::image::{Image, OpenOptions};
 
 use super::block_on;
 use super::capped::CappedStorage;

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use qcow2_rs::check::{CheckReport, check};
-use qcow2_rs::image::{Image, OpenOptions, ZeroFlags};
+use qcow2_engine::check::{CheckReport, check};
+use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
 
 use super::block_on;
 use super::capped::CappedStorage;
@@ -33,7 +33,7 @@ pub fn run(data: &[u8]) {
 }
 
 /// Whether a check report shows no corruption.
-fn clean(r: &qcow2_rs::Result<CheckReport>) -> bool {
+fn clean(r: &qcow2_engine::Result<CheckReport>) -> bool {
     matches!(r, Ok(r) if r.corruptions == 0 && r.check_errors == 0)
 }
 

@@ -2,7 +2,7 @@
 //!
 //! They live in a library (not in the target files) so that `tests/fuzz_regressions.rs` in the
 //! main package can include this directory with `#[path]` and replay every finding under plain
-//! `cargo test`, without nightly or libFuzzer. They depend only on `qcow2_rs` and `tokio`,
+//! `cargo test`, without nightly or libFuzzer. They depend only on `qcow2_engine` and `tokio`,
 //! which both packages have.
 //!
 //! Every target feeds untrusted bytes to the library through [`capped::CappedStorage`], so a

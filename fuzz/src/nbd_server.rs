@@ -11,16 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use qcow2_rs::check::check;
-use qcow2_rs::image::create::{CreateOptions, create};
-use qcow2_rs::image::{Image, OpenOptions};
-use qcow2_rs::nbd::connection::{Patience, serve};
-use qcow2_rs::nbd::proto::{
+use qcow2_engine::check::check;
+use qcow2_engine::image::create::{CreateOptions, create};
+use qcow2_engine::image::{Image, OpenOptions};
+use qcow2_nbd::connection::{Patience, serve};
+use qcow2_nbd::proto::{
     BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
     FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO, OPT_MAGIC, OPT_SET_META_CONTEXT,
     OPT_STRUCTURED_REPLY, REQUEST_MAGIC,
 };
-use qcow2_rs::nbd::{Export, Exports};
+use qcow2_nbd::{Export, Exports};
 use tokio::io::{AsyncWriteExt, split};
 use tokio::sync::watch;
 

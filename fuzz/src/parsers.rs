@@ -2,13 +2,13 @@
 //! input. Besides "no panic", decoders that have an encoder must round-trip: what decodes,
 //! encodes to bytes that decode to the same value.
 
-use qcow2_rs::format::compressed::{CompressedDescriptor, CompressionType, decompress};
-use qcow2_rs::format::extensions::{ImageHeader, parse_extensions};
-use qcow2_rs::format::header::Header;
-use qcow2_rs::format::l2::{L2Entry, L2Geometry, SubclusterBitmap, read_raw};
-use qcow2_rs::format::{features, l1, refcount, snapshot};
-use qcow2_rs::image::create::{CreateOptions, parse_size};
-use qcow2_rs::nbd::frame::{Cursor, Limits, OPTION_HEADER_LEN, OptionHeader, REQUEST_LEN, Request};
+use qcow2_engine::format::compressed::{CompressedDescriptor, CompressionType, decompress};
+use qcow2_engine::format::extensions::{ImageHeader, parse_extensions};
+use qcow2_engine::format::header::Header;
+use qcow2_engine::format::l2::{L2Entry, L2Geometry, SubclusterBitmap, read_raw};
+use qcow2_engine::format::{features, l1, refcount, snapshot};
+use qcow2_engine::image::create::{CreateOptions, parse_size};
+use qcow2_nbd::frame::{Cursor, Limits, OPTION_HEADER_LEN, OptionHeader, REQUEST_LEN, Request};
 
 use super::input::Input;
 
@@ -104,7 +104,7 @@ fn l2_entries(mut input: Input) {
     while let Some((raw, bitmap)) = read_raw(table, index, &geo) {
         index += 1;
         // Each decoder must round-trip on its own (they differ on offset 0 with COPIED).
-        let decoders: [fn(u64, &L2Geometry) -> qcow2_rs::Result<L2Entry>; 2] =
+        let decoders: [fn(u64, &L2Geometry) -> qcow2_engine::Result<L2Entry>; 2] =
             [L2Entry::decode, L2Entry::decode_external];
         for decode in decoders {
             let Ok(e) = decode(raw, &geo) else { continue };

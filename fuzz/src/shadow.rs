@@ -1,6 +1,6 @@
 //! [`Shadow`]: what the guest disk must read as, byte by byte, where we know it.
 
-use qcow2_rs::image::Image;
+use qcow2_engine::image::Image;
 
 /// Reads go in pieces of this size.
 const CHUNK: usize = 64 << 10;

@@ -67,7 +67,7 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 /// `qemu-img check --output=json [extra...] IMG`: the parsed report and the exit code.
-pub fn qemu_check(img: &Path, extra: &[&str]) -> (i32, qcow2_rs::check::CheckReport) {
+pub fn qemu_check(img: &Path, extra: &[&str]) -> (i32, qcow2_engine::check::CheckReport) {
     let mut args = vec!["check", "--output=json"];
     args.extend_from_slice(extra);
     args.push(img.to_str().unwrap());
@@ -83,12 +83,12 @@ pub fn qemu_check(img: &Path, extra: &[&str]) -> (i32, qcow2_rs::check::CheckRep
 }
 
 /// Open an image file as storage for the library.
-pub fn storage(img: &Path, read_only: bool) -> std::sync::Arc<dyn qcow2_rs::Storage> {
-    let flags = qcow2_rs::storage::OpenFlags {
+pub fn storage(img: &Path, read_only: bool) -> std::sync::Arc<dyn qcow2_engine::Storage> {
+    let flags = qcow2_engine::storage::OpenFlags {
         read_only,
         direct: false,
     };
-    std::sync::Arc::new(qcow2_rs::storage::FileStorage::open(img, flags).unwrap())
+    std::sync::Arc::new(qcow2_engine::storage::FileStorage::open(img, flags).unwrap())
 }
 
 /// Output of one run of the `qcow2` binary.

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use qcow2_rs::Storage;
-use qcow2_rs::storage::IoFuture;
+use qcow2_engine::Storage;
+use qcow2_engine::storage::IoFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qcow2_rs::image::create::{CreateOptions, create};
-use qcow2_rs::image::{Image, OpenOptions};
-use qcow2_rs::nbd::proto::*;
-use qcow2_rs::nbd::{Export, Listener, Server};
-use qcow2_rs::storage::FileStorage;
+use qcow2_engine::image::create::{CreateOptions, create};
+use qcow2_engine::image::{Image, OpenOptions};
+use qcow2_engine::storage::FileStorage;
+use qcow2_nbd::proto::*;
+use qcow2_nbd::{Export, Listener, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
@@ -28,7 +28,7 @@ pub async fn create_image(path: &Path, size: u64) {
 pub struct TestServer {
     pub socket: PathBuf,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<qcow2_rs::Result<()>>>,
+    task: Option<JoinHandle<qcow2_engine::Result<()>>>,
 }
 
 impl TestServer {
@@ -78,7 +78,7 @@ impl TestServer {
     }
 
     /// Shut down gracefully and return the server's result (within 10 s).
-    pub async fn stop(mut self) -> qcow2_rs::Result<()> {
+    pub async fn stop(mut self) -> qcow2_engine::Result<()> {
         let _ = self.stop.take().unwrap().send(());
         let task = self.task.take().unwrap();
         tokio::time::timeout(Duration::from_secs(10), task)
@@ -225,7 +225,7 @@ impl Raw {
         len: u32,
         payload: &[u8],
     ) {
-        let req = qcow2_rs::nbd::frame::Request {
+        let req = qcow2_nbd::frame::Request {
             flags,
             kind,
             cookie,

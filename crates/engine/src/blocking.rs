@@ -1,0 +1,183 @@
+//! A synchronous wrapper for callers without an async runtime: blocking methods mirroring
+//! [`Image`]'s, and `std::io::{Read, Write, Seek}` over the virtual disk.
+//!
+//! ```no_run
+//! use std::io::{Read, Seek, SeekFrom, Write};
+//! use qcow2_engine::blocking::BlockingImage;
+//! use qcow2_engine::image::OpenOptions;
+//!
+//! let mut disk = BlockingImage::open("disk.qcow2", &OpenOptions::new().writable(true))?;
+//! disk.seek(SeekFrom::Start(1 << 20))?;
+//! disk.write_all(b"hello")?;
+//! disk.close()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::io;
+use std::path::Path;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{Image, OpenOptions, ZeroFlags};
+
+/// An [`Image`] driven by its own small runtime, with a cursor for `Read`/`Write`/`Seek`.
+///
+/// Dropping a writable image without [`BlockingImage::close`] still flushes and closes it
+/// (errors are then lost); call `close` to see them.
+#[derive(Debug)]
+pub struct BlockingImage {
+    image: Image,
+    rt: tokio::runtime::Runtime,
+    pos: u64,
+    closed: bool,
+}
+
+impl BlockingImage {
+    /// Open the image file at `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<BlockingImage> {
+        let rt = runtime()?;
+        let image = rt.block_on(Image::open(path, opts))?;
+        Ok(BlockingImage {
+            image,
+            rt,
+            pos: 0,
+            closed: false,
+        })
+    }
+
+    /// The async image inside (for `map`, `header`, ...).
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+
+    /// Blocking [`Image::read_at`].
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.rt.block_on(self.image.read_at(buf, offset))
+    }
+
+    /// Blocking [`Image::write_at`].
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.rt.block_on(self.image.write_at(buf, offset))
+    }
+
+    /// Blocking [`Image::write_zeroes`].
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.rt
+            .block_on(self.image.write_zeroes(offset, len, flags))
+    }
+
+    /// Blocking [`Image::discard`].
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.rt.block_on(self.image.discard(offset, len))
+    }
+
+    /// Blocking [`Image::flush`].
+    pub fn flush_image(&self) -> Result<()> {
+        self.rt.block_on(self.image.flush())
+    }
+
+    /// Blocking [`Image::close`].
+    pub fn close(mut self) -> Result<()> {
+        self.closed = true;
+        self.rt.block_on(self.image.close())
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // One worker: enough to drive the background flusher between calls.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .map_err(|e| Error::io("starting the IO runtime", e))
+}
+
+impl Drop for BlockingImage {
+    fn drop(&mut self) {
+        if !self.closed && self.image.is_writable() {
+            let _ = self.rt.block_on(self.image.close());
+        }
+    }
+}
+
+impl io::Read for BlockingImage {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.virtual_size().saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        self.read_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Write for BlockingImage {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (self.virtual_size().saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        if n == 0 && !buf.is_empty() {
+            let e = Error::new(
+                ErrorKind::OutOfRange,
+                "write past the end of the virtual disk",
+            );
+            return Err(e.at(self.pos).into());
+        }
+        self.write_at(&buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(self.flush_image()?)
+    }
+}
+
+impl io::Seek for BlockingImage {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let target = match pos {
+            io::SeekFrom::Start(p) => Some(p),
+            io::SeekFrom::End(d) => self.virtual_size().checked_add_signed(d),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let p =
+            target.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before 0"))?;
+        self.pos = p;
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    #[test]
+    fn read_write_seek_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.qcow2");
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut d = BlockingImage::open(&p, &OpenOptions::new().writable(true)).unwrap();
+        d.seek(SeekFrom::Start(70_000)).unwrap();
+        d.write_all(&[7u8; 100_000]).unwrap();
+        d.seek(SeekFrom::End(-10)).unwrap();
+        assert_eq!(
+            d.write(&[1u8; 64]).unwrap(),
+            10,
+            "writes stop at the end of the disk"
+        );
+        assert!(d.write(&[1u8]).is_err());
+        d.close().unwrap();
+        let mut d = BlockingImage::open(&p, &OpenOptions::new()).unwrap();
+        let mut all = Vec::new();
+        d.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 1 << 20);
+        assert!(all[70_000..170_000].iter().all(|&b| b == 7));
+        assert!(all[..70_000].iter().all(|&b| b == 0));
+        assert!(all[(1 << 20) - 10..].iter().all(|&b| b == 1));
+    }
+}

@@ -1,0 +1,29 @@
+//! An NBD server exporting [`Image`](qcow2_engine::image::Image)s (or any [`BlockDevice`]) over TCP
+//! and Unix sockets, speaking the fixed-newstyle protocol of the NetworkBlockDevice project.
+//!
+//! The shape is tokio's mini-redis: a [`Listener`] and a [`Server`] accept loop with a
+//! connection limit and a shutdown signal, one task per connection ([`connection`]),
+//! all parsing and encoding in [`frame`], and one small module per command in `cmd/`.
+//!
+//! What is negotiated: `OPT_EXPORT_NAME`, `OPT_GO`/`OPT_INFO` (export size and flags, block
+//! sizes 1 / 4096 / 32 MiB, name, description), `OPT_LIST`, `OPT_ABORT`,
+//! `OPT_STRUCTURED_REPLY`, and `OPT_LIST_META_CONTEXT`/`OPT_SET_META_CONTEXT` for
+//! `base:allocation`. Commands: read, write (FUA), flush, trim, write zeroes (NO_HOLE),
+//! block status (REQ_ONE), disconnect. Several requests of one connection run at once;
+//! every connection shares the one open image, so `NBD_FLAG_CAN_MULTI_CONN` is set.
+//!
+//! A client is untrusted: lengths are checked before anything is allocated, a bad magic
+//! closes the connection, and per-connection memory is bounded.
+
+mod cmd;
+pub mod connection;
+pub mod device;
+pub mod export;
+pub mod frame;
+pub mod handshake;
+pub mod listener;
+pub mod proto;
+
+pub use device::{BlockDevice, DeviceFuture, RawDevice};
+pub use export::{Export, Exports};
+pub use listener::{Listener, Server};
