@@ -40,32 +40,22 @@ fn snapshot_table(path: &str, count: u32, invalid_utf8: bool) {
     f.write_all_at(&table.to_be_bytes(), 64).unwrap(); // snapshots_offset
 }
 
-/// Run `qcow2 ARGS` (stdout discarded); its exit code, stderr and peak RSS in KiB.
-// The child is reaped by wait4 (for its rusage), which clippy cannot see.
-#[allow(clippy::zombie_processes)]
+/// Run `qcow2 ARGS` (stdout discarded) under GNU time; its exit code, stderr and peak RSS
+/// in KiB. The measurement goes through `/usr/bin/time` rather than our own `wait4`: Linux
+/// carries a process's peak RSS across `execve`, so a child forked from this (large,
+/// multi-threaded) test process would report the test process's peak, not its own.
+/// CI installs GNU time (`.ci/run`); without it the test cannot measure and fails loudly.
 fn run_measured(args: &[&str]) -> (i32, String, i64) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2"))
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M", env!("CARGO_BIN_EXE_qcow2")])
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = String::new();
-    let mut pipe = child.stderr.take().unwrap();
-    std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers; reaps our own child (std's handle is not waited on again).
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid);
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    (code, stderr, usage.ru_maxrss)
+        .output()
+        .expect("GNU time (/usr/bin/time, Debian package `time`) is needed to measure peak RSS");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (ours, rss) = stderr.trim_end().rsplit_once('\n').unwrap_or(("", stderr.trim()));
+    let rss: i64 = rss.trim().parse().unwrap_or_else(|_| panic!("no RSS in {stderr:?}"));
+    (out.status.code().unwrap_or(-1), ours.to_string(), rss)
 }
 
 #[test]
