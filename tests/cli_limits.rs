@@ -53,8 +53,14 @@ fn run_measured(args: &[&str]) -> (i32, String, i64) {
         .output()
         .expect("GNU time (/usr/bin/time, Debian package `time`) is needed to measure peak RSS");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let (ours, rss) = stderr.trim_end().rsplit_once('\n').unwrap_or(("", stderr.trim()));
-    let rss: i64 = rss.trim().parse().unwrap_or_else(|_| panic!("no RSS in {stderr:?}"));
+    let (ours, rss) = stderr
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", stderr.trim()));
+    let rss: i64 = rss
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no RSS in {stderr:?}"));
     (out.status.code().unwrap_or(-1), ours.to_string(), rss)
 }
 

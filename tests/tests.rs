@@ -20,6 +20,7 @@ mod cli_io;
 mod cli_limits;
 mod cli_locking;
 mod cli_map;
+mod cli_measure;
 mod cli_pipe;
 mod cli_probe;
 mod cli_references;

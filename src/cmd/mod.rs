@@ -14,6 +14,7 @@ mod info_types;
 pub mod io;
 mod io_ops;
 pub mod map;
+pub mod measure;
 pub mod resize;
 pub mod serve;
 mod snapshots;

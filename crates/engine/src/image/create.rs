@@ -18,6 +18,7 @@
 //! an interrupted create leaves a file without a valid header rather than a broken image.
 
 mod layout;
+mod measure;
 mod options;
 
 use crate::error::{Error, Result};
@@ -27,6 +28,9 @@ use crate::format::header::{self, Header};
 use crate::storage::Storage;
 
 pub use layout::Layout;
+pub use measure::{
+    BitmapShape, Measure, Measurement, bitmaps_size, source_bitmaps, target_has_bitmaps,
+};
 pub use options::{Compat, CreateOptions, MAX_IMAGE_SIZE, Preallocation, parse_bool, parse_size};
 
 /// Create a qcow2 image in `image` (its previous content is discarded) as `qemu-img create`

@@ -49,7 +49,7 @@ pub struct Layout {
 }
 
 /// Refcount blocks and table clusters needed for `fixed` other clusters plus themselves.
-fn refcount_clusters(fixed: u64, per_block: u64, per_table_cluster: u64) -> (u64, u64) {
+pub(super) fn refcount_clusters(fixed: u64, per_block: u64, per_table_cluster: u64) -> (u64, u64) {
     let (mut blocks, mut table) = (0u64, 0u64);
     loop {
         let nb = (fixed + blocks + table).div_ceil(per_block);
