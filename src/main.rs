@@ -66,6 +66,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Change the virtual size of an image.
     Resize(cmd::resize::Args),
+    /// Copy an image, or a range of its blocks, into a new image (qemu-img dd).
+    Dd(cmd::dd::Args),
     /// How large a new image would be, for a size or a source image (qemu-img measure).
     Measure(cmd::measure::Args),
     /// Dump the on-disk structures of a qcow2 image (works on damaged images).
@@ -90,6 +92,7 @@ impl Command {
             Command::Convert(a) => cmd::convert::run(a).await,
             Command::Resize(a) => cmd::resize::run(a).await,
             Command::Measure(a) => cmd::measure::run(a).await,
+            Command::Dd(a) => cmd::dd::run(a).await,
             Command::Dump(a) => cmd::dump::run(a).await,
             Command::Io(a) => cmd::io::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,

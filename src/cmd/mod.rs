@@ -6,6 +6,7 @@ pub mod compare;
 pub mod convert;
 mod convert_compress;
 pub mod create;
+pub mod dd;
 pub mod dump;
 mod dump_tables;
 pub mod info;
