@@ -61,8 +61,18 @@ fn size_from_the_backing_file() {
     run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "5M"]);
     run("qemu-io", &["-c", "write -P 4 0 64k", &base]);
     run("qemu-img", &["create", "-q", "-f", "raw", &raw, "3M"]);
-    // Relative names are relative to the new image's directory; -F is probed when omitted.
-    qcow2_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", &top]);
+    // Relative names are relative to the new image's directory.
+    qcow2_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &top,
+    ]);
     qcow2_ok(&["create", "-q", "-b", "base.raw", "-F", "raw", &over_raw]);
     let info = qemu_info(&top);
     assert_eq!(info["virtual-size"], 5 << 20);

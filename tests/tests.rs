@@ -14,6 +14,7 @@ mod cli_check;
 mod cli_compare;
 mod cli_convert;
 mod cli_create;
+mod cli_create_details;
 mod cli_dd;
 mod cli_dump;
 mod cli_info;

@@ -38,18 +38,30 @@ pub struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// The image file to create (overwritten if it exists).
-    file: PathBuf,
+    file: Option<PathBuf>,
     /// Virtual size (k, M, G, T suffixes); default: the backing file's size.
     size: Option<String>,
 }
 
 /// Run `qcow2 create`.
 pub async fn run(a: Args) -> Result<u8> {
+    if a.options.iter().any(|o| wants_help(o)) {
+        return print_option_help(&a.format);
+    }
+    let Some(file) = &a.file else {
+        bail!("Expecting image file name");
+    };
     let mut opts = CreateOptions::default();
     for o in &a.options {
         opts.apply_o(o)?;
     }
     if let Some(s) = &a.size {
+        if opts.size.is_some() {
+            bail!(
+                "{}: The image size must be specified only once",
+                file.display()
+            );
+        }
         opts.size = Some(lib::parse_size(s)?);
     }
     if a.backing.is_some() {
@@ -58,11 +70,78 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.backing_format.is_some() {
         opts.backing_fmt.clone_from(&a.backing_format);
     }
+    // QEMU no longer guesses a backing file's format when creating (a raw backing file
+    // probed as qcow2 would be a security hole), with or without -u.
+    if opts.backing_file.is_some() && opts.backing_fmt.is_none() {
+        bail!(
+            "{}: Backing file specified without backing format",
+            file.display()
+        );
+    }
     match a.format.as_str() {
-        "qcow2" => create_with(&a.file, &mut opts, a.unsafe_backing, a.quiet).await?,
-        "raw" => create_raw(&a.file, &opts, a.quiet).await?,
+        "qcow2" => create_with(file, &mut opts, a.unsafe_backing, a.quiet).await?,
+        "raw" => create_raw(file, &opts, a.quiet).await?,
         f => bail!("unsupported image format '{f}' (qcow2 or raw)"),
     }
+    Ok(0)
+}
+
+/// `-o help` or `-o ?` among the options.
+fn wants_help(options: &str) -> bool {
+    options.split(',').any(|o| o == "help" || o == "?")
+}
+
+/// qemu-img's `-o help` text, listing the options this tool supports.
+fn print_option_help(format: &str) -> Result<u8> {
+    let options: &[(&str, &str, &str)] = match format {
+        "qcow2" => &[
+            ("backing_file", "<str>", "File name of a base image"),
+            ("backing_fmt", "<str>", "Image format of the base image"),
+            ("cluster_size", "<size>", "qcow2 cluster size"),
+            (
+                "compat",
+                "<str>",
+                "Compatibility level (v2 [0.10] or v3 [1.1])",
+            ),
+            (
+                "compression_type",
+                "<str>",
+                "Compression method used for image cluster compression",
+            ),
+            ("data_file", "<str>", "File name of an external data file"),
+            (
+                "data_file_raw",
+                "<bool (on/off)>",
+                "The external data file must stay valid as a raw image",
+            ),
+            ("extended_l2", "<bool (on/off)>", "Extended L2 tables"),
+            (
+                "lazy_refcounts",
+                "<bool (on/off)>",
+                "Postpone refcount updates",
+            ),
+            (
+                "preallocation",
+                "<str>",
+                "Preallocation mode (allowed values: off, metadata, falloc, full)",
+            ),
+            (
+                "refcount_bits",
+                "<num>",
+                "Width of a reference count entry in bits",
+            ),
+            ("size", "<size>", "Virtual disk size"),
+        ],
+        "raw" => &[("size", "<size>", "Virtual disk size")],
+        f => bail!("unsupported image format '{f}' (qcow2 or raw)"),
+    };
+    outln!("Supported {format} options:");
+    for (name, kind, help) in options {
+        outln!("  {:<22} - {help}", format!("{name}={kind}"));
+    }
+    outln!();
+    outln!("The protocol level may support further options.");
+    outln!("Specify the target filename to include those options.");
     Ok(0)
 }
 
@@ -103,13 +182,15 @@ async fn create_with(
             disk.close().await?;
         }
     }
+    // qemu-img prints the size as given, and creates it rounded up to whole sectors.
+    let shown = opts.clone();
     opts.size = Some(opts.size_or(None)?);
     opts.validate(opts.size.unwrap_or(0))?;
     if !quiet {
         outln!(
             "Formatting '{}', fmt=qcow2 {}",
             path.display(),
-            describe(opts)
+            describe(&shown)
         );
     }
     let image = FileStorage::create(path)
@@ -134,7 +215,8 @@ async fn create_raw(path: &Path, opts: &CreateOptions, quiet: bool) -> Result<()
     }
     let size = opts.size_or(None)?;
     if !quiet {
-        outln!("Formatting '{}', fmt=raw size={size}", path.display());
+        let shown = opts.size.unwrap_or(size);
+        outln!("Formatting '{}', fmt=raw size={shown}", path.display());
     }
     let f = FileStorage::create(path)
         .with_context(|| format!("could not create '{}'", path.display()))?;

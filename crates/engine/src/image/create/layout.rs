@@ -240,8 +240,18 @@ impl Layout {
             };
             io(d.set_len(data_len).await, "sizing the data file")?;
         }
-        let image_len = self.total_clusters * self.cluster_size;
-        io(image.set_len(image_len).await, "sizing the image")
+        io(image.set_len(self.image_len()).await, "sizing the image")
+    }
+
+    /// Length of the new image file. Like QEMU, the file ends where its last structure ends:
+    /// without preallocated L2 tables that is the last L1 entry, not a whole cluster.
+    fn image_len(&self) -> u64 {
+        let whole = self.total_clusters * self.cluster_size;
+        if self.l2_tables == 0 && self.l1_size > 0 {
+            self.l1_offset + u64::from(self.l1_size) * header::L1_ENTRY_SIZE
+        } else {
+            whole
+        }
     }
 }
 
