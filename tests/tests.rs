@@ -13,6 +13,7 @@ mod check_extensions;
 mod cli_check;
 mod cli_compare;
 mod cli_convert;
+mod cli_convert_flags;
 mod cli_create;
 mod cli_create_details;
 mod cli_dd;

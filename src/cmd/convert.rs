@@ -1,9 +1,15 @@
-//! `qcow2 convert`: copy an image's content into a new raw or qcow2 image.
+//! `qcow2 convert`: copy an image's content into a new (or, with `-n`, an existing) raw or
+//! qcow2 image.
 //!
 //! Only data is copied: ranges the source map reports as zero are skipped, and within data
-//! ranges all-zero 4 KiB blocks are skipped too, so the destination stays sparse (holes in a
-//! raw file, unallocated clusters in a qcow2 image). With `-c` (qcow2 only) every cluster
-//! holding data is written compressed (`convert_compress.rs`).
+//! ranges all-zero blocks of `-S` bytes (default 4 KiB) are skipped too, so the destination
+//! stays sparse (holes in a raw file, unallocated clusters in a qcow2 image); `-S 0` writes
+//! everything (a fully allocated output). When the destination may hold other data — an
+//! existing image (`-n`, unless `--target-is-zero`) or a new image over a backing file
+//! (`-B`) — zero ranges are written as zeroes instead of skipped. With `-B`, ranges the
+//! source's own backing chain provides are left to the new backing file, as qemu-img does
+//! (it assumes the new backing holds what the old one did). With `-c` (qcow2 only) every
+//! cluster holding data is written compressed (`convert_compress.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +19,7 @@ use qcow2_engine::Storage;
 use qcow2_engine::storage::{FileStorage, LockRequest};
 
 use crate::access::Access;
+use crate::args::parse_size;
 use crate::disk::{Disk, open_qcow2};
 
 /// Arguments of `qcow2 convert`.
@@ -33,6 +40,23 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Write into an existing destination instead of creating it (`-O` is its format).
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// With `-n`: the destination already reads as zeros, so zero ranges need no writes.
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Zero-detection granularity in bytes: all-zero blocks of this size are not written
+    /// (default 4k; 0 writes everything, fully allocating the destination).
+    #[arg(short = 'S')]
+    sparse: Option<String>,
+    /// Create the destination (qcow2) over this backing file; ranges the source's backing
+    /// chain provides are not copied.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the `-B` backing file (required with `-B`).
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
     /// Quiet (the default; accepted for qemu-img compatibility).
     #[arg(short = 'q')]
     quiet: bool,
@@ -46,37 +70,133 @@ pub struct Args {
 
 /// Bytes read from the source at a time.
 const CHUNK: u64 = 1 << 20;
-/// Granularity of zero detection.
-const BLOCK: usize = 4096;
+/// Default granularity of zero detection (qemu-img's `-S 4k`).
+const DEFAULT_SPARSE: u64 = 4096;
+/// Largest `-S` qemu-img accepts.
+const MAX_SPARSE: u64 = 16 << 20;
+
+/// How the copy treats zeros and backing data.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// All-zero blocks of this many bytes are not written as data (0: every block is).
+    sparse: usize,
+    /// The destination may hold data: zero ranges must be written as zeroes.
+    zero_target: bool,
+    /// Leave ranges the source's backing chain provides to the destination's backing.
+    skip_backing: bool,
+}
 
 /// Run `qcow2 convert`.
 pub async fn run(a: Args) -> Result<u8> {
+    let plan = plan(&a)?;
     if a.compress && a.output_format != "qcow2" {
         bail!("compressed output (-c) needs -O qcow2");
+    }
+    if a.compress && (plan.zero_target || plan.skip_backing) {
+        bail!(
+            "compressed output (-c) into an existing image (-n) or over a backing file (-B) is not supported yet"
+        );
     }
     if a.options.is_some() && a.output_format != "qcow2" {
         bail!("-o is only supported with -O qcow2");
     }
     let src = Disk::open(&a.src, a.format.as_deref(), false, &a.access).await?;
     let size = src.size();
-    let dst = match a.output_format.as_str() {
-        "raw" => create_raw(&a.dst, size).await?,
-        "qcow2" => {
-            super::create::create_qcow2(&a.dst, size, a.options.as_deref()).await?;
-            Disk::Qcow2(open_qcow2(&a.dst, true, &Access::default()).await?)
-        }
-        f => bail!("unsupported output format '{f}' (raw or qcow2)"),
+    let dst = if a.no_create {
+        open_existing(&a, size).await?
+    } else {
+        create_destination(&a, size).await?
     };
     let progress = a.progress && !a.quiet;
     let copied = if a.compress {
         super::convert_compress::copy(&src, &dst, progress).await
     } else {
-        copy(&src, &dst, progress).await
+        copy(&src, &dst, plan, progress).await
     };
     let closed = dst.close().await;
     copied?;
     closed.with_context(|| format!("closing '{}'", a.dst.display()))?;
     Ok(0)
+}
+
+/// Check the flags against each other (qemu-img's messages) and derive the copy plan.
+fn plan(a: &Args) -> Result<Plan> {
+    if a.target_is_zero && !a.no_create {
+        bail!("--target-is-zero requires use of -n flag");
+    }
+    // `-o backing_file=` is qemu-img's other spelling of -B.
+    let mut created = qcow2_engine::image::create::CreateOptions::default();
+    if let Some(o) = &a.options {
+        created.apply_o(o)?;
+    }
+    if a.backing.is_some() && created.backing_file.is_some() {
+        bail!("-B and -o backing_file are the same option: give one");
+    }
+    let backing = a.backing.is_some() || created.backing_file.is_some();
+    if created.backing_file.is_some() && created.backing_fmt.is_none() {
+        bail!("Use of backing file requires explicit backing format");
+    }
+    if a.backing.is_some() {
+        if a.output_format != "qcow2" {
+            bail!(
+                "Backing file not supported for file format '{}'",
+                a.output_format
+            );
+        }
+        if a.backing_format.is_none() {
+            bail!("Use of backing file requires explicit backing format");
+        }
+    }
+    let sparse = match &a.sparse {
+        None => DEFAULT_SPARSE,
+        Some(s) => parse_size(s)
+            .ok()
+            .filter(|&v| v % 512 == 0 && v <= MAX_SPARSE)
+            .with_context(|| {
+                "Invalid buffer size for sparse output specified. Valid sizes are multiples \
+                 of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates \
+                 output)."
+            })?,
+    };
+    Ok(Plan {
+        sparse: usize::try_from(sparse)?,
+        zero_target: (a.no_create && !a.target_is_zero) || backing,
+        skip_backing: backing,
+    })
+}
+
+/// The destination of `-n`: opened in the `-O` format, at least as large as the source.
+async fn open_existing(a: &Args, size: u64) -> Result<Disk> {
+    let dst = Disk::open(&a.dst, Some(&a.output_format), true, &Access::default()).await?;
+    if dst.size() < size {
+        let _ = dst.close().await;
+        bail!("output file is smaller than input file");
+    }
+    Ok(dst)
+}
+
+/// Create the destination: a sparse raw file, or a qcow2 image with the `-o` options (and
+/// the `-B` backing file).
+async fn create_destination(a: &Args, size: u64) -> Result<Disk> {
+    match a.output_format.as_str() {
+        "raw" => create_raw(&a.dst, size).await,
+        "qcow2" => {
+            let mut options = a.options.clone().unwrap_or_default();
+            if let (Some(b), Some(f)) = (&a.backing, &a.backing_format) {
+                if b.contains(',') || f.contains(',') {
+                    bail!("backing file names with commas are not supported");
+                }
+                let sep = if options.is_empty() { "" } else { "," };
+                options = format!("{options}{sep}backing_file={b},backing_fmt={f}");
+            }
+            let options = (!options.is_empty()).then_some(options);
+            super::create::create_qcow2(&a.dst, size, options.as_deref()).await?;
+            Ok(Disk::Qcow2(
+                open_qcow2(&a.dst, true, &Access::default()).await?,
+            ))
+        }
+        f => bail!("unsupported output format '{f}' (raw or qcow2)"),
+    }
 }
 
 /// Create (or truncate) a sparse raw file of `size` bytes.
@@ -91,16 +211,22 @@ async fn create_raw(path: &std::path::Path, size: u64) -> Result<Disk> {
     Ok(Disk::open_raw_storage(Arc::new(f), size))
 }
 
-/// Copy every data range of `src` to `dst`.
-async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
+/// Copy every range of `src` that `plan` says to copy into `dst`.
+async fn copy(src: &Disk, dst: &Disk, plan: Plan, progress: bool) -> Result<()> {
     let size = src.size();
     let mut off = 0;
     let mut buf = vec![0u8; CHUNK as usize];
     while off < size {
         let window = (size - off).min(1 << 30);
         for e in src.map(off, window).await? {
-            if !e.zero {
-                copy_range(src, dst, e.start, e.length, &mut buf).await?;
+            if plan.skip_backing && e.depth > 0 {
+                // Provided by the source's backing chain: left to the new backing file.
+            } else if e.zero && plan.sparse > 0 {
+                if plan.zero_target {
+                    dst.write_zeroes(e.start, e.length, true).await?;
+                }
+            } else {
+                copy_range(src, dst, e.start, e.length, plan, &mut buf).await?;
             }
             show_progress(progress, e.start + e.length, size);
         }
@@ -112,25 +238,44 @@ async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
     Ok(())
 }
 
-/// Copy `[start, start + len)`, skipping all-zero blocks.
-async fn copy_range(src: &Disk, dst: &Disk, start: u64, len: u64, buf: &mut [u8]) -> Result<()> {
+/// Copy `[start, start + len)`: data blocks as data; all-zero blocks of `plan.sparse` bytes
+/// skipped, or written as zeroes when the destination may hold data.
+async fn copy_range(
+    src: &Disk,
+    dst: &Disk,
+    start: u64,
+    len: u64,
+    plan: Plan,
+    buf: &mut [u8],
+) -> Result<()> {
+    let block = if plan.sparse == 0 {
+        buf.len()
+    } else {
+        plan.sparse
+    };
+    let zero = |b: &[u8]| plan.sparse > 0 && is_zero(b);
     let mut off = start;
     while off < start + len {
-        let n = (start + len - off).min(buf.len() as u64) as usize;
+        let n = usize::try_from((start + len - off).min(buf.len() as u64))?;
         let chunk = &mut buf[..n];
         src.read_at(chunk, off).await?;
         let mut i = 0;
         while i < n {
             let run_start = i;
-            while i < n && !is_zero(&chunk[i..(i + BLOCK).min(n)]) {
-                i = (i + BLOCK).min(n);
+            while i < n && !zero(&chunk[i..(i + block).min(n)]) {
+                i = (i + block).min(n);
             }
             if i > run_start {
                 dst.write_at(&chunk[run_start..i], off + run_start as u64)
                     .await?;
             }
-            while i < n && is_zero(&chunk[i..(i + BLOCK).min(n)]) {
-                i = (i + BLOCK).min(n);
+            let zeros_start = i;
+            while i < n && zero(&chunk[i..(i + block).min(n)]) {
+                i = (i + block).min(n);
+            }
+            if i > zeros_start && plan.zero_target {
+                let at = off + zeros_start as u64;
+                dst.write_zeroes(at, (i - zeros_start) as u64, true).await?;
             }
         }
         off += n as u64;

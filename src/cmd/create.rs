@@ -151,9 +151,7 @@ pub async fn create_qcow2(path: &Path, size: u64, options: Option<&str>) -> Resu
     if let Some(o) = options {
         opts.apply_o(o)?;
     }
-    if opts.backing_file.is_some() {
-        bail!("a backing file for the convert destination is not supported");
-    }
+    // A backing file is recorded, not opened: the caller (convert -B) copies accordingly.
     opts.size = Some(size);
     create_with(path, &mut opts, true, true).await
 }
