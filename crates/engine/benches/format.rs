@@ -6,6 +6,7 @@ mod common;
 
 use std::hint::black_box;
 
+use common::clock::Clock;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use qcow2_engine::format::compressed::{self, CompressedDescriptor, CompressionType};
 use qcow2_engine::format::extensions::ImageHeader;
@@ -56,7 +57,7 @@ fn l2_slice(geo: &L2Geometry) -> Vec<u8> {
 /// decoded (with extended L2, its subcluster bitmap checked against the entry too), the work
 /// of a lookup after the slice is cached. Standard: 512 entries of 8 bytes, 64 KiB clusters;
 /// extended: 256 entries of 16 bytes, 64 KiB clusters with 32 subclusters.
-fn l2_decode(c: &mut Criterion) {
+fn l2_decode(c: &mut Criterion<Clock>) {
     let mut g = c.benchmark_group("format/l2_decode_slice");
     for (name, extended) in [("standard", false), ("extended", true)] {
         let geo = L2Geometry {
@@ -99,7 +100,7 @@ fn cluster0(create_o: &str) -> Vec<u8> {
 /// Header parse: `Header::from_bytes` (the fixed fields) and `ImageHeader::parse` (fields,
 /// the extension area and the backing file name) of a v3 image's cluster 0 with a backing
 /// file, a backing-format extension and the 8-entry feature-name table, as at every open.
-fn header_parse(c: &mut Criterion) {
+fn header_parse(c: &mut Criterion<Clock>) {
     let buf = cluster0("size=1G,backing_file=base.qcow2,backing_fmt=qcow2");
     let mut g = c.benchmark_group("format/header_parse");
     g.bench_function("header_fields", |b| {
@@ -113,7 +114,7 @@ fn header_parse(c: &mut Criterion) {
 
 /// Codec alone: inflating one 64 KiB cluster of 2:1 data from its compressed bytes, the part
 /// of `compressed_read_64k` (benches/image_read.rs) that is not the engine's own.
-fn decompress(c: &mut Criterion) {
+fn decompress(c: &mut Criterion<Clock>) {
     let data = common::half_compressible(64 << 10);
     let mut g = c.benchmark_group("format/decompress_64k");
     g.throughput(Throughput::Bytes(data.len() as u64));
@@ -133,5 +134,9 @@ fn decompress(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, l2_decode, header_parse, decompress);
+criterion_group! {
+    name = benches;
+    config = common::clock::criterion();
+    targets = l2_decode, header_parse, decompress
+}
 criterion_main!(benches);

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::clock::Clock;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use qcow2_engine::image::Image;
 
@@ -40,7 +41,7 @@ async fn spread_image(cache_bytes: usize) -> Image {
 /// decode, extent building), cycling over 64 clusters in 64 different L2 slices.
 /// `warm`: every slice stays cached (hits only). `evicting`: a 4-slice cache, so the cyclic
 /// pattern misses every time (LRU eviction + a 4 KiB slice read and parse per lookup).
-fn l2_lookup(c: &mut Criterion) {
+fn l2_lookup(c: &mut Criterion<Clock>) {
     let rt = runtime();
     let mut g = c.benchmark_group("l2_lookup");
     for (name, cache) in [("warm", 4 << 20), ("evicting", SMALL_CACHE)] {
@@ -60,7 +61,7 @@ fn l2_lookup(c: &mut Criterion) {
 
 /// 4 KiB read of allocated data: the lookup above plus the data copy from storage into the
 /// caller's buffer, same two cache cases.
-fn read_4k(c: &mut Criterion) {
+fn read_4k(c: &mut Criterion<Clock>) {
     let rt = runtime();
     let mut g = c.benchmark_group("read_4k");
     g.throughput(Throughput::Bytes(BLOCK as u64));
@@ -101,7 +102,7 @@ async fn compressed_image(codec: &str) -> Image {
 /// Compressed read: one whole 64 KiB cluster stored compressed (2:1 data) read through
 /// `Image::read_at`: lookup, reading the compressed bytes, inflating them into the buffer.
 /// Compare with `format/decompress` for the codec alone.
-fn compressed_read(c: &mut Criterion) {
+fn compressed_read(c: &mut Criterion<Clock>) {
     let rt = runtime();
     let mut g = c.benchmark_group("compressed_read_64k");
     g.throughput(Throughput::Bytes(CLUSTER));
@@ -125,5 +126,9 @@ fn compressed_read(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, l2_lookup, read_4k, compressed_read);
+criterion_group! {
+    name = benches;
+    config = common::clock::criterion();
+    targets = l2_lookup, read_4k, compressed_read
+}
 criterion_main!(benches);

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::clock::Clock;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
 
@@ -44,7 +45,7 @@ fn time_allocating(rt: &Runtime, cluster: u64, iters: u64) -> Duration {
 /// data and sets one L2 entry. New L2 tables and refcount blocks as they fill up (every 512
 /// and 2048 writes with 4 KiB clusters) and the flushes a dirty cache forces are included.
 /// 4 KiB clusters show the metadata cost; 64 KiB ones add a 64 KiB copy per write.
-fn allocating_write(c: &mut Criterion) {
+fn allocating_write(c: &mut Criterion<Clock>) {
     let rt = runtime();
     let mut g = c.benchmark_group("allocating_write");
     for cluster in [4u64 << 10, 64 << 10] {
@@ -63,7 +64,7 @@ const WRITTEN: u64 = 256;
 /// In-place overwrite: a 4 KiB write into an already allocated cluster whose COPIED flag is
 /// set (refcount 1), cycling over every 4 KiB block of 16 MiB: lookup, in-flight tracking
 /// and the data copy, no metadata change.
-fn overwrite_4k(c: &mut Criterion) {
+fn overwrite_4k(c: &mut Criterion<Clock>) {
     let rt = runtime();
     let cluster = 64u64 << 10;
     let offsets: Vec<u64> = (0..WRITTEN).map(|i| i * cluster).collect();
@@ -90,5 +91,9 @@ fn overwrite_4k(c: &mut Criterion) {
     rt.block_on(img.close()).expect("close");
 }
 
-criterion_group!(benches, allocating_write, overwrite_4k);
+criterion_group! {
+    name = benches;
+    config = common::clock::criterion();
+    targets = allocating_write, overwrite_4k
+}
 criterion_main!(benches);
