@@ -485,3 +485,58 @@ async fn a_refcount_block_for_an_empty_table_entry_does_not_land_on_data() {
         "qemu-img check reports nothing new"
     );
 }
+
+/// A compressed L2 entry whose payload lies in the snapshot's L2 table: discarding the guest
+/// cluster drops the payload's references, which used to free the snapshot's table (and
+/// hand it out to the next allocation).
+#[tokio::test]
+async fn discarding_a_compressed_descriptor_into_a_snapshot_l2_table_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = snapshot_with_private_l2(dir.path());
+    let (_, snap_l2) = snapshot_l1_and_l2(&p);
+    let (_, _, _, l2) = layout(&p);
+    // Compressed (bit 62), one 512-byte sector, inside the snapshot's L2 table.
+    patch64(&p, l2, (1 << 62) | snap_l2);
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    let err = img.discard(0, 65536).await.unwrap_err();
+    assert!(err.what().contains("inactive L2"), "{err}");
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}
+
+/// Host offset of the bitmap directory (bitmaps header extension 0x23852875: nb_bitmaps u32,
+/// reserved u32, directory size u64, directory offset u64).
+fn bitmap_directory(p: &Path) -> u64 {
+    let b = std::fs::read(p).unwrap();
+    let mut at = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+    loop {
+        let kind = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return be64(&b, at as u64 + 24);
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// The bitmap directory of a persistent bitmap is metadata too (its autoclear bit is cleared
+/// by a first read-write open, which keeps the clusters allocated).
+#[tokio::test]
+async fn l2_entry_pointing_at_the_bitmap_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), &["write -P 0x11 0 64k"]);
+    run("qemu-img", &["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    open_rw(&p).await.unwrap().close().await.unwrap();
+    let (_, _, _, l2) = layout(&p);
+    patch64(&p, l2, bitmap_directory(&p) | COPIED);
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
+    assert!(err.what().contains("bitmap directory"), "{err}");
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}
