@@ -91,3 +91,65 @@ impl Refcounts {
         Ok(at << self.cluster_bits)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::{MetadataMap, NewClusters, Refcounts};
+    use crate::format::header::Header;
+    use crate::format::refcount::{self, RefTableEntry};
+    use crate::storage::{MemoryStorage, Storage};
+
+    /// 512-byte clusters, 64-bit refcounts: 64 clusters per block. Block 0 (at cluster 1)
+    /// counts clusters 0..64 as used; table entry 1 is empty; the file has 70 clusters.
+    async fn refcounts() -> (Refcounts, Arc<dyn Storage>) {
+        let file: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let mut block = vec![0u8; 512];
+        for i in 0..64 {
+            refcount::set(&mut block, i, 6, 1).unwrap();
+        }
+        file.write_at(&block, 512).await.unwrap();
+        file.write_at(&[0u8; 512], 69 * 512).await.unwrap();
+        let mut hb = vec![0u8; 104];
+        hb[..4].copy_from_slice(b"QFI\xfb");
+        hb[4..8].copy_from_slice(&3u32.to_be_bytes());
+        hb[20..24].copy_from_slice(&9u32.to_be_bytes());
+        hb[96..100].copy_from_slice(&6u32.to_be_bytes());
+        hb[100..104].copy_from_slice(&104u32.to_be_bytes());
+        let mut h = Header::from_bytes(&hb).unwrap();
+        h.refcount_table_offset = 2 * 512;
+        h.refcount_table_clusters = 1;
+        let table = vec![RefTableEntry(512), RefTableEntry(0)];
+        let map = Arc::new(MetadataMap::new(file.clone(), 9));
+        let parts = (Arc::new(NewClusters::new()), map);
+        let rc = Refcounts::new(file.clone(), &h, table, 70 * 512, (512, 1 << 16), parts);
+        (rc, file)
+    }
+
+    #[tokio::test]
+    async fn clusters_inside_the_file_in_an_uncovered_range_are_never_handed_out() {
+        let (rc, _) = refcounts().await;
+        // The block for range 1 goes to cluster 70 (past the old end), the cluster to 71.
+        assert_eq!(rc.alloc(1).await.unwrap(), 71 * 512);
+        assert_eq!(rc.lock().await.table[1], 70 * 512);
+        assert_eq!(rc.alloc(1).await.unwrap(), 72 * 512);
+        let st = rc.lock().await;
+        assert_eq!(rc.untrusted_until(&st, 64), Some(70));
+        assert_eq!(rc.untrusted_until(&st, 70), None);
+        assert_eq!(rc.untrusted_until(&st, 3), None);
+    }
+
+    #[tokio::test]
+    async fn an_uncovered_range_holding_metadata_gets_no_block() {
+        let (rc, file) = refcounts().await;
+        rc.map().insert(100 * 512, 512, super::Kinds::SNAPSHOT_L2);
+        let e = rc.alloc(1).await.unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corrupt, "{e}");
+        assert!(e.what().contains("inactive L2"), "{e}");
+        assert!(rc.map().is_corrupt());
+        let mut b = [0u8; 8];
+        file.read_at(&mut b, 72).await.unwrap();
+        assert_eq!(u64::from_be_bytes(b), crate::format::features::CORRUPT);
+    }
+}
