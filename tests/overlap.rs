@@ -320,3 +320,223 @@ async fn healthy_growth_passes_the_check() {
     assert_eq!(be64(&b, 72) & CORRUPT, 0);
     assert!(be64(&b, 56) >> 32 > 1, "the refcount table grew");
 }
+
+/// The host offset of a snapshot's L1 table and of the L2 table its entry 0 points to (the
+/// first snapshot of the table at `snapshots_offset`).
+fn snapshot_l1_and_l2(p: &Path) -> (u64, u64) {
+    let b = std::fs::read(p).unwrap();
+    let snap_l1 = be64(&b, be64(&b, 64));
+    (snap_l1, be64(&b, snap_l1) & 0x00ff_ffff_ffff_fe00)
+}
+
+/// `qemu-img check`'s error lines, in order (leaks and summary lines left out).
+fn check_errors(p: &Path) -> Vec<String> {
+    let (_, text) = qemu_check(p);
+    text.lines()
+        .filter(|l| l.starts_with("ERROR"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An image with snapshot `s1` (guest cluster 0 = 0x11) whose active layer then rewrote
+/// guest cluster 1, so the active L1 entry 0 points to a private copy of the L2 table and
+/// the original table is referenced by the snapshot's L1 table only.
+fn snapshot_with_private_l2(dir: &Path) -> PathBuf {
+    let p = image(dir, &["write -P 0x11 0 64k"]);
+    run("qemu-img", &["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 64k 64k",
+            p.to_str().unwrap(),
+        ],
+    );
+    p
+}
+
+/// An active L2 entry mapping guest cluster 0 onto the L2 table only the snapshot refers to
+/// (an "inactive L2 table" in QEMU's words): the in-place write must not land there.
+#[tokio::test]
+async fn l2_entry_pointing_at_a_snapshot_l2_table_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = snapshot_with_private_l2(dir.path());
+    let (_, snap_l2) = snapshot_l1_and_l2(&p);
+    let (_, _, _, l2) = layout(&p);
+    assert_ne!(l2, snap_l2, "the active layer has its own L2 table");
+    patch64(&p, l2, snap_l2 | COPIED);
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
+    assert!(err.what().contains("inactive L2"), "{err}");
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}
+
+/// Refcounts claim the snapshot's L2 table is free: the first data allocation must not
+/// take it.
+#[tokio::test]
+async fn snapshot_l2_table_claimed_free_is_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = snapshot_with_private_l2(dir.path());
+    let (_, snap_l2) = snapshot_l1_and_l2(&p);
+    zero_refcount(&p, snap_l2 >> 16);
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    // Guest 1 MiB is unallocated in the active (private) L2 table: one data cluster.
+    let err = img.write_at(&[0xee; 4096], 1 << 20).await.unwrap_err();
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}
+
+/// The L2 table shared by the active layer and a snapshot has a refcount of 1 instead of 2.
+/// Copying it for the first write drops the active layer's reference: that must not free the
+/// table (the snapshot still uses it), or the next allocation overwrites the snapshot's L2.
+#[tokio::test]
+async fn copying_a_shared_l2_table_does_not_free_the_snapshots_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), &["write -P 0x11 0 64k"]);
+    run("qemu-img", &["snapshot", "-c", "s1", p.to_str().unwrap()]);
+    let (_, shared) = snapshot_l1_and_l2(&p);
+    assert_eq!(layout(&p).3, shared, "the L2 table is shared");
+    let (_, rb, _, _) = layout(&p);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[(rb + 2 * (shared >> 16)) as usize + 1] = 1; // refcount 2 -> 1
+    std::fs::write(&p, bytes).unwrap();
+    let img = open_rw(&p).await.unwrap();
+    img.write_at(&[0xee; 4096], 0).await.unwrap();
+    let flushed = img.flush().await;
+    let _ = img.write_at(&[0xdd; 4096], 1 << 20).await;
+    let _ = img.close().await;
+    drop(img);
+    // The snapshot still reads its data, the active layer its own, and QEMU finds no
+    // corruption (leaks at most).
+    let s = p.to_str().unwrap();
+    let snap = dir.path().join("s1.raw");
+    let sn = snap.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["convert", "-l", "snapshot.name=s1", "-O", "raw", s, sn],
+    );
+    let raw = std::fs::read(&snap).unwrap();
+    assert!(
+        raw[..65536].iter().all(|&x| x == 0x11),
+        "snapshot data intact"
+    );
+    assert!(raw[65536..].iter().all(|&x| x == 0), "snapshot data intact");
+    let reads = ["read -P 0xee 0 4k", "read -P 0x11 4k 60k"];
+    for r in reads {
+        run("qemu-io", &["-r", "-f", "qcow2", "-c", r, s]);
+    }
+    let err = flushed.expect_err("dropping the table's last reference is refused");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(
+        be64(&b, INCOMPAT as u64) & CORRUPT,
+        CORRUPT,
+        "marked corrupt"
+    );
+    let (code, text) = qemu_check(&p);
+    assert!(code == 0 || code == 3, "qemu-img check: {text}");
+}
+
+/// Refcount table entry 1 was zeroed although guest data and the block itself lie in the
+/// range it covers (4 KiB clusters, 64-bit refcounts: 512 clusters per block). The block
+/// created for the next allocation used to land on the first cluster of that range, and
+/// the allocation after it too, over live guest data. Clusters that were in the file at
+/// open are never handed out from a range no refcount block covered: the new block and
+/// the new clusters go past the old end of the file.
+#[tokio::test]
+async fn a_refcount_block_for_an_empty_table_entry_does_not_land_on_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("rb.qcow2");
+    let s = p.to_str().unwrap();
+    let o = "cluster_size=4096,refcount_bits=64";
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", o, s, "8M"],
+    );
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 2M", s]);
+    let rt = be64(&std::fs::read(&p).unwrap(), 48);
+    assert_ne!(
+        be64(&std::fs::read(&p).unwrap(), rt + 8),
+        0,
+        "block 1 exists"
+    );
+    patch64(&p, rt + 8, 0);
+    let errors = check_errors(&p);
+    assert!(
+        !errors.is_empty(),
+        "the zeroed entry shows in qemu-img check"
+    );
+    let img = open_rw(&p).await.unwrap();
+    img.write_at(&[0xee; 8192], 4 << 20).await.unwrap();
+    img.close().await.unwrap();
+    drop(img);
+    run("qemu-io", &["-f", "qcow2", "-c", "read -P 0x11 0 2M", s]);
+    run("qemu-io", &["-f", "qcow2", "-c", "read -P 0xee 4M 8k", s]);
+    assert_eq!(
+        check_errors(&p),
+        errors,
+        "qemu-img check reports nothing new"
+    );
+}
+
+/// A compressed L2 entry whose payload lies in the snapshot's L2 table: discarding the guest
+/// cluster drops the payload's references, which used to free the snapshot's table (and
+/// hand it out to the next allocation).
+#[tokio::test]
+async fn discarding_a_compressed_descriptor_into_a_snapshot_l2_table_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = snapshot_with_private_l2(dir.path());
+    let (_, snap_l2) = snapshot_l1_and_l2(&p);
+    let (_, _, _, l2) = layout(&p);
+    // Compressed (bit 62), one 512-byte sector, inside the snapshot's L2 table.
+    patch64(&p, l2, (1 << 62) | snap_l2);
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    let err = img.discard(0, 65536).await.unwrap_err();
+    assert!(err.what().contains("inactive L2"), "{err}");
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}
+
+/// Host offset of the bitmap directory (bitmaps header extension 0x23852875: nb_bitmaps u32,
+/// reserved u32, directory size u64, directory offset u64).
+fn bitmap_directory(p: &Path) -> u64 {
+    let b = std::fs::read(p).unwrap();
+    let mut at = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+    loop {
+        let kind = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return be64(&b, at as u64 + 24);
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// The bitmap directory of a persistent bitmap is metadata too (its autoclear bit is cleared
+/// by a first read-write open, which keeps the clusters allocated).
+#[tokio::test]
+async fn l2_entry_pointing_at_the_bitmap_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), &["write -P 0x11 0 64k"]);
+    run("qemu-img", &["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    open_rw(&p).await.unwrap().close().await.unwrap();
+    let (_, _, _, l2) = layout(&p);
+    patch64(&p, l2, bitmap_directory(&p) | COPIED);
+    let b = before(&p);
+    let img = open_rw(&p).await.unwrap();
+    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
+    assert!(err.what().contains("bitmap directory"), "{err}");
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(&p, &b, err).await;
+}

@@ -73,7 +73,7 @@ impl Refcounts {
     /// Take the specific cluster `c` (refcount 0 → 1) if it is free. Creating its refcount
     /// block may place the block at `c` itself, hence the second look.
     async fn claim_locked(&self, st: &mut RefState, c: u64) -> Result<bool> {
-        if self.get(st, c).await? != 0 {
+        if self.untrusted_until(st, c).is_some() || self.get(st, c).await? != 0 {
             return Ok(false);
         }
         self.ensure_block(st, c / self.entries_per_block()).await?;

@@ -16,12 +16,14 @@ mod grow;
 mod inflight;
 mod new_clusters;
 mod overlap;
+mod sanity;
 
 pub use epochs::{EpochGuard, Epochs};
 pub use inflight::{Inflight, InflightGuard};
 pub use new_clusters::{NewClusters, NewKind};
 pub use overlap::{Kinds, MetadataMap};
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio::sync::{Mutex, MutexGuard};
@@ -50,6 +52,9 @@ pub struct RefState {
     /// Next free byte in the host cluster being packed with compressed payloads (0: none);
     /// see `bytes.rs`.
     compress_cursor: u64,
+    /// Table entries given a block by us over a range that reached into the file as it was
+    /// at open (the part inside stays unallocated; see `sanity.rs`).
+    untrusted: BTreeSet<u64>,
 }
 
 /// Refcounts of one image and the allocator built on them.
@@ -61,6 +66,8 @@ pub struct Refcounts {
     cache: SliceCache,
     new: Arc<NewClusters>,
     map: Arc<MetadataMap>,
+    /// Clusters in the file at open: ranges no block covers are only known free past this.
+    open_end: u64,
     state: Mutex<RefState>,
 }
 
@@ -89,6 +96,7 @@ impl Refcounts {
             cache: SliceCache::new("refcount", slice_size, cache_bytes),
             new,
             map,
+            open_end: end_cluster,
             state: Mutex::new(RefState {
                 table,
                 table_offset,
@@ -97,6 +105,7 @@ impl Refcounts {
                 hint: 0,
                 end_cluster,
                 compress_cursor: 0,
+                untrusted: BTreeSet::new(),
             }),
         }
     }
@@ -197,6 +206,7 @@ impl Refcounts {
         let s = self.slice(off).await?;
         s.update(|b| refcount::set(b, idx, self.order, v))?;
         if v == 0 {
+            self.check_may_free(c).await?;
             // A free cluster holds no metadata any more (old tables after a move, freed L2s).
             self.map.remove_cluster(c);
             st.hint = st.hint.min(c);
@@ -225,10 +235,9 @@ impl Refcounts {
         Ok(new)
     }
 
-    /// Make sure refcount block `ti` exists. A missing block is placed at the first cluster
-    /// of the range it covers: no block covers that range yet, so all of it should be free.
-    /// A range that holds known metadata proves the refcount table wrong (an entry was
-    /// zeroed): then the image is marked corrupt instead of overwriting that metadata.
+    /// Make sure refcount block `ti` exists. A missing block covers clusters whose refcount
+    /// reads as 0; it goes where `place_block` says, which refuses a range that contradicts
+    /// the metadata map.
     async fn ensure_block(&self, st: &mut RefState, ti: u64) -> Result<()> {
         if ti as usize >= st.table.len() {
             self.grow(st, ti).await?;
@@ -241,17 +250,8 @@ impl Refcounts {
         if slot != 0 {
             return Ok(());
         }
-        let epb = self.entries_per_block();
-        let c = ti * epb;
-        let host = c << self.cluster_bits;
-        let range = epb << self.cluster_bits;
-        if let Some(k) = self.map.find(host, range, Kinds::NONE) {
-            let msg = format!(
-                "refcount table entry {ti} is empty but the clusters it covers hold metadata                  ({}); refusing to place a refcount block there",
-                k.name()
-            );
-            return Err(self.map.signal(msg).await.at(host));
-        }
+        let host = self.place_block(st, ti).await?;
+        let c = host >> self.cluster_bits;
         self.new.insert(host, NewKind::Refblock);
         self.map.insert(host, self.cluster_size(), Kinds::REFBLOCK);
         st.table[ti as usize] = host;
@@ -262,17 +262,6 @@ impl Refcounts {
             .ok_or_else(|| Error::corrupt(format!("no refcount block for cluster {c}")))?;
         let s = self.slice(off).await?;
         s.update(|b| refcount::set(b, idx, self.order, 1))
-    }
-
-    /// Refuse to hand out cluster `c` (refcount 0) when it is known to hold metadata: the
-    /// refcounts contradict the tables, and using it would overwrite them.
-    async fn check_free_cluster(&self, c: u64) -> Result<()> {
-        if !self.map.holds_metadata(c) {
-            return Ok(());
-        }
-        let host = c << self.cluster_bits;
-        let msg = format!("cluster {c} holds metadata but its refcount is 0");
-        Err(self.map.signal(msg).await.at(host))
     }
 
     /// Allocate `n` contiguous free clusters, set their refcounts to 1 and return the host
@@ -287,6 +276,10 @@ impl Refcounts {
         let mut c = st.hint.max(1);
         'search: loop {
             for k in 0..n {
+                if let Some(end) = self.untrusted_until(st, c + k) {
+                    c = end;
+                    continue 'search;
+                }
                 if self.get(st, c + k).await? != 0 {
                     c += k + 1;
                     continue 'search;

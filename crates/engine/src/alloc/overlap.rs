@@ -1,7 +1,8 @@
 //! The metadata overlap check (QEMU's `qcow2_check_metadata_overlap`).
 //!
 //! A map from host cluster index to the kinds of metadata the cluster holds, kept up to date
-//! as L2 tables, refcount blocks and tables and L1 tables are allocated and freed. Every data
+//! as L2 tables, refcount blocks and tables and L1 tables are allocated and freed (what the
+//! engine never frees, `Kinds::NEVER_FREED`, is never removed: see `alloc/sanity.rs`). Every data
 //! write, every metadata write and every allocation consults it. A hit means the image's
 //! metadata contradicts itself (an L2 entry mapping data onto a table, refcounts claiming a
 //! table is free, ...): the write is refused, the corrupt bit (incompatible feature bit 1) is
@@ -45,8 +46,21 @@ impl Kinds {
     pub const BITMAP_TABLE: Kinds = Kinds(1 << 8);
     /// The encryption (LUKS) header.
     pub const CRYPTO_HEADER: Kinds = Kinds(1 << 9);
+    /// An L2 table referenced by a snapshot's L1 table.
+    pub const SNAPSHOT_L2: Kinds = Kinds(1 << 10);
+    /// What the engine never frees while an image is open (it neither deletes snapshots nor
+    /// bitmaps): a refcount dropping to 0 on one of these proves the refcounts wrong.
+    pub const NEVER_FREED: Kinds = Kinds(
+        Self::HEADER.0
+            | Self::SNAPSHOT_TABLE.0
+            | Self::SNAPSHOT_L1.0
+            | Self::SNAPSHOT_L2.0
+            | Self::BITMAP_DIRECTORY.0
+            | Self::BITMAP_TABLE.0
+            | Self::CRYPTO_HEADER.0,
+    );
 
-    const NAMES: [&'static str; 10] = [
+    const NAMES: [&'static str; 11] = [
         "qcow2_header",
         "active L1 table",
         "active L2 table",
@@ -57,6 +71,7 @@ impl Kinds {
         "bitmap directory",
         "bitmap table",
         "encryption header",
+        "inactive L2 table",
     ];
 
     /// The name of the lowest kind in the set (QEMU's wording).
@@ -127,6 +142,12 @@ impl MetadataMap {
             .map(|(_, &k)| k & !ignore.0)
             .find(|&k| k != 0)
             .map(Kinds)
+    }
+
+    /// The kinds host cluster `c` holds (`Kinds::NONE` for none).
+    pub fn kinds_of(&self, c: u64) -> Kinds {
+        let map = self.clusters.read().unwrap_or_else(|p| p.into_inner());
+        Kinds(map.get(&c).copied().unwrap_or(0))
     }
 
     /// Whether host cluster `c` holds metadata of any kind.

@@ -2,8 +2,8 @@
 //! (see `crate::alloc::MetadataMap` for what a hit does).
 //!
 //! The map starts with every structure the header leads to: the header cluster, the active
-//! L1 table and its L2 tables, the refcount table and its blocks, the snapshot table and the
-//! snapshots' L1 tables, the bitmap directory and bitmap tables, the encryption header. The
+//! L1 table and its L2 tables, the refcount table and its blocks, the snapshot table, the
+//! snapshots' L1 tables and the L2 tables they point to, the bitmap directory and bitmap tables, the encryption header. The
 //! allocator, the L2 table creation and the L1 move keep it current afterwards.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use super::Image;
 use crate::alloc::{Kinds, MetadataMap};
 use crate::error::{Error, Result};
 use crate::format::extensions::{Extension, ImageHeader, MAX_BITMAP_DIRECTORY_SIZE};
-use crate::format::l1::L1Entry;
+use crate::format::l1::{self, L1Entry};
 use crate::format::l2::L2Entry;
 use crate::format::refcount::RefTableEntry;
 use crate::format::snapshot;
@@ -65,13 +65,16 @@ struct Bounded<'a> {
 }
 
 impl Bounded<'_> {
-    fn insert(&mut self, off: u64, len: u64, kind: Kinds) {
+    /// Insert the range if it passes; whether it did.
+    fn insert(&mut self, off: u64, len: u64, kind: Kinds) -> bool {
         let inside = off.checked_add(len).is_some_and(|end| end <= self.file_len);
         let clusters = len.div_ceil(1 << self.map.cluster_bits()) + 1;
-        if inside && clusters <= self.budget {
-            self.budget -= clusters;
-            self.map.insert(off, len, kind);
+        if !inside || clusters > self.budget {
+            return false;
         }
+        self.budget -= clusters;
+        self.map.insert(off, len, kind);
+        true
     }
 }
 
@@ -101,13 +104,33 @@ async fn add_snapshots(map: &mut Bounded<'_>, file: &dyn Storage, ih: &ImageHead
         if off > snapshot::MAX_TABLE_SIZE as u64 {
             break;
         }
-        map.insert(
-            snap.l1_table_offset,
-            u64::from(snap.l1_size) * 8,
-            Kinds::SNAPSHOT_L1,
-        );
+        let l1_len = u64::from(snap.l1_size) * 8;
+        if map.insert(snap.l1_table_offset, l1_len, Kinds::SNAPSHOT_L1) {
+            add_snapshot_l2s(map, file, snap.l1_table_offset, l1_len).await;
+        }
     }
     map.insert(h.snapshots_offset, off, Kinds::SNAPSHOT_TABLE);
+}
+
+/// The L2 tables of the snapshot L1 table at `[at, at + len)` (which `Bounded` accepted:
+/// the work is bounded by the file size). Only the L1 table is read, 64 KiB at a time; many
+/// snapshots share L2 tables, and the map keeps one entry per cluster.
+async fn add_snapshot_l2s(map: &mut Bounded<'_>, file: &dyn Storage, at: u64, len: u64) {
+    const CHUNK: u64 = 64 << 10;
+    let cs = 1u64 << map.map.cluster_bits();
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        let Some(buf) = read(file, at + done, n, map.file_len).await else {
+            return;
+        };
+        for l2 in l1::parse_table(&buf).iter().filter_map(|e| e.l2_offset()) {
+            if l2.0.checked_add(cs).is_some_and(|end| end <= map.file_len) {
+                map.map.insert(l2.0, cs, Kinds::SNAPSHOT_L2);
+            }
+        }
+        done += n;
+    }
 }
 
 /// The bitmap directory and the bitmap tables it lists (best effort, as for snapshots).
