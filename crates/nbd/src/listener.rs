@@ -83,6 +83,7 @@ impl Listener {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a Server does nothing until `run`"]
 pub struct Server {
     exports: Exports,
     max_connections: usize,

@@ -17,8 +17,8 @@ mod inflight;
 mod new_clusters;
 mod overlap;
 
-pub use epochs::{EpochGuard, Epochs};
-pub use inflight::{Inflight, InflightGuard};
+pub use epochs::Epochs;
+pub use inflight::Inflight;
 pub use new_clusters::{NewClusters, NewKind};
 pub use overlap::{Kinds, MetadataMap};
 
