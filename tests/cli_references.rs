@@ -203,7 +203,8 @@ async fn fifo_never_hangs() {
     let opts = OpenOptions::new();
     let opened = tokio::time::timeout(Duration::from_secs(10), Image::open(&img, &opts));
     let e = opened.await.expect("library open hangs").unwrap_err();
-    assert!(e.to_string().contains("FIFO"), "{e}");
+    // The file type is the cause (`source()`), which `{:#}` appends to the context.
+    assert!(format!("{e:#}").contains("FIFO"), "{e:#}");
     let r = qcow2(&["info", fifo.to_str().unwrap()]);
     assert_ne!(r.code, 0);
 }

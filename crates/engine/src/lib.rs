@@ -8,7 +8,7 @@
 //! - [`check`]: `qemu-img check` and repair.
 //! - [`blocking`]: a synchronous wrapper with `std::io::{Read, Write, Seek}`.
 //! - [`storage`]: the [`Storage`] trait the engine does its IO through, and its backends.
-//! - [`format`]: the on-disk structures, parsed and encoded without IO (for inspection tools).
+//! - [`format`](mod@format): the on-disk structures, parsed and encoded without IO (for inspection tools).
 //! - [`Error`]: a stable [`ErrorKind`] with context; the cause is its `source()`.
 //!
 //! ```no_run

@@ -191,7 +191,8 @@ impl Server {
         let exports = self.exports.clone();
         async move {
             if let Err(e) = connection::serve(stream, exports, stopped, patience).await {
-                tracing::debug!("nbd: connection closed: {e}");
+                // `{e:#}`: an engine error inside shows its cause too (see `qcow2_engine::Error`).
+                tracing::debug!("nbd: connection closed: {e:#}");
             }
             drop(permit);
         }

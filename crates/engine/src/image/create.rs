@@ -26,7 +26,7 @@ use crate::format::features::{self, standard_feature_table};
 use crate::format::header::{self, Header};
 use crate::storage::Storage;
 
-pub use layout::Layout;
+pub(crate) use layout::Layout;
 pub use options::{Compat, CreateOptions, MAX_IMAGE_SIZE, Preallocation, parse_bool, parse_size};
 
 /// Create a qcow2 image in `image` (its previous content is discarded) as `qemu-img create`
