@@ -167,21 +167,11 @@ impl serde_json::ser::Formatter for QemuJson {
     }
 }
 
-/// The error and its causes joined by `: `, leaving out causes whose text an outer message
-/// already includes (library errors print their own cause).
+/// The error and its causes joined by `: `, as qemu-img prints them: each error in the chain
+/// shows only its own context (the library's `Display` leaves the cause to `source()`).
 pub fn error_text(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
+    let parts: Vec<String> = e.chain().map(ToString::to_string).collect();
+    parts.join(": ")
 }
 
 /// Format `v` with three significant digits and no trailing zeros (C's `%.3g` for the

@@ -203,9 +203,28 @@ async fn fifo_never_hangs() {
     let opts = OpenOptions::new();
     let opened = tokio::time::timeout(Duration::from_secs(10), Image::open(&img, &opts));
     let e = opened.await.expect("library open hangs").unwrap_err();
-    assert!(e.to_string().contains("FIFO"), "{e}");
+    // The file type is the cause (`source()`), which `{:#}` appends to the context.
+    assert!(format!("{e:#}").contains("FIFO"), "{e:#}");
     let r = qcow2(&["info", fifo.to_str().unwrap()]);
     assert_ne!(r.code, 0);
+}
+
+/// A missing backing file: the message is the error chain, qemu-img style, with the cause
+/// once (the library's `Display` leaves the cause to `source()`, the CLI joins the chain).
+#[test]
+fn missing_backing_prints_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = path_in(dir.path(), "top.qcow2");
+    naming_backing(&img, "gone.raw");
+    let r = qcow2(&["io", "-c", "read 0 512", &img]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    let cause = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+    let gone = dir.path().join("gone.raw");
+    let want = format!(
+        "qcow2: {}: I/O error: opening the backing file: {cause}",
+        gone.display()
+    );
+    assert_eq!(r.stderr.trim_end(), want);
 }
 
 /// `info` opens no referenced file but warns about absolute and `..` names.

@@ -8,9 +8,8 @@ use crate::nbd_util;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::nbd_util::proto::*;
 use nbd_util::{Raw, TestServer, create_image};
-use qcow2_nbd::frame::Request;
-use qcow2_nbd::proto::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

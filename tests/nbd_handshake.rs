@@ -3,8 +3,8 @@
 
 use crate::nbd_util;
 
+use crate::nbd_util::proto::*;
 use nbd_util::{Raw, TestServer, create_image, info_data, meta_data};
-use qcow2_nbd::proto::*;
 
 const SIZE: u64 = 16 << 20;
 

@@ -6,8 +6,8 @@ use crate::nbd_util;
 
 use std::time::{Duration, Instant};
 
+use crate::nbd_util::proto::*;
 use nbd_util::{Raw, TestServer, create_image};
-use qcow2_nbd::proto::*;
 
 const SIZE: u64 = 1 << 20;
 const BOTH: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;

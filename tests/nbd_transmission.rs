@@ -6,8 +6,8 @@
 use crate::common;
 use crate::nbd_util;
 
+use crate::nbd_util::proto::*;
 use nbd_util::{Raw, TestServer, create_image};
-use qcow2_nbd::proto::*;
 
 const SIZE: u64 = 16 << 20;
 const BOTH: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
@@ -192,7 +192,7 @@ async fn disconnect_mid_request() {
     for cut in [3usize, 28, 28 + 1000] {
         let mut c = client(&srv, "disk", false).await;
         c.request(CMD_WRITE, 0, 1, 0, 4096, &[0x11; 4096]).await;
-        let mut req = qcow2_nbd::frame::Request {
+        let mut req = nbd_util::proto::Request {
             flags: 0,
             kind: CMD_WRITE,
             cookie: 2,
@@ -233,7 +233,7 @@ async fn shutdown_with_a_stalled_client() {
     let mut c = client(&srv, "disk", false).await;
     c.request(CMD_WRITE, 0, 1, 0, 4096, &[0x44; 4096]).await;
     assert_eq!(c.simple().await, (0, 1));
-    let req = qcow2_nbd::frame::Request {
+    let req = nbd_util::proto::Request {
         flags: 0,
         kind: CMD_WRITE,
         cookie: 2,

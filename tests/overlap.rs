@@ -97,9 +97,10 @@ async fn assert_refused_and_marked(p: &Path, b: &Before, err: qcow2_engine::Erro
     let (code, text) = status("qemu-io", &["-c", "write 0 4k", p.to_str().unwrap()]);
     assert_ne!(code, 0, "QEMU refuses it too: {text}");
     assert!(text.contains("Image is corrupt"), "{text}");
-    Image::open(p, &OpenOptions::new())
+    let img = Image::open(p, &OpenOptions::new())
         .await
         .expect("read-only open");
+    img.close().await.expect("closing the read-only image");
 }
 
 /// Point the L2 entry of guest cluster 0 at `host` (normal, COPIED), then rewrite 4 KiB of

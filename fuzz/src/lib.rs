@@ -2,8 +2,8 @@
 //!
 //! They live in a library (not in the target files) so that `tests/fuzz_regressions.rs` in the
 //! main package can include this directory with `#[path]` and replay every finding under plain
-//! `cargo test`, without nightly or libFuzzer. They depend only on `qcow2_engine` and `tokio`,
-//! which both packages have.
+//! `cargo test`, without nightly or libFuzzer. They depend only on `qcow2_engine`,
+//! `qcow2_nbd` (with its `fuzzing` feature) and `tokio`, which both packages have.
 //!
 //! Every target feeds untrusted bytes to the library through [`capped::CappedStorage`], so a
 //! hostile offset fails with `EFBIG` instead of growing a vector until the process dies.
@@ -13,6 +13,7 @@ pub mod check_repair;
 pub mod image_bytes;
 pub mod image_rw;
 pub mod input;
+pub mod nbd_proto;
 pub mod nbd_server;
 pub mod parsers;
 pub mod shadow;

@@ -15,11 +15,6 @@ use qcow2_engine::check::check;
 use qcow2_engine::image::create::{CreateOptions, create};
 use qcow2_engine::image::{Image, OpenOptions};
 use qcow2_nbd::connection::{Patience, serve};
-use qcow2_nbd::proto::{
-    BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
-    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO, OPT_MAGIC, OPT_SET_META_CONTEXT,
-    OPT_STRUCTURED_REPLY, REQUEST_MAGIC,
-};
 use qcow2_nbd::{Export, Exports};
 use tokio::io::{AsyncWriteExt, split};
 use tokio::sync::watch;
@@ -28,6 +23,11 @@ use super::block_on;
 use super::capped::CappedStorage;
 use super::image_bytes::check_options;
 use super::input::Input;
+use super::nbd_proto::{
+    BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO, OPT_MAGIC, OPT_SET_META_CONTEXT,
+    OPT_STRUCTURED_REPLY, REQUEST_MAGIC,
+};
 
 /// Virtual size of the exported disk.
 const DISK_SIZE: u64 = 1 << 20;

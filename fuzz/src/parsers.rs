@@ -8,7 +8,6 @@ use qcow2_engine::format::header::Header;
 use qcow2_engine::format::l2::{L2Entry, L2Geometry, SubclusterBitmap, read_raw};
 use qcow2_engine::format::{features, l1, refcount, snapshot};
 use qcow2_engine::image::create::{CreateOptions, parse_size};
-use qcow2_nbd::frame::{Cursor, Limits, OPTION_HEADER_LEN, OptionHeader, REQUEST_LEN, Request};
 
 use super::input::Input;
 
@@ -184,35 +183,7 @@ fn tables(b: &[u8]) {
 fn nbd_frames(mut input: Input) {
     let flags = input.u8();
     let size = input.u64();
-    let lim = Limits {
-        size,
-        writable: flags & 1 != 0,
-        structured: flags & 2 != 0,
-        block_status: flags & 4 != 0,
-    };
-    let b = input.rest();
-    for chunk in b.chunks_exact(REQUEST_LEN) {
-        let Ok(buf) = <&[u8; REQUEST_LEN]>::try_from(chunk) else {
-            continue;
-        };
-        if let Ok(req) = Request::parse(buf) {
-            let _ = (req.validate(&lim), req.payload_len());
-            assert_eq!(&req.encode(), buf, "request round trip");
-        }
-    }
-    if let Some(Ok(h)) = b
-        .get(..OPTION_HEADER_LEN)
-        .and_then(|s| <&[u8; OPTION_HEADER_LEN]>::try_from(s).ok())
-        .map(OptionHeader::parse)
-    {
-        let _ = (h.option, h.len);
-    }
-    let mut c = Cursor::new(b);
-    while c.remaining() > 0 {
-        if c.string().is_none() && c.u16().is_none() && c.take(1).is_none() {
-            break;
-        }
-    }
+    qcow2_nbd::fuzzing::frames(flags, size, input.rest());
 }
 
 fn text(b: &[u8]) {

@@ -48,7 +48,7 @@ pub async fn run(a: Args) -> Result<u8> {
         .context("reading cluster 0")?;
     match ImageHeader::parse(&cluster0) {
         Ok(ih) => print_extensions(&ih, file_len),
-        Err(e) => outln!("extensions: error: {e}"),
+        Err(e) => outln!("extensions: error: {e:#}"),
     }
     let mut budget = Budget::new(a.limit);
     dump_l1_l2(&file, &h, file_len, a.l2, &mut budget).await?;
@@ -123,7 +123,7 @@ fn print_extensions(ih: &ImageHeader, file_len: u64) {
     }
     match ih.validate(file_len) {
         Ok(()) => outln!("header validation: ok"),
-        Err(e) => outln!("header validation: {e}"),
+        Err(e) => outln!("header validation: {e:#}"),
     }
 }
 

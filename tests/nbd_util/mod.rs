@@ -9,7 +9,9 @@ use std::time::Duration;
 use qcow2_engine::image::create::{CreateOptions, create};
 use qcow2_engine::image::{Image, OpenOptions};
 use qcow2_engine::storage::FileStorage;
-use qcow2_nbd::proto::*;
+pub mod proto;
+
+use proto::*;
 use qcow2_nbd::{Export, Listener, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -225,7 +227,7 @@ impl Raw {
         len: u32,
         payload: &[u8],
     ) {
-        let req = qcow2_nbd::frame::Request {
+        let req = proto::Request {
             flags,
             kind,
             cookie,

@@ -56,6 +56,20 @@ impl ErrorKind {
 }
 
 /// The library's error: kind + context + optional cause.
+///
+/// `Display` shows the kind and the context only (file, what, offset); the cause is
+/// [`source()`](std::error::Error::source), so a reporter that walks the chain (anyhow,
+/// `qcow2`'s messages) prints each part once. The alternate form `{:#}` appends the cause too,
+/// for one-line logs.
+///
+/// ```
+/// use std::error::Error as _;
+/// let cause = std::io::Error::other("disk on fire");
+/// let e = qcow2_engine::Error::io("reading an L2 table", cause).at(0x50000).in_file("a.qcow2");
+/// assert_eq!(e.to_string(), "a.qcow2: I/O error: reading an L2 table (offset 0x50000)");
+/// assert_eq!(e.source().unwrap().to_string(), "disk on fire");
+/// assert_eq!(format!("{e:#}"), format!("{e}: disk on fire"));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub struct Error {
     kind: ErrorKind,
@@ -179,7 +193,9 @@ impl fmt::Display for Error {
         if let Some(off) = self.offset {
             write!(f, " (offset {off:#x})")?;
         }
-        if let Some(src) = &self.source {
+        // The cause is `source()`'s to print: showing it here too would print it twice in every
+        // error chain. `{:#}` (anyhow's convention) appends it for one-line logs.
+        if let Some(src) = self.source.as_ref().filter(|_| f.alternate()) {
             write!(f, ": {src}")?;
         }
         Ok(())
@@ -197,5 +213,53 @@ impl From<Error> for std::io::Error {
             _ => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    /// The cause is printed by whoever walks the chain, so Display must not repeat it.
+    #[test]
+    fn display_leaves_the_cause_to_source() {
+        let cause = std::io::Error::from_raw_os_error(libc::EIO);
+        let cause_text = cause.to_string();
+        let e = Error::io("reading an L2 table", cause)
+            .at(0x50000)
+            .in_file("img.qcow2");
+        let shown = e.to_string();
+        assert_eq!(
+            shown,
+            "img.qcow2: I/O error: reading an L2 table (offset 0x50000)"
+        );
+        assert!(!shown.contains(&cause_text), "{shown}");
+        let src = e.source().expect("the cause is the source");
+        assert_eq!(src.to_string(), cause_text);
+        assert_eq!(format!("{e:#}"), format!("{shown}: {cause_text}"));
+    }
+
+    /// Through `std::io::Error` (the `Read`/`Write` impls and the NBD server) the chain is the
+    /// same: the wrapper shows our Display, its source is our cause.
+    #[test]
+    fn io_error_wrapper_keeps_the_chain() {
+        let e = Error::io("flushing", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let io: std::io::Error = e.into();
+        assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+        assert_eq!(io.to_string(), "no space left: flushing");
+        let src = io.source().expect("the cause survives the wrapping");
+        assert_eq!(
+            src.to_string(),
+            std::io::Error::from_raw_os_error(libc::ENOSPC).to_string()
+        );
+    }
+
+    /// An error without a cause prints the same in both forms.
+    #[test]
+    fn no_cause_no_suffix() {
+        let e = Error::corrupt("L2 entry points into the header").at(0x10000);
+        assert_eq!(e.to_string(), format!("{e:#}"));
+        assert!(e.source().is_none());
     }
 }

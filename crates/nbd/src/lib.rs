@@ -3,7 +3,10 @@
 //!
 //! The shape is tokio's mini-redis: a [`Listener`] and a [`Server`] accept loop with a
 //! connection limit and a shutdown signal, one task per connection ([`connection`]),
-//! all parsing and encoding in [`frame`], and one small module per command in `cmd/`.
+//! all parsing and encoding in one private module, and one small module per command.
+//! The wire format stays private: the public API is what a program embedding a server needs
+//! ([`Server`], [`Listener`], [`Export`], [`BlockDevice`], and [`connection::serve`] for one
+//! connection over any byte stream).
 //!
 //! What is negotiated: `OPT_EXPORT_NAME`, `OPT_GO`/`OPT_INFO` (export size and flags, block
 //! sizes 1 / 4096 / 32 MiB, name, description), `OPT_LIST`, `OPT_ABORT`,
@@ -14,15 +17,18 @@
 //!
 //! A client is untrusted: lengths are checked before anything is allocated, a bad magic
 //! closes the connection, and per-connection memory is bounded.
+#![deny(missing_docs)]
 
 mod cmd;
 pub mod connection;
 pub mod device;
 pub mod export;
-pub mod frame;
-pub mod handshake;
+mod frame;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+mod handshake;
 pub mod listener;
-pub mod proto;
+mod proto;
 
 pub use device::{BlockDevice, DeviceFuture, RawDevice};
 pub use export::{Export, Exports};

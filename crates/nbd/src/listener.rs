@@ -83,6 +83,7 @@ impl Listener {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a Server does nothing until `run`"]
 pub struct Server {
     exports: Exports,
     max_connections: usize,
@@ -190,7 +191,8 @@ impl Server {
         let exports = self.exports.clone();
         async move {
             if let Err(e) = connection::serve(stream, exports, stopped, patience).await {
-                tracing::debug!("nbd: connection closed: {e}");
+                // `{e:#}`: an engine error inside shows its cause too (see `qcow2_engine::Error`).
+                tracing::debug!("nbd: connection closed: {e:#}");
             }
             drop(permit);
         }

@@ -79,8 +79,6 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 /// The export does not exist.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-/// The server is shutting down.
-pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 
 // Information types of `REP_INFO`.
 /// Size and transmission flags.
@@ -159,10 +157,4 @@ impl Errno {
     pub const EINVAL: Errno = Errno(22);
     /// No space left (also: write beyond the end).
     pub const ENOSPC: Errno = Errno(28);
-    /// Value too large (read with DF that cannot fit one chunk).
-    pub const EOVERFLOW: Errno = Errno(75);
-    /// Operation not supported.
-    pub const ENOTSUP: Errno = Errno(95);
-    /// The server is shutting down.
-    pub const ESHUTDOWN: Errno = Errno(108);
 }

@@ -104,10 +104,4 @@ impl Refcounts {
             .await
             .map_err(|e| Error::io("growing the refcount table", e).at(off))
     }
-
-    /// The header fields that grow() rewrote (table offset, clusters), for the image header.
-    pub async fn table_location(&self) -> (u64, u64) {
-        let st = self.state.lock().await;
-        (st.table_offset, st.table_clusters)
-    }
 }

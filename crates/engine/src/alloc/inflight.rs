@@ -63,11 +63,13 @@ impl Inflight {
     }
 
     /// Number of clusters currently claimed (for tests).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.lock().unwrap().len()
     }
 
     /// Whether no cluster is claimed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -18,8 +18,8 @@ mod new_clusters;
 mod overlap;
 mod sanity;
 
-pub use epochs::{EpochGuard, Epochs};
-pub use inflight::{Inflight, InflightGuard};
+pub use epochs::Epochs;
+pub use inflight::Inflight;
 pub use new_clusters::{NewClusters, NewKind};
 pub use overlap::{Kinds, MetadataMap};
 

@@ -17,7 +17,7 @@
 
 mod slice;
 
-pub use slice::{Slice, WritingGuard};
+pub use slice::Slice;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +100,7 @@ impl SliceCache {
     }
 
     /// The slice at `key` if it is cached, without inserting.
+    #[cfg(test)]
     pub fn peek(&self, key: u64) -> Option<Arc<Slice>> {
         self.map.lock().unwrap().slices.get(&key).cloned()
     }

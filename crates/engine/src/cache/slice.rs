@@ -76,12 +76,6 @@ impl Slice {
             .map(|_| ())
     }
 
-    /// Mark a just-inserted slice as loaded with all-zero content (a freshly allocated metadata
-    /// cluster whose on-disk bytes are stale and must not be read).
-    pub fn init_zeroed(&self) {
-        let _ = self.loaded.set(());
-    }
-
     /// Whether the content is loaded.
     pub fn is_loaded(&self) -> bool {
         self.loaded.initialized()

@@ -27,7 +27,7 @@ use crate::format::features::{self, standard_feature_table};
 use crate::format::header::{self, Header};
 use crate::storage::Storage;
 
-pub use layout::Layout;
+pub(crate) use layout::Layout;
 pub use measure::{
     BitmapShape, Measure, Measurement, bitmaps_size, source_bitmaps, target_has_bitmaps,
 };

@@ -38,6 +38,7 @@ mod state;
 mod write;
 mod zero;
 
+pub use crate::cache::CacheStats;
 pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use map::Extent;
@@ -49,7 +50,7 @@ pub use zero::ZeroFlags;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::cache::{CacheStats, SliceCache};
+use crate::cache::SliceCache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
@@ -58,7 +59,15 @@ use crate::storage::{LockRequest, Storage};
 use geometry::Geometry;
 
 /// An open qcow2 image.
+///
+/// A cheap handle: `Clone` shares the one open image, and every method takes `&self`.
+///
+/// Await [`Image::close`] before dropping the last handle of a writable image: there is no
+/// async drop, so a plain drop neither flushes nor waits for requests in flight. What was not
+/// flushed is lost as in a crash (the image stays consistent; at worst clusters leak), and
+/// the image locks are released only when the last internal user lets go.
 #[derive(Debug, Clone)]
+#[must_use = "an opened image does nothing unless used, and a writable one must be closed"]
 pub struct Image {
     inner: Arc<Inner>,
 }
@@ -92,6 +101,15 @@ pub(crate) struct Inner {
 impl Image {
     /// Open the image file at `path`, taking QEMU-compatible locks on it (and on its backing
     /// and data files) unless [`OpenOptions::locking`] is off.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> qcow2_engine::Result<()> {
+    /// use qcow2_engine::image::{Image, OpenOptions};
+    /// let img = Image::open("disk.qcow2", &OpenOptions::new().writable(true)).await?;
+    /// img.write_at(b"hello", 1 << 20).await?;
+    /// img.close().await?; // flushes, waits for cancelled requests, releases the locks
+    /// # Ok(()) }
+    /// ```
     pub async fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         opts.validate()?;

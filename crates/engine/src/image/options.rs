@@ -7,7 +7,18 @@ use super::ReferencePolicy;
 use crate::storage::IoBackend;
 
 /// How to open an image. Build with [`OpenOptions::new`] and the setters.
+///
+/// ```no_run
+/// # async fn demo() -> qcow2_engine::Result<()> {
+/// use qcow2_engine::image::{Image, OpenOptions};
+/// // Read-only next to a running VM, as `qemu-img info -U`: no write lock is asked for.
+/// let opts = OpenOptions::new().force_share(true);
+/// let img = Image::open("vm.qcow2", &opts).await?;
+/// println!("{} bytes", img.virtual_size());
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
+#[must_use = "OpenOptions does nothing until passed to Image::open"]
 pub struct OpenOptions {
     pub(crate) writable: bool,
     pub(crate) references: ReferencePolicy,
