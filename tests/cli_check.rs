@@ -97,13 +97,10 @@ fn be64(img: &Path, off: u64) -> u64 {
 fn image(dir: &Path, name: &str, opts: &str, snapshot: bool) -> PathBuf {
     let img = dir.join(name);
     let p = img.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, p, "64M"],
-    );
+    common::qemu_create(p, opts, "64M");
     let cs = header(&img).cluster_size();
     let compressed = format!("write -c -P 2 4M {cs}");
-    common::run("qemu-io", &["-c", "write -P 1 0 1M", "-c", &compressed, p]);
+    common::qemu_io(p, &["write -P 1 0 1M", &compressed]);
     if snapshot {
         common::run("qemu-img", &["snapshot", "-c", "s1", p]);
     }
@@ -181,10 +178,7 @@ fn clean_images_of_several_variants() {
     }
     // An empty image: no allocation line.
     let img = dir.path().join("empty.qcow2");
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1G"],
-    );
+    common::qemu_create(&img, "", "1G");
     assert_eq!(assert_same_check(&img), 0);
 }
 

@@ -136,10 +136,7 @@ fn assert_content(img: &Path, shadow: &[u8]) {
 fn setup(size: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), size],
-    );
+    common::qemu_create(&img, "", size);
     let sock = dir.path().join("nbd.sock");
     (dir, img, sock)
 }
@@ -149,10 +146,7 @@ fn qemu_io_convert_map_and_clean_shutdown() {
     let (dir, img, sock) = setup("64M");
     let mut shadow = vec![0u8; 64 * MIB];
     // Data written by QEMU before serving: served as is.
-    run(
-        "qemu-io",
-        &["-c", "write -P 0x11 8M 3M", img.to_str().unwrap()],
-    );
+    common::qemu_io(img.to_str().unwrap(), &["write -P 0x11 8M 3M"]);
     fill(&mut shadow, 8 * MIB, 3 * MIB, 0x11);
 
     let srv = Serve::start(
