@@ -139,6 +139,7 @@ fn blocking_read_write_seek_round_trip() {
     assert!(all[70_000..170_000].iter().all(|&b| b == 7));
     assert!(all[..70_000].iter().all(|&b| b == 0));
     assert!(all[(1 << 20) - 10..].iter().all(|&b| b == 1));
+    d.close().unwrap();
     common::qemu_io(
         &p,
         &[
