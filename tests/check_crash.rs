@@ -3,6 +3,7 @@
 //! corruptions, a second repair makes it clean, and the guest data is unchanged.
 
 use crate::common;
+use common::bytes::poke;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,12 +24,6 @@ fn damaged(dir: &Path, name: &str, damage: impl Fn(&Path, u64, u64)) -> Vec<u8> 
     let l2 = be(l1 as usize) & 0x00ff_ffff_ffff_fe00;
     damage(&img, l2, l1);
     std::fs::read(&img).unwrap()
-}
-
-fn poke(img: &Path, off: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 async fn corruptions(image: Vec<u8>) -> u64 {

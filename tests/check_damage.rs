@@ -3,9 +3,9 @@
 //! copy repaired by `qemu-img check -r`.
 
 use crate::common;
+use common::bytes::{poke, read};
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use qcow2_engine::check::{CheckOptions, CheckReport, RepairMode, check, repair};
@@ -26,20 +26,6 @@ struct Meta {
     /// The first L2 table and its raw entries.
     l2_table: u64,
     l2: Vec<u64>,
-}
-
-fn read(img: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, off)
-        .unwrap();
-    buf
-}
-
-fn poke(img: &Path, off: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 fn u64s(buf: &[u8]) -> Vec<u64> {

@@ -4,9 +4,9 @@
 //! the guest data of a copy that qemu-img repaired.
 
 use crate::common;
+use common::bytes::{poke, read};
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use qcow2_engine::format::header::Header;
@@ -73,20 +73,6 @@ fn assert_same_check(img: &Path) -> i32 {
 
 // ---------------------------------------------------------------------------------------------
 // Building and damaging images
-
-fn read(img: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, off)
-        .unwrap();
-    buf
-}
-
-fn poke(img: &Path, off: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, off).unwrap();
-}
 
 fn be64(img: &Path, off: u64) -> u64 {
     u64::from_be_bytes(read(img, off, 8).try_into().unwrap())

@@ -71,6 +71,25 @@ fn uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
 }
 
+/// `qemu-img convert` of the export at `uri` into the raw file `out` equals `shadow`.
+fn assert_export_equals(uri: &str, out: &Path, shadow: &[u8]) {
+    let args = [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        uri,
+        out.to_str().unwrap(),
+    ];
+    run("qemu-img", &args);
+    assert_eq!(
+        first_difference(&std::fs::read(out).unwrap(), shadow),
+        None,
+        "{uri}"
+    );
+}
+
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     let mut args = vec!["-f", "raw"];
     for c in cmds {
@@ -182,22 +201,7 @@ fn qemu_io_convert_map_and_clean_shutdown() {
 
     // The whole content through qemu-img's NBD client.
     let out = dir.path().join("out.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &u,
-            out.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        first_difference(&std::fs::read(&out).unwrap(), &shadow),
-        None
-    );
+    assert_export_equals(&u, &out, &shadow);
 
     // Block status agrees with our own map of the (flushed: qemu-io flushes on exit) file.
     // The server still holds the image: read it with -U, as qemu-img would need.
@@ -291,22 +295,7 @@ fn concurrent_clients_write_disjoint_ranges() {
     }
     // Every client's data, seen by one more client.
     let out = _dir.path().join("all.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &u,
-            out.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        first_difference(&std::fs::read(&out).unwrap(), &shadow),
-        None
-    );
+    assert_export_equals(&u, &out, &shadow);
     assert_eq!(srv.stop(), 0);
     assert_content(&img, &shadow);
 }

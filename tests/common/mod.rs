@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bg;
+pub mod bytes;
 mod qemu;
 
 use std::path::Path;
