@@ -7,8 +7,9 @@ use anyhow::{Context, Result, bail};
 use qcow2_engine::Storage;
 use qcow2_engine::format::extensions::ImageHeader;
 use qcow2_engine::format::probe;
-use qcow2_engine::image::{Extent, Image, ZeroFlags, check_probed_raw_write};
+use qcow2_engine::image::{Extent, Image, ZeroFlags};
 use qcow2_engine::storage::{FileStorage, LockRequest, OpenFlags};
+use qcow2_nbd::{BlockDevice, RawDevice};
 
 use crate::access::Access;
 
@@ -17,21 +18,13 @@ use crate::access::Access;
 pub enum Disk {
     /// A qcow2 image.
     Qcow2(Image),
-    /// A raw file: guest offset = file offset.
-    Raw(RawDisk),
-}
-
-/// A raw image file.
-#[derive(Debug, Clone)]
-pub struct RawDisk {
-    storage: Arc<dyn Storage>,
-    size: u64,
-    /// The format was guessed: writes must not make block 0 probe as another format.
-    probed: bool,
+    /// A raw file: guest offset = file offset (the NBD server's raw device, which also
+    /// guards block 0 of a probed raw file and merges the file's data and hole runs for `map`).
+    Raw(RawDevice),
 }
 
 /// qemu-nbd's and qemu-io's warning when a writable image's format was probed as raw.
-pub fn probed_raw_warning(path: &Path) -> String {
+fn probed_raw_warning(path: &Path) -> String {
     format!(
         "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
          Automatically detecting the format is dangerous for raw images, write operations on \
@@ -105,22 +98,23 @@ impl Disk {
                     .await
                     .with_context(|| path.display().to_string())?
                     .next_multiple_of(512);
-                Ok(Disk::Raw(RawDisk {
-                    storage: Arc::new(storage),
-                    size,
-                    probed,
-                }))
+                let raw = RawDevice::with_size(Arc::new(storage), size, writable);
+                Ok(Disk::Raw(raw.format_probed(probed)))
             }
         }
     }
 
-    /// A raw disk over an already open file of `size` bytes.
+    /// A writable raw disk over an already open file of `size` bytes.
     pub fn open_raw_storage(storage: Arc<dyn Storage>, size: u64) -> Disk {
-        Disk::Raw(RawDisk {
-            storage,
-            size,
-            probed: false,
-        })
+        Disk::Raw(RawDevice::with_size(storage, size, true))
+    }
+
+    /// The disk as a device for the NBD server.
+    pub fn into_device(self) -> Arc<dyn BlockDevice> {
+        match self {
+            Disk::Qcow2(img) => Arc::new(img),
+            Disk::Raw(raw) => Arc::new(raw),
+        }
     }
 
     /// The format name as qemu-img prints it.
@@ -135,7 +129,7 @@ impl Disk {
     pub fn size(&self) -> u64 {
         match self {
             Disk::Qcow2(img) => img.virtual_size(),
-            Disk::Raw(r) => r.size,
+            Disk::Raw(r) => r.size(),
         }
     }
 
@@ -144,7 +138,7 @@ impl Disk {
         self.check_range(off, buf.len() as u64)?;
         match self {
             Disk::Qcow2(img) => Ok(img.read_at(buf, off).await?),
-            Disk::Raw(r) => Ok(r.storage.read_at(buf, off).await?),
+            Disk::Raw(r) => Ok(r.read_at(buf, off).await?),
         }
     }
 
@@ -153,12 +147,7 @@ impl Disk {
         self.check_range(off, buf.len() as u64)?;
         match self {
             Disk::Qcow2(img) => Ok(img.write_at(buf, off).await?),
-            Disk::Raw(r) => {
-                if r.probed {
-                    check_probed_raw_write(r.storage.as_ref(), buf, off).await?;
-                }
-                Ok(r.storage.write_at(buf, off).await?)
-            }
+            Disk::Raw(r) => Ok(r.write_at(buf, off).await?),
         }
     }
 
@@ -185,7 +174,7 @@ impl Disk {
         self.check_range(off, len)?;
         match self {
             Disk::Qcow2(img) => Ok(img.write_zeroes(off, len, ZeroFlags { may_unmap }).await?),
-            Disk::Raw(r) => Ok(r.storage.write_zeroes(off, len).await?),
+            Disk::Raw(r) => Ok(r.write_zeroes(off, len, may_unmap).await?),
         }
     }
 
@@ -194,7 +183,7 @@ impl Disk {
         self.check_range(off, len)?;
         match self {
             Disk::Qcow2(img) => Ok(img.discard(off, len).await?),
-            Disk::Raw(r) => Ok(r.storage.discard(off, len).await?),
+            Disk::Raw(r) => Ok(r.discard(off, len).await?),
         }
     }
 
@@ -202,7 +191,7 @@ impl Disk {
     pub async fn flush(&self) -> Result<()> {
         match self {
             Disk::Qcow2(img) => Ok(img.flush().await?),
-            Disk::Raw(r) => Ok(r.storage.flush().await?),
+            Disk::Raw(r) => Ok(r.flush().await?),
         }
     }
 
@@ -210,7 +199,7 @@ impl Disk {
     pub async fn close(&self) -> Result<()> {
         match self {
             Disk::Qcow2(img) => Ok(img.close().await?),
-            Disk::Raw(r) => Ok(r.storage.flush().await?),
+            Disk::Raw(r) => Ok(r.close().await?),
         }
     }
 
@@ -219,7 +208,7 @@ impl Disk {
         self.check_range(off, len)?;
         match self {
             Disk::Qcow2(img) => Ok(img.map(off, len).await?),
-            Disk::Raw(r) => r.map(off, len).await,
+            Disk::Raw(r) => Ok(r.map(off, len).await?),
         }
     }
 
@@ -231,33 +220,6 @@ impl Disk {
                 self.size()
             ),
         }
-    }
-}
-
-impl RawDisk {
-    /// Data and hole runs of the file, merged.
-    async fn map(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
-        let mut out: Vec<Extent> = Vec::new();
-        let (mut pos, end) = (off, off + len);
-        while pos < end {
-            let (data, n) = self.storage.block_status(pos, end - pos).await?;
-            let n = n.clamp(1, end - pos);
-            match out.last_mut() {
-                Some(last) if last.data == data => last.length += n,
-                _ => out.push(Extent {
-                    start: pos,
-                    length: n,
-                    depth: 0,
-                    present: true,
-                    zero: !data,
-                    data,
-                    compressed: false,
-                    offset: Some(pos),
-                }),
-            }
-            pos += n;
-        }
-        Ok(out)
     }
 }
 

@@ -165,19 +165,7 @@ fn opts() -> OpenOptions {
 async fn make_template(dir: &std::path::Path) -> Vec<u8> {
     let path = dir.join("template.qcow2");
     let p = path.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            p,
-            "8M",
-        ],
-    );
+    common::qemu_create(p, "cluster_size=4k", "8M");
     let img = Image::open(&path, &opts()).await.unwrap();
     for c in 0..FILLED {
         img.write_at(&[c as u8 + 1; CS as usize], c * CS)

@@ -40,10 +40,7 @@ async fn assert_matches_qemu(img: &Path) -> CheckReport {
 fn make(img: &Path, opts: &str, cs: u64, compressed: bool) {
     let p = img.to_str().unwrap();
     let size = (64 * cs).max(64 << 20).to_string();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, p, &size],
-    );
+    common::qemu_create(p, opts, &size);
     let mut cmds = vec![
         "write -P 1 0 300k".to_string(),
         format!("write -P 2 {} {}", 20 * cs, 3 * cs),
@@ -132,12 +129,9 @@ async fn snapshots_and_backing_chain() {
     let p = img.to_str().unwrap();
     make(&img, "cluster_size=65536", 65536, true);
     common::run("qemu-img", &["snapshot", "-c", "one", p]);
-    common::run(
-        "qemu-io",
-        &["-c", "write -P 7 64k 200k", "-c", "discard 0 64k", p],
-    );
+    common::qemu_io(p, &["write -P 7 64k 200k", "discard 0 64k"]);
     common::run("qemu-img", &["snapshot", "-c", "two", p]);
-    common::run("qemu-io", &["-c", "write -P 8 1M 64k", p]);
+    common::qemu_io(p, &["write -P 8 1M 64k"]);
     assert_matches_qemu(&img).await;
     common::run("qemu-img", &["snapshot", "-d", "one", p]);
     assert_matches_qemu(&img).await;
@@ -148,10 +142,7 @@ async fn snapshots_and_backing_chain() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-b", p, "-F", "qcow2", t],
     );
-    common::run(
-        "qemu-io",
-        &["-c", "write -P 9 100k 10k", "-c", "write -z 2M 64k", t],
-    );
+    common::qemu_io(t, &["write -P 9 100k 10k", "write -z 2M 64k"]);
     assert_matches_qemu(&top).await;
 }
 
@@ -160,12 +151,9 @@ async fn persistent_bitmap() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.qcow2");
     let p = img.to_str().unwrap();
-    common::run("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    common::qemu_create(p, "", "64M");
     common::run("qemu-img", &["bitmap", "--add", p, "b0"]);
-    common::run(
-        "qemu-io",
-        &["-c", "write -P 1 0 1M", "-c", "write -P 2 40M 64k", p],
-    );
+    common::qemu_io(p, &["write -P 1 0 1M", "write -P 2 40M 64k"]);
     let r = assert_matches_qemu(&img).await;
     assert!(r.is_clean());
 }

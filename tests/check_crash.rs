@@ -3,6 +3,7 @@
 //! corruptions, a second repair makes it clean, and the guest data is unchanged.
 
 use crate::common;
+use common::bytes::poke;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,26 +16,14 @@ fn damaged(dir: &Path, name: &str, damage: impl Fn(&Path, u64, u64)) -> Vec<u8> 
     let img = dir.join(name);
     let p = img.to_str().unwrap();
     let o = "cluster_size=4096";
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", o, p, "4M"],
-    );
-    common::run(
-        "qemu-io",
-        &["-c", "write -P 1 0 64k", "-c", "write -P 2 1M 8k", p],
-    );
+    common::qemu_create(p, o, "4M");
+    common::qemu_io(p, &["write -P 1 0 64k", "write -P 2 1M 8k"]);
     let bytes = std::fs::read(&img).unwrap();
     let be = |off: usize| u64::from_be_bytes(bytes[off..off + 8].try_into().unwrap());
     let l1 = be(40);
     let l2 = be(l1 as usize) & 0x00ff_ffff_ffff_fe00;
     damage(&img, l2, l1);
     std::fs::read(&img).unwrap()
-}
-
-fn poke(img: &Path, off: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 async fn corruptions(image: Vec<u8>) -> u64 {

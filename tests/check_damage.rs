@@ -3,9 +3,9 @@
 //! copy repaired by `qemu-img check -r`.
 
 use crate::common;
+use common::bytes::{poke, read};
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use qcow2_engine::check::{CheckOptions, CheckReport, RepairMode, check, repair};
@@ -26,20 +26,6 @@ struct Meta {
     /// The first L2 table and its raw entries.
     l2_table: u64,
     l2: Vec<u64>,
-}
-
-fn read(img: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, off)
-        .unwrap();
-    buf
-}
-
-fn poke(img: &Path, off: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 fn u64s(buf: &[u8]) -> Vec<u64> {
@@ -100,16 +86,13 @@ fn base(dir: &Path, name: &str, snapshot: bool) -> PathBuf {
 fn base_with(dir: &Path, name: &str, snapshot: bool, opts: &str) -> PathBuf {
     let img = dir.join(name);
     let p = img.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, p, "64M"],
-    );
+    common::qemu_create(p, opts, "64M");
     // One compressed cluster (compressed writes are whole clusters).
     let cs = Header::from_bytes(&read(&img, 0, 4096))
         .unwrap()
         .cluster_size();
     let compressed = format!("write -c -P 2 4M {cs}");
-    common::run("qemu-io", &["-c", "write -P 1 0 1M", "-c", &compressed, p]);
+    common::qemu_io(p, &["write -P 1 0 1M", &compressed]);
     if snapshot {
         common::run("qemu-img", &["snapshot", "-c", "s1", p]);
     }
@@ -326,19 +309,7 @@ async fn dirty_lazy_refcounts_image_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("lazy.qcow2");
     let p = img.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            p,
-            "64M",
-        ],
-    );
+    common::qemu_create(p, "lazy_refcounts=on", "64M");
     // qemu-io kills itself without closing the image: the dirty bit stays set.
     let _ = common::status(
         "qemu-io",

@@ -116,22 +116,11 @@ fn luks_header_is_not_a_leak() {
 fn bitmaps_are_not_leaks() {
     let dir = tempfile::tempdir().unwrap();
     let img = path_in(dir.path(), "bitmaps.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]);
+    common::qemu_create(&img, "", "4M");
     run("qemu-img", &["bitmap", "--add", &img, "b0"]);
     run("qemu-img", &["bitmap", "--add", "-g", "4k", &img, "b1"]);
     // Writes through qemu-io dirty the enabled bitmaps, which QEMU stores on close.
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x11 0 1M",
-            "-c",
-            "write 3M 64k",
-            &img,
-        ],
-    );
+    common::qemu_io(&img, &["write -P 0x11 0 1M", "write 3M 64k"]);
     let (code, theirs) = qemu_check(Path::new(&img), &[]);
     assert_eq!(code, 0, "{theirs:?}");
     let (code, ours) = our_check(&img, &[]);
@@ -165,8 +154,8 @@ fn add_unknown_extension(img: &str, kind: u32) {
 fn unknown_extension_refuses_repair() {
     let dir = tempfile::tempdir().unwrap();
     let img = path_in(dir.path(), "unknown.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "1M"]);
-    run("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", &img]);
+    common::qemu_create(&img, "", "1M");
+    common::qemu_io(&img, &["write 0 64k"]);
     add_unknown_extension(&img, 0x1234_5678);
     let (code, theirs) = qemu_check(Path::new(&img), &[]);
     assert_eq!(code, 0, "QEMU accepts the extension: {theirs:?}");
@@ -204,9 +193,9 @@ fn first_bitmap_entry(img: &str) -> u64 {
 fn a_huge_bitmap_table_is_read_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let img = path_in(dir.path(), "huge-bitmap.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]);
+    common::qemu_create(&img, "", "4M");
     run("qemu-img", &["bitmap", "--add", &img, "b0"]);
-    run("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", &img]);
+    common::qemu_io(&img, &["write 0 64k"]);
     // Claim 2^25 table entries (256 MiB) and make the (sparse) file long enough to hold them.
     let entry = first_bitmap_entry(&img);
     let f = std::fs::OpenOptions::new()

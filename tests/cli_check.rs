@@ -4,9 +4,9 @@
 //! the guest data of a copy that qemu-img repaired.
 
 use crate::common;
+use common::bytes::{poke, read};
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use qcow2_engine::format::header::Header;
@@ -74,20 +74,6 @@ fn assert_same_check(img: &Path) -> i32 {
 // ---------------------------------------------------------------------------------------------
 // Building and damaging images
 
-fn read(img: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    fs::File::open(img)
-        .unwrap()
-        .read_exact_at(&mut buf, off)
-        .unwrap();
-    buf
-}
-
-fn poke(img: &Path, off: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, off).unwrap();
-}
-
 fn be64(img: &Path, off: u64) -> u64 {
     u64::from_be_bytes(read(img, off, 8).try_into().unwrap())
 }
@@ -97,13 +83,10 @@ fn be64(img: &Path, off: u64) -> u64 {
 fn image(dir: &Path, name: &str, opts: &str, snapshot: bool) -> PathBuf {
     let img = dir.join(name);
     let p = img.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, p, "64M"],
-    );
+    common::qemu_create(p, opts, "64M");
     let cs = header(&img).cluster_size();
     let compressed = format!("write -c -P 2 4M {cs}");
-    common::run("qemu-io", &["-c", "write -P 1 0 1M", "-c", &compressed, p]);
+    common::qemu_io(p, &["write -P 1 0 1M", &compressed]);
     if snapshot {
         common::run("qemu-img", &["snapshot", "-c", "s1", p]);
     }
@@ -181,10 +164,7 @@ fn clean_images_of_several_variants() {
     }
     // An empty image: no allocation line.
     let img = dir.path().join("empty.qcow2");
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1G"],
-    );
+    common::qemu_create(&img, "", "1G");
     assert_eq!(assert_same_check(&img), 0);
 }
 

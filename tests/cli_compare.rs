@@ -24,14 +24,6 @@ fn same_compare(args: &[&str]) -> i32 {
     code
 }
 
-fn create(img: &str, fmt: &str, size: &str) {
-    run("qemu-img", &["create", "-q", "-f", fmt, img, size]);
-}
-
-fn io(img: &str, fmt: &str, cmd: &str) {
-    run("qemu-io", &["-f", fmt, "-c", cmd, img]);
-}
-
 /// Write one byte of `value` at `off` of a raw file.
 fn poke(path: &str, off: u64, value: u8) {
     use std::io::{Seek, SeekFrom, Write};
@@ -44,19 +36,19 @@ fn poke(path: &str, off: u64, value: u8) {
 fn identical_images() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (path_in(d.path(), "a.qcow2"), path_in(d.path(), "b.qcow2"));
-    create(&a, "qcow2", "4M");
-    io(&a, "qcow2", "write -P 0x5a 100k 300k");
+    common::qemu_create_fmt(&a, "qcow2", "", "4M");
+    common::qemu_io_fmt("qcow2", &a, &["write -P 0x5a 100k 300k"]);
     std::fs::copy(&a, &b).unwrap();
     assert_eq!(same_compare(&[&a, &b]), 0);
     assert_eq!(same_compare(&["-s", &a, &b]), 0);
     assert_eq!(same_compare(&["-q", &a, &b]), 0);
     // Empty images, and data vs zeros written explicitly.
     let (e1, e2) = (path_in(d.path(), "e1.qcow2"), path_in(d.path(), "e2.qcow2"));
-    create(&e1, "qcow2", "1M");
-    create(&e2, "qcow2", "1M");
+    common::qemu_create_fmt(&e1, "qcow2", "", "1M");
+    common::qemu_create_fmt(&e2, "qcow2", "", "1M");
     assert_eq!(same_compare(&[&e1, &e2]), 0);
-    io(&e2, "qcow2", "write -P 0 64k 64k");
-    io(&e2, "qcow2", "write -z 256k 64k");
+    common::qemu_io_fmt("qcow2", &e2, &["write -P 0 64k 64k"]);
+    common::qemu_io_fmt("qcow2", &e2, &["write -z 256k 64k"]);
     assert_eq!(same_compare(&[&e1, &e2]), 0);
     assert_eq!(same_compare(&["-s", &e1, &e2]), 1);
 }
@@ -65,8 +57,8 @@ fn identical_images() {
 fn one_differing_byte_at_various_offsets() {
     let d = tempfile::tempdir().unwrap();
     let a = path_in(d.path(), "a.qcow2");
-    create(&a, "qcow2", "2M");
-    io(&a, "qcow2", "write -P 0x11 0 1M");
+    common::qemu_create_fmt(&a, "qcow2", "", "2M");
+    common::qemu_io_fmt("qcow2", &a, &["write -P 0x11 0 1M"]);
     let raw = path_in(d.path(), "a.raw");
     run("qemu-img", &["convert", "-O", "raw", &a, &raw]);
     for off in [
@@ -97,10 +89,10 @@ fn one_differing_byte_at_various_offsets() {
 fn different_sizes() {
     let d = tempfile::tempdir().unwrap();
     let (small, big) = (path_in(d.path(), "s.qcow2"), path_in(d.path(), "b.raw"));
-    create(&small, "qcow2", "1M");
-    create(&big, "raw", "3M");
-    io(&small, "qcow2", "write -P 7 4k 4k");
-    io(&big, "raw", "write -P 7 4k 4k");
+    common::qemu_create_fmt(&small, "qcow2", "", "1M");
+    common::qemu_create_fmt(&big, "raw", "", "3M");
+    common::qemu_io_fmt("qcow2", &small, &["write -P 7 4k 4k"]);
+    common::qemu_io_fmt("raw", &big, &["write -P 7 4k 4k"]);
     assert_eq!(same_compare(&[&small, &big]), 0);
     assert_eq!(same_compare(&[&big, &small]), 0);
     assert_eq!(same_compare(&["-s", &small, &big]), 1);
@@ -109,7 +101,7 @@ fn different_sizes() {
     assert_eq!(same_compare(&[&small, &big]), 1);
     assert_eq!(same_compare(&[&big, &small]), 1);
     // A difference in the common part is reported before the tail.
-    io(&small, "qcow2", "write -P 8 8k 1k");
+    common::qemu_io_fmt("qcow2", &small, &["write -P 8 8k 1k"]);
     assert_eq!(same_compare(&[&small, &big]), 1);
 }
 
@@ -118,8 +110,8 @@ fn backing_chains() {
     let d = tempfile::tempdir().unwrap();
     let base = path_in(d.path(), "base.qcow2");
     let top = path_in(d.path(), "top.qcow2");
-    create(&base, "qcow2", "2M");
-    io(&base, "qcow2", "write -P 0x33 0 1536k");
+    common::qemu_create_fmt(&base, "qcow2", "", "2M");
+    common::qemu_io_fmt("qcow2", &base, &["write -P 0x33 0 1536k"]);
     run(
         "qemu-img",
         &[
@@ -130,13 +122,13 @@ fn backing_chains() {
     run("qemu-img", &["convert", "-O", "raw", &base, &raw]);
     assert_eq!(same_compare(&[&top, &raw]), 0);
     assert_eq!(same_compare(&[&top, &base]), 0);
-    io(&top, "qcow2", "write -P 0x44 700k 1");
+    common::qemu_io_fmt("qcow2", &top, &["write -P 0x44 700k 1"]);
     assert_eq!(same_compare(&[&top, &base]), 1);
     assert_eq!(same_compare(&[&raw, &top]), 1);
-    io(&top, "qcow2", "write -P 0x33 700k 1");
+    common::qemu_io_fmt("qcow2", &top, &["write -P 0x33 700k 1"]);
     assert_eq!(same_compare(&[&top, &base]), 0);
     // Discard on the overlay reads as zeros, not the backing data.
-    io(&top, "qcow2", "discard 1M 64k");
+    common::qemu_io_fmt("qcow2", &top, &["discard 1M 64k"]);
     assert_eq!(same_compare(&[&top, &base]), 1);
 }
 
@@ -144,7 +136,7 @@ fn backing_chains() {
 fn errors_exit_2() {
     let d = tempfile::tempdir().unwrap();
     let a = path_in(d.path(), "a.qcow2");
-    create(&a, "qcow2", "1M");
+    common::qemu_create_fmt(&a, "qcow2", "", "1M");
     let missing = path_in(d.path(), "missing.qcow2");
     let ours = qcow2(&["compare", &a, &missing]);
     assert_eq!(ours.code, 2, "{}", ours.stderr);
@@ -157,18 +149,18 @@ fn errors_exit_2() {
 fn large_sparse_images() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (path_in(d.path(), "a.qcow2"), path_in(d.path(), "b.qcow2"));
-    create(&a, "qcow2", "200G");
-    io(&a, "qcow2", "write -P 1 100G 64k");
+    common::qemu_create_fmt(&a, "qcow2", "", "200G");
+    common::qemu_io_fmt("qcow2", &a, &["write -P 1 100G 64k"]);
     std::fs::copy(&a, &b).unwrap();
     let raw = path_in(d.path(), "big.raw");
-    create(&raw, "raw", "300G");
-    io(&raw, "raw", "write -P 1 100G 64k");
+    common::qemu_create_fmt(&raw, "raw", "", "300G");
+    common::qemu_io_fmt("raw", &raw, &["write -P 1 100G 64k"]);
     let t = std::time::Instant::now();
     assert_eq!(same_compare(&[&a, &b]), 0);
     assert_eq!(same_compare(&[&a, &raw]), 0);
-    io(&b, "qcow2", "write -P 2 150G 512");
+    common::qemu_io_fmt("qcow2", &b, &["write -P 2 150G 512"]);
     assert_eq!(same_compare(&[&a, &b]), 1);
-    io(&raw, "raw", "write -P 2 250G 512");
+    common::qemu_io_fmt("raw", &raw, &["write -P 2 250G 512"]);
     assert_eq!(same_compare(&[&a, &raw]), 1);
     assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
 }
@@ -180,11 +172,11 @@ fn strict_qcow2_vs_raw() {
     let d = tempfile::tempdir().unwrap();
     let (a, e) = (path_in(d.path(), "a.qcow2"), path_in(d.path(), "e.qcow2"));
     let (ar, er) = (path_in(d.path(), "a.raw"), path_in(d.path(), "e.raw"));
-    create(&a, "qcow2", "1M");
-    io(&a, "qcow2", "write -P 1 0 1M");
+    common::qemu_create_fmt(&a, "qcow2", "", "1M");
+    common::qemu_io_fmt("qcow2", &a, &["write -P 1 0 1M"]);
     run("qemu-img", &["convert", "-O", "raw", &a, &ar]);
-    create(&e, "qcow2", "1M");
-    create(&er, "raw", "1M");
+    common::qemu_create_fmt(&e, "qcow2", "", "1M");
+    common::qemu_create_fmt(&er, "raw", "", "1M");
     assert_eq!(same_compare(&["-s", &a, &ar]), 0);
     assert_eq!(same_compare(&["-s", &e, &er]), 1);
     assert_eq!(same_compare(&["-s", &er, &er]), 0);

@@ -17,23 +17,12 @@ fn compare(a: &str, b: &str) {
 fn source(dir: &Path) -> String {
     let base = path_in(dir, "base.qcow2");
     let src = path_in(dir, "src.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "8M"]);
-    run(
-        "qemu-io",
-        &["-c", "write -P 1 0 1M", "-c", "write -P 2 6M 64k", &base],
-    );
+    common::qemu_create(&base, "", "8M");
+    common::qemu_io(&base, &["write -P 1 0 1M", "write -P 2 6M 64k"]);
     common::qemu_overlay("base.qcow2", "qcow2", &src);
-    run(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 3 512k 8k",
-            "-c",
-            "write -z 6M 4k",
-            "-c",
-            "write -P 4 7M 3000",
-            &src,
-        ],
+    common::qemu_io(
+        &src,
+        &["write -P 3 512k 8k", "write -z 6M 4k", "write -P 4 7M 3000"],
     );
     src
 }

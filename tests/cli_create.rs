@@ -42,10 +42,7 @@ fn same_settings_as_qemu_img() {
         assert_eq!(a["virtual-size"], b["virtual-size"], "{opts}");
         assert_eq!(a["cluster-size"], b["cluster-size"], "{opts}");
         assert_eq!(a["format-specific"], b["format-specific"], "{opts}");
-        run(
-            "qemu-io",
-            &["-c", "write -P 3 1M 100k", "-c", "read -P 3 1M 100k", &ours],
-        );
+        common::qemu_io(&ours, &["write -P 3 1M 100k", "read -P 3 1M 100k"]);
         assert_check_clean(Path::new(&ours));
     }
 }
@@ -58,21 +55,11 @@ fn size_from_the_backing_file() {
     let raw = path_in(dir.path(), "sub/base.raw");
     let top = path_in(dir.path(), "sub/top.qcow2");
     let over_raw = path_in(dir.path(), "sub/over-raw.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "5M"]);
-    run("qemu-io", &["-c", "write -P 4 0 64k", &base]);
-    run("qemu-img", &["create", "-q", "-f", "raw", &raw, "3M"]);
+    common::qemu_create(&base, "", "5M");
+    common::qemu_io(&base, &["write -P 4 0 64k"]);
+    common::qemu_create_fmt(&raw, "raw", "", "3M");
     // Relative names are relative to the new image's directory.
-    qcow2_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-    ]);
+    qcow2_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &top]);
     qcow2_ok(&["create", "-q", "-b", "base.raw", "-F", "raw", &over_raw]);
     let info = qemu_info(&top);
     assert_eq!(info["virtual-size"], 5 << 20);
@@ -80,7 +67,7 @@ fn size_from_the_backing_file() {
     assert_eq!(info["backing-filename-format"], "qcow2");
     assert_eq!(qemu_info(&over_raw)["virtual-size"], 3 << 20);
     assert_check_clean(Path::new(&top));
-    run("qemu-io", &["-c", "read -P 4 0 64k", &top]);
+    common::qemu_io(&top, &["read -P 4 0 64k"]);
     // An explicit size wins.
     qcow2_ok(&[
         "create",

@@ -9,12 +9,9 @@ fn dumps_a_qemu_image() {
     let dir = tempfile::tempdir().unwrap();
     let base = path_in(dir.path(), "base.qcow2");
     let p = path_in(dir.path(), "a.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "4M"]);
+    common::qemu_create(&base, "", "4M");
     common::qemu_overlay("base.qcow2", "qcow2", &p);
-    run(
-        "qemu-io",
-        &["-c", "write -P 1 0 64k", "-c", "write -z 64k 64k", &p],
-    );
+    common::qemu_io(&p, &["write -P 1 0 64k", "write -z 64k 64k"]);
     run("qemu-img", &["snapshot", "-c", "s1", &p]);
     let out = qcow2_ok(&["dump", "--l2", "--refcounts", &p]);
     for want in [
@@ -39,23 +36,8 @@ fn compressed_and_extended_entries() {
     let dir = tempfile::tempdir().unwrap();
     let src = path_in(dir.path(), "src.qcow2");
     let c = path_in(dir.path(), "c.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            &src,
-            "1M",
-        ],
-    );
-    run(
-        "qemu-io",
-        &["-c", "write -P 1 0 4k", "-c", "write -z 8k 4k", &src],
-    );
+    common::qemu_create(&src, "extended_l2=on", "1M");
+    common::qemu_io(&src, &["write -P 1 0 4k", "write -z 8k 4k"]);
     let out = qcow2_ok(&["dump", "--l2", &src]);
     assert!(
         out.contains("subclusters alloc 0x00000003 zero 0x00000030"),

@@ -40,11 +40,8 @@ fn plain_v2_v3_and_options() {
     ];
     for (name, opts) in cases {
         let p = path_in(dir.path(), name);
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", opts, &p, "3M"],
-        );
-        run("qemu-io", &["-c", "write -P 1 0 100k", &p]);
+        common::qemu_create(&p, opts, "3M");
+        common::qemu_io(&p, &["write -P 1 0 100k"]);
         same_json(&[], &p);
         same_human(&[], &p);
     }
@@ -58,7 +55,7 @@ fn data_file_snapshots_and_chain() {
     let mid = path_in(dir.path(), "mid.qcow2");
     let top = path_in(dir.path(), "top.qcow2");
     let df = path_in(dir.path(), "df.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "raw", &raw, "1M"]);
+    common::qemu_create_fmt(&raw, "raw", "", "1M");
     run(
         "qemu-img",
         &[
@@ -66,22 +63,8 @@ fn data_file_snapshots_and_chain() {
         ],
     );
     common::qemu_overlay("base.qcow2", "qcow2", &mid);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            &top,
-            "2M",
-        ],
-    );
-    run("qemu-io", &["-c", "write -P 2 64k 64k", &top]);
+    common::qemu_create(&top, "backing_file=mid.qcow2,backing_fmt=qcow2", "2M");
+    common::qemu_io(&top, &["write -P 2 64k 64k"]);
     run("qemu-img", &["snapshot", "-c", "first", &top]);
     run("qemu-img", &["snapshot", "-c", "second", &top]);
     same_json(&[], &top);
@@ -89,10 +72,7 @@ fn data_file_snapshots_and_chain() {
     same_json(&["-f", "raw"], &raw);
     same_human(&["--backing-chain"], &mid);
     let data = format!("data_file={}", path_in(dir.path(), "df.raw"));
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", &data, &df, "1M"],
-    );
+    common::qemu_create(&df, &data, "1M");
     same_json(&[], &df);
     same_human(&[], &df);
 }

@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::{assert_check_clean, path_in, qcow2, run, status};
+use common::{assert_check_clean, path_in, qcow2, status};
 
 /// Output lines without qemu-io's timing lines (`4 KiB, 1 ops; ...`), sorted: aio requests
 /// complete in any order.
@@ -22,20 +22,8 @@ fn same_as_qemu_io(opts: &str, size: &str, cmds: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let theirs = path_in(dir.path(), "theirs.qcow2");
     let ours = path_in(dir.path(), "ours.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, &theirs, size],
-    );
-    run(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0x5a 0 192k",
-            "-c",
-            "write -z 1M 128k",
-            &theirs,
-        ],
-    );
+    common::qemu_create(&theirs, opts, size);
+    common::qemu_io(&theirs, &["write -P 0x5a 0 192k", "write -z 1M 128k"]);
     std::fs::copy(&theirs, &ours).unwrap();
     let mut args: Vec<&str> = Vec::new();
     for c in cmds {
@@ -109,7 +97,7 @@ fn failures_continue_and_exit_1() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "a.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &p, "8M"]);
+    common::qemu_create(&p, "", "8M");
     let mut args = vec!["io"];
     for c in &cmds {
         args.extend(["-c", c]);
@@ -139,7 +127,7 @@ fn failures_continue_and_exit_1() {
 fn read_only_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "a.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &p, "1M"]);
+    common::qemu_create(&p, "", "1M");
     let r = qcow2(&["io", "-r", "-c", "write 0 4k", "-c", "read -P 0 0 4k", &p]);
     assert_eq!(r.code, 1);
     assert!(r.stdout.contains("read 4096/4096 bytes at offset 0"));
@@ -151,7 +139,7 @@ fn read_only_refuses_writes() {
 fn hostile_arguments_do_not_panic() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "a.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &p, "1M"]);
+    common::qemu_create(&p, "", "1M");
     for c in [
         "read 0 100G",
         "write -P 0x1ff 0 1",
@@ -181,10 +169,7 @@ fn aio_writes_sharing_a_subcluster_keep_both() {
     let p = path_in(dir.path(), "a.qcow2");
     for _ in 0..20 {
         let opts = "cluster_size=65536,extended_l2=on";
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", opts, &p, "1M"],
-        );
+        common::qemu_create(&p, opts, "1M");
         let r = qcow2(&["io", "-c", "write -q -P 0x11 0 2k", &p]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         let r = qcow2(&[

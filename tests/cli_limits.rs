@@ -7,7 +7,7 @@ use crate::common;
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 
-use common::{path_in, run};
+use common::path_in;
 
 /// Peak RSS allowed for `qcow2 info` on a hostile image.
 const MAX_RSS_KIB: i64 = 100 << 10;
@@ -20,7 +20,7 @@ fn snapshot_bomb(path: &str, count: u32) {
 
 /// [`snapshot_bomb`], optionally with every id and name byte 0xff (not UTF-8) written out.
 fn snapshot_table(path: &str, count: u32, invalid_utf8: bool) {
-    run("qemu-img", &["create", "-q", "-f", "qcow2", path, "1M"]);
+    common::qemu_create(path, "", "1M");
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     let table: u64 = 1 << 20; // cluster aligned, past QEMU's metadata
     let mut entry = [0u8; 40];

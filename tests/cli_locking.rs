@@ -18,8 +18,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_qcow2");
 fn chain(dir: &Path) -> (String, String) {
     let base = path_in(dir, "base.qcow2");
     let top = path_in(dir, "top.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "1M"]);
-    run("qemu-io", &["-c", "write -P 0x11 0 64k", &base]);
+    common::qemu_create(&base, "", "1M");
+    common::qemu_io(&base, &["write -P 0x11 0 64k"]);
     common::qemu_overlay("base.qcow2", "qcow2", &top);
     (base, top)
 }
@@ -54,7 +54,7 @@ fn qemu_cannot_open_what_we_serve() {
     run("qemu-img", &["check", "-U", &top]);
     assert_eq!(srv.stop(), 0);
     assert_check_clean(Path::new(&top));
-    run("qemu-io", &["-c", "read -P 0x11 0 64k", &top]);
+    common::qemu_io(&top, &["read -P 0x11 0 64k"]);
 }
 
 /// A read-only `qcow2 serve -r` keeps writers out, but not other readers.

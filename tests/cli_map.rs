@@ -25,22 +25,6 @@ fn same_map(img: &str) {
     }
 }
 
-fn create(img: &str, opts: &str, size: &str) {
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, img, size],
-    );
-}
-
-fn io(img: &str, cmds: &[&str]) {
-    let mut args = Vec::new();
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(img);
-    run("qemu-io", &args);
-}
-
 /// Cluster-aligned requests (for 512 B..64 KiB clusters). QEMU leaves holes in the host
 /// clusters of partial writes, which the engine's map reports differently (see
 /// `partial_cluster_writes`).
@@ -63,8 +47,8 @@ fn data_and_zero_clusters() {
         ("l2ext.qcow2", "extended_l2=on,cluster_size=128k"),
     ] {
         let p = path_in(dir.path(), name);
-        create(&p, opts, "4M");
-        io(&p, WORKLOAD);
+        common::qemu_create(&p, opts, "4M");
+        common::qemu_io(&p, WORKLOAD);
         same_map(&p);
     }
 }
@@ -77,8 +61,8 @@ fn data_and_zero_clusters() {
 fn partial_cluster_writes() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "partial.qcow2");
-    create(&p, "cluster_size=64k", "1M");
-    io(&p, &["write -P 2 100k 20k"]);
+    common::qemu_create(&p, "cluster_size=64k", "1M");
+    common::qemu_io(&p, &["write -P 2 100k 20k"]);
     same_map(&p);
 }
 
@@ -86,11 +70,11 @@ fn partial_cluster_writes() {
 fn preallocation_metadata_and_empty() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "meta.qcow2");
-    create(&p, "preallocation=metadata", "2M");
-    io(&p, &["write -P 9 64k 4k"]);
+    common::qemu_create(&p, "preallocation=metadata", "2M");
+    common::qemu_io(&p, &["write -P 9 64k 4k"]);
     same_map(&p);
     let z = path_in(dir.path(), "zero.qcow2");
-    create(&z, "cluster_size=64k", "0");
+    common::qemu_create(&z, "cluster_size=64k", "0");
     same_map(&z);
 }
 
@@ -101,7 +85,7 @@ fn preallocation_metadata_and_empty() {
 fn preallocation_falloc() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "falloc.qcow2");
-    create(&p, "preallocation=falloc", "1M");
+    common::qemu_create(&p, "preallocation=falloc", "1M");
     same_map(&p);
 }
 
@@ -109,8 +93,8 @@ fn preallocation_falloc() {
 fn compressed_clusters() {
     let dir = tempfile::tempdir().unwrap();
     let src = path_in(dir.path(), "src.qcow2");
-    create(&src, "cluster_size=64k", "2M");
-    io(&src, WORKLOAD[..4].as_ref());
+    common::qemu_create(&src, "cluster_size=64k", "2M");
+    common::qemu_io(&src, WORKLOAD[..4].as_ref());
     for (name, opts) in [
         ("zlib.qcow2", "compression_type=zlib"),
         ("zstd.qcow2", "compression_type=zstd"),
@@ -131,45 +115,20 @@ fn backing_chains() {
     let base = path_in(dir.path(), "base.qcow2");
     let top = path_in(dir.path(), "top.qcow2");
     let over_raw = path_in(dir.path(), "over-raw.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "raw", &raw, "4M"]);
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 7 128k 64k",
-            "-c",
-            "write -P 7 3M 4k",
-            &raw,
-        ],
-    );
+    common::qemu_create_fmt(&raw, "raw", "", "4M");
+    common::qemu_io_fmt("raw", &raw, &["write -P 7 128k 64k", "write -P 7 3M 4k"]);
     run(
         "qemu-img",
         &[
             "create", "-q", "-f", "qcow2", "-b", &raw, "-F", "raw", &over_raw,
         ],
     );
-    io(&over_raw, &["write -P 1 0 64k", "write -z 3M 64k"]);
+    common::qemu_io(&over_raw, &["write -P 1 0 64k", "write -z 3M 64k"]);
     same_map(&over_raw);
-    create(&base, "cluster_size=64k", "3M");
-    io(&base, WORKLOAD);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &top,
-            "5M",
-        ],
-    );
-    io(
+    common::qemu_create(&base, "cluster_size=64k", "3M");
+    common::qemu_io(&base, WORKLOAD);
+    common::qemu_create(&top, "backing_file=base.qcow2,backing_fmt=qcow2", "5M");
+    common::qemu_io(
         &top,
         &["write -P 5 64k 64k", "write -z 1M 64k", "discard 0 64k"],
     );
@@ -180,8 +139,8 @@ fn backing_chains() {
 fn raw_images() {
     let dir = tempfile::tempdir().unwrap();
     let raw = path_in(dir.path(), "disk.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", &raw, "1M"]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 7 128k 64k", &raw]);
+    common::qemu_create_fmt(&raw, "raw", "", "1M");
+    common::qemu_io_fmt("raw", &raw, &["write -P 7 128k 64k"]);
     let want = run("qemu-img", &["map", "-f", "raw", "--output=json", &raw]);
     assert_eq!(qcow2_ok(&["map", "-f", "raw", "--output=json", &raw]), want);
 }
@@ -190,7 +149,7 @@ fn raw_images() {
 fn after_our_own_writes() {
     let dir = tempfile::tempdir().unwrap();
     let p = path_in(dir.path(), "ours.qcow2");
-    create(&p, "cluster_size=64k", "4M");
+    common::qemu_create(&p, "cluster_size=64k", "4M");
     let mut args = vec!["io"];
     for c in WORKLOAD {
         args.extend(["-c", c]);

@@ -5,7 +5,7 @@ use crate::common;
 
 use std::process::{Command, Stdio};
 
-use common::{path_in, run};
+use common::path_in;
 
 /// Run `qcow2 ARGS` with stdout a pipe whose reading end is already closed; return the exit
 /// code and stderr.
@@ -29,7 +29,7 @@ fn with_closed_stdout(args: &[&str]) -> (i32, String) {
 fn io_writes_survive_a_closed_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let img = path_in(dir.path(), "a.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "1M"]);
+    common::qemu_create(&img, "", "1M");
     let (code, stderr) = with_closed_stdout(&[
         "io",
         "-c",
@@ -43,18 +43,7 @@ fn io_writes_survive_a_closed_stdout() {
     assert_eq!(code, 0, "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     // Both writes are on disk and the image was closed cleanly.
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "read -P 0xab 0 4k",
-            "-c",
-            "read -P 0xcd 64k 4k",
-            &img,
-        ],
-    );
+    common::qemu_io(&img, &["read -P 0xab 0 4k", "read -P 0xcd 64k 4k"]);
     common::assert_check_clean(std::path::Path::new(&img));
 }
 
@@ -62,8 +51,8 @@ fn io_writes_survive_a_closed_stdout() {
 fn read_only_commands_exit_quietly_on_a_closed_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let img = path_in(dir.path(), "a.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "1M"]);
-    run("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", &img]);
+    common::qemu_create(&img, "", "1M");
+    common::qemu_io(&img, &["write 0 64k"]);
     for args in [
         &["info", &img][..],
         &["info", "--output=json", &img],

@@ -81,6 +81,6 @@ fn raw_and_qcow2_still_probe() {
     std::fs::write(&raw, b"just some bytes, not a magic").unwrap();
     assert!(common::qcow2_ok(&["info", &raw]).contains("file format: raw"));
     let q = path_in(dir.path(), "disk.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &q, "1M"]);
+    common::qemu_create(&q, "", "1M");
     assert!(common::qcow2_ok(&["info", &q]).contains("file format: qcow2"));
 }

@@ -81,11 +81,8 @@ async fn dotdot_and_symlink_backing() {
     let sub = dir.path().join("tenant");
     std::fs::create_dir(&sub).unwrap();
     let victim = path_in(dir.path(), "victim.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", &victim, "1M"]);
-    run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x5a 0 1M", &victim],
-    );
+    common::qemu_create_fmt(&victim, "raw", "", "1M");
+    common::qemu_io_fmt("raw", &victim, &["write -P 0x5a 0 1M"]);
     let img = path_in(&sub, "up.qcow2");
     naming_backing(&img, "../victim.raw");
     serve_refuses(&sub, &["-r", &img], "names with '..' are not allowed");
@@ -98,7 +95,7 @@ async fn dotdot_and_symlink_backing() {
     serve_refuses(&sub, &["-r", &linked], "leads outside");
 
     let own = path_in(&sub, "base.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", &own, "1M"]);
+    common::qemu_create_fmt(&own, "raw", "", "1M");
     let ok = path_in(&sub, "ok.qcow2");
     naming_backing(&ok, "base.raw");
     let img = Image::open(&ok, &OpenOptions::new()).await.unwrap();
@@ -121,14 +118,8 @@ async fn data_file_references() {
     let victim = path_in(dir.path(), "victim.raw");
     let img = path_in(dir.path(), "df.qcow2");
     let opt = format!("data_file={victim},data_file_raw=on");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", &opt, &img, "1M"],
-    );
-    run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x77 0 1M", &victim],
-    );
+    common::qemu_create(&img, &opt, "1M");
+    common::qemu_io_fmt("raw", &victim, &["write -P 0x77 0 1M"]);
     serve_refuses(dir.path(), &[&img], "absolute names are not allowed");
     for opts in [OpenOptions::new(), OpenOptions::new().follow_backing(false)] {
         let e = Image::open(&img, &opts).await.unwrap_err();
@@ -147,10 +138,7 @@ async fn data_file_references() {
         .close()
         .await
         .unwrap();
-    run(
-        "qemu-io",
-        &["-f", "raw", "-c", "read -P 0x77 0 1M", &victim],
-    );
+    common::qemu_io_fmt("raw", &victim, &["read -P 0x77 0 1M"]);
 
     // A relative data file next to the image: read-only serving works untrusted, writable
     // serving needs --trusted.

@@ -115,11 +115,10 @@ fn make_template(dir: &Path, name: &'static str, opts: &str, cs: u64, grain: u64
     let img = dir.join(format!("{name}.qcow2"));
     let (b, i) = (backing.to_str().unwrap(), img.to_str().unwrap());
     let size = DISK.to_string();
-    common::run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-o", opts, "-b", b, "-F", "raw", i, &size,
-        ],
+    common::qemu_create(
+        i,
+        &format!("{opts},backing_file={b},backing_fmt=raw"),
+        &size,
     );
     let clusters = DISK / cs;
     qemu_io_pass(&img, cs, grain, 0, 0..clusters);

@@ -101,23 +101,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn qemu_create(p: &Path, opts: &str, size: u64) {
-    let size = size.to_string();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, s(p), &size],
-    );
-}
-
-fn qemu_io(p: &Path, cmds: &[String]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(s(p));
-    common::run("qemu-io", &args);
-}
-
 /// Open our own test image read-write (absolute data file names included).
 async fn open_rw(p: &Path) -> Image {
     let opts = OpenOptions::new()
@@ -178,7 +161,7 @@ fn assert_image(p: &Path, shadow: &[u8], what: &str) {
 async fn library_scenario(dir: &Path, cfg: Config) {
     let cs = cfg.cluster;
     let p = dir.join("lib.qcow2");
-    qemu_create(&p, &cfg.options(), cfg.size());
+    common::qemu_create(&p, &cfg.options(), cfg.size());
     let mut shadow = shadow_of(&cfg);
     let img = open_rw(&p).await;
     for (i, k) in LAYOUT.iter().enumerate() {
@@ -223,7 +206,7 @@ async fn library_scenario(dir: &Path, cfg: Config) {
     assert_image(&p, &shadow, "after our overwrites");
 
     // QEMU over our compressed clusters: partial overwrite and discard.
-    qemu_io(
+    common::qemu_io(
         &p,
         &[
             format!("write -P 0x5a {} {}", 8 * cs, cs / 2),
@@ -322,7 +305,7 @@ async fn payloads_pack_unless_refcounts_are_one_bit() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pack.qcow2");
         let cs = 65536u64;
-        qemu_create(&p, &format!("refcount_bits={bits}"), 64 * cs);
+        common::qemu_create(&p, &format!("refcount_bits={bits}"), 64 * cs);
         let before = file_len(&p);
         let img = open_rw(&p).await;
         let mut shadow = vec![0u8; (64 * cs) as usize];
@@ -366,7 +349,7 @@ async fn cursor_forgets_a_freed_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("cursor.qcow2");
     let cs = 4096u64;
-    qemu_create(&p, "cluster_size=4096", 16 * cs);
+    common::qemu_create(&p, "cluster_size=4096", 16 * cs);
     let img = open_rw(&p).await;
     let mut shadow = vec![0u8; (16 * cs) as usize];
     let t = text(cs as usize, 1);
@@ -402,7 +385,7 @@ async fn concurrent_compressed_and_normal_writes() {
     let p = dir.path().join("conc.qcow2");
     let cs = 4096u64;
     let n = 256u64;
-    qemu_create(&p, "cluster_size=4096,refcount_bits=2", n * cs);
+    common::qemu_create(&p, "cluster_size=4096,refcount_bits=2", n * cs);
     let img = open_rw(&p).await;
     let mut tasks = Vec::new();
     for c in 0..n {
@@ -435,7 +418,7 @@ async fn concurrent_compressed_and_normal_writes() {
 async fn refuses_what_qemu_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("args.qcow2");
-    qemu_create(&p, "cluster_size=4096", 1 << 20);
+    common::qemu_create(&p, "cluster_size=4096", 1 << 20);
     let img = open_rw(&p).await;
     let t = text(4096, 0);
     assert!(img.write_compressed(&t, 512).await.is_err());
@@ -445,7 +428,7 @@ async fn refuses_what_qemu_refuses() {
 
     let ext = dir.path().join("ext.qcow2");
     let data = dir.path().join("ext.data");
-    qemu_create(&ext, &format!("data_file={}", s(&data)), 1 << 20);
+    common::qemu_create(&ext, &format!("data_file={}", s(&data)), 1 << 20);
     let img = open_rw(&ext).await;
     assert!(img.write_compressed(&t[..4096], 0).await.is_err());
     img.close().await.unwrap();

@@ -292,28 +292,8 @@ fn backing_files() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("sub")).unwrap();
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            d.join("base.qcow2").to_str().unwrap(),
-            "4M",
-        ],
-    );
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "raw",
-            d.join("base.raw").to_str().unwrap(),
-            "3M",
-        ],
-    );
+    common::qemu_create(d.join("base.qcow2"), "", "4M");
+    common::qemu_create_fmt(d.join("base.raw"), "raw", "", "3M");
     let mut errors = Vec::new();
     for (i, (opts, backing, size)) in [
         ("", &["-b", "base.qcow2", "-F", "qcow2"][..], "4M"),

@@ -95,39 +95,18 @@ fn qemu_image(dir: &Path, opts: &str, size: u64, compressed: bool, backing: bool
                     b.to_str().unwrap(),
                 ],
             );
-            common::run(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    opts,
-                    "-b",
-                    b.to_str().unwrap(),
-                    "-F",
-                    "qcow2",
-                    p,
-                    &size.to_string(),
-                ],
+            common::qemu_create(
+                p,
+                &format!(
+                    "{opts},backing_file={},backing_fmt=qcow2",
+                    b.to_str().unwrap()
+                ),
+                size,
             );
             backing_path = Some(b);
         }
     } else {
-        common::run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                opts,
-                p,
-                &size.to_string(),
-            ],
-        );
+        common::qemu_create(p, opts, size);
     }
     Setup {
         initial_image: std::fs::read(&img).unwrap(),

@@ -41,20 +41,6 @@ impl Model {
     }
 }
 
-/// `qemu-io -c CMD... IMG` (each command must succeed).
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = vec![];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(img.to_str().unwrap());
-    let out = common::run("qemu-io", &args);
-    assert!(
-        !out.contains("error") && !out.contains("failed"),
-        "qemu-io {cmds:?}:\n{out}"
-    );
-}
-
 /// QEMU's writes, mirrored into the shadow: patterns, zero-writes and discards.
 fn qemu_writes(img: &Path, shadow: &mut [u8], salt: u8) {
     let pat = |p: u8| p.wrapping_add(salt) | 1;
@@ -67,7 +53,7 @@ fn qemu_writes(img: &Path, shadow: &mut [u8], salt: u8) {
         format!("write -P {} 7m 4k", pat(0x44)),
     ];
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(img, &cmds);
+    common::qemu_io(img, &cmds);
     let k = 1024usize;
     shadow[..192 * k].fill(pat(0x11));
     shadow[1000 * k..1070 * k].fill(pat(0x22));
@@ -193,19 +179,7 @@ async fn data_file_roundtrip(extra: &str, raw: bool) {
     let data = dir.path().join("img.data");
     let opts = format!("data_file={}{extra}", data.display());
     let size = SIZE.to_string();
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &opts,
-            img.to_str().unwrap(),
-            &size,
-        ],
-    );
+    common::qemu_create(&img, &opts, &size);
     let mut shadow = vec![0u8; SIZE as usize];
     qemu_writes(&img, &mut shadow, 0);
     let mut shadow = our_writes(&img, shadow, seed).await;
@@ -284,20 +258,8 @@ async fn check_flags_data_file_mapping_off_guest_offset() {
     let img = dir.path().join("img.qcow2");
     let data = dir.path().join("img.data");
     let opts = format!("data_file={}", data.display());
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &opts,
-            img.to_str().unwrap(),
-            "1M",
-        ],
-    );
-    qemu_io(&img, &["write -P 0x5a 0 64k", "write -P 0x6b 64k 64k"]);
+    common::qemu_create(&img, &opts, "1M");
+    common::qemu_io(&img, &["write -P 0x5a 0 64k", "write -P 0x6b 64k 64k"]);
     let r = common::qcow2(&["check", img.to_str().unwrap()]);
     assert_eq!(
         r.code, 0,

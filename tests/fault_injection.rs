@@ -35,10 +35,7 @@ fn qemu_image(opts: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.qcow2");
     let p = p.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, p, "64M"],
-    );
+    common::qemu_create(p, opts, "64M");
     std::fs::read(p).unwrap()
 }
 

@@ -14,22 +14,14 @@ use std::path::Path;
 fn qemu_image(dir: &Path, name: &str, opts: &str) -> Vec<u8> {
     let p = dir.join(name);
     let ps = p.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, ps, "1M"],
-    );
-    common::run(
-        "qemu-io",
+    common::qemu_create(ps, opts, "1M");
+    common::qemu_io(
+        ps,
         &[
-            "-c",
             "write -P 0x11 0 6k",
-            "-c",
             "write -z 16k 4k",
-            "-c",
             "write -c -P 0x22 64k 16k",
-            "-c",
             "discard 4k 4k",
-            ps,
         ],
     );
     std::fs::read(&p).unwrap()

@@ -14,19 +14,7 @@ const MIB: usize = 1 << 20;
 fn dirty_image(dir: &Path) -> PathBuf {
     let img = dir.join("lazy.qcow2");
     let p = img.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on,cluster_size=65536",
-            p,
-            "64M",
-        ],
-    );
+    common::qemu_create(p, "lazy_refcounts=on,cluster_size=65536", "64M");
     // Kill qemu-io itself with SIGKILL: the image is never marked clean.
     let (code, out) = common::status(
         "qemu-io",

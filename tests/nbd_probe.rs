@@ -43,7 +43,7 @@ fn probed_raw_refuses_format_changing_writes() {
     let dir = tempfile::tempdir().unwrap();
     let evil = evil_header(dir.path());
     let tenant = path_in(dir.path(), "tenant.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", &tenant, "1M"]);
+    common::qemu_create_fmt(&tenant, "raw", "", "1M");
     let sock = dir.path().join("s");
     let srv = Bg::serving(
         BIN,
@@ -63,7 +63,7 @@ fn probed_raw_refuses_format_changing_writes() {
         "write -z 0 4k",
     ];
     for cmd in ok {
-        run("qemu-io", &["-f", "raw", "-c", cmd, &uri(&sock)]);
+        common::qemu_io_fmt("raw", uri(&sock), &[cmd]);
     }
     let (code, stderr) = srv.stop_with_stderr();
     assert_eq!(code, 0);
@@ -72,18 +72,7 @@ fn probed_raw_refuses_format_changing_writes() {
             && stderr.contains("write operations on block 0 will be restricted"),
         "{stderr}"
     );
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0 0 4k",
-            "-c",
-            "read -P 0x52 4k 60k",
-            &tenant,
-        ],
-    );
+    common::qemu_io_fmt("raw", &tenant, &["read -P 0 0 4k", "read -P 0x52 4k 60k"]);
     // Still raw: the next probing serve exports the tenant's data, not /etc/passwd.
     let srv = Bg::serving(
         BIN,
@@ -103,20 +92,11 @@ fn explicit_raw_allows_any_block0() {
     let dir = tempfile::tempdir().unwrap();
     let evil = evil_header(dir.path());
     let tenant = path_in(dir.path(), "tenant.raw");
-    run("qemu-img", &["create", "-q", "-f", "raw", &tenant, "1M"]);
+    common::qemu_create_fmt(&tenant, "raw", "", "1M");
     let sock = dir.path().join("s");
     let args = ["serve", "-f", "raw", "-k", sock.to_str().unwrap(), &tenant];
     let srv = Bg::serving(BIN, &args, &sock);
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -s {evil} 0 512"),
-            &uri(&sock),
-        ],
-    );
+    common::qemu_io_fmt("raw", uri(&sock), &[&format!("write -s {evil} 0 512")]);
     let (code, stderr) = srv.stop_with_stderr();
     assert_eq!(code, 0);
     assert!(!stderr.contains("WARNING"), "{stderr}");
@@ -153,16 +133,38 @@ fn cli_io_on_probed_raw_matches_qemu_io() {
         &tenant,
     ]);
     common::qcow2_ok(&["io", "-f", "raw", "-c", "write -P 0xfb 3 1", &tenant]);
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0xfb 3 1",
-            "-c",
-            "read -P 0xfb 512 1",
-            &tenant,
-        ],
-    );
+    common::qemu_io_fmt("raw", &tenant, &["read -P 0xfb 3 1", "read -P 0xfb 512 1"]);
+}
+
+/// A raw file whose length is not a multiple of 512 is exported with its size rounded up to
+/// whole sectors, as qemu-nbd exports it (`nbdinfo --size`; QEMU's own NBD client hides the
+/// difference by rounding); the tail past the file reads as zeros.
+#[test]
+fn odd_sized_raw_export_is_rounded_like_qemu_nbd() {
+    if !crate::nbd_util::have("nbdinfo") {
+        eprintln!("nbdinfo not installed: skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = path_in(dir.path(), "odd.raw");
+    std::fs::write(&raw, vec![0x5au8; 1000]).unwrap();
+    let size_over_nbd = |server: &[&str]| {
+        let sock = dir.path().join("s");
+        let sock_arg = sock.to_str().unwrap();
+        let args = [&server[1..], &["-k", sock_arg, "-f", "raw", "-r", &raw]].concat();
+        let srv = Bg::serving(server[0], &args, &sock);
+        let size = run("nbdinfo", &["--size", &uri(&sock)]);
+        let reads = ["-c", "read -P 0x5a 0 1000", "-c", "read -P 0 1000 24"];
+        let out = run(
+            "qemu-io",
+            &[&["-f", "raw", "-r"][..], &reads, &[&uri(&sock)]].concat(),
+        );
+        assert!(!out.contains("fail"), "{server:?}: {out}");
+        assert_eq!(srv.stop(), 0, "{server:?}");
+        size.trim().parse::<u64>().unwrap()
+    };
+    let theirs = size_over_nbd(&["qemu-nbd", "-t"]);
+    let ours = size_over_nbd(&[BIN, "serve"]);
+    assert_eq!(theirs, 1024, "qemu-nbd's rounding");
+    assert_eq!(ours, theirs, "export size of a 1000-byte raw file");
 }

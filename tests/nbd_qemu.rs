@@ -71,6 +71,25 @@ fn uri(sock: &Path) -> String {
     format!("nbd+unix:///?socket={}", sock.display())
 }
 
+/// `qemu-img convert` of the export at `uri` into the raw file `out` equals `shadow`.
+fn assert_export_equals(uri: &str, out: &Path, shadow: &[u8]) {
+    let args = [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        uri,
+        out.to_str().unwrap(),
+    ];
+    run("qemu-img", &args);
+    assert_eq!(
+        first_difference(&std::fs::read(out).unwrap(), shadow),
+        None,
+        "{uri}"
+    );
+}
+
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     let mut args = vec!["-f", "raw"];
     for c in cmds {
@@ -136,10 +155,7 @@ fn assert_content(img: &Path, shadow: &[u8]) {
 fn setup(size: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), size],
-    );
+    common::qemu_create(&img, "", size);
     let sock = dir.path().join("nbd.sock");
     (dir, img, sock)
 }
@@ -149,10 +165,7 @@ fn qemu_io_convert_map_and_clean_shutdown() {
     let (dir, img, sock) = setup("64M");
     let mut shadow = vec![0u8; 64 * MIB];
     // Data written by QEMU before serving: served as is.
-    run(
-        "qemu-io",
-        &["-c", "write -P 0x11 8M 3M", img.to_str().unwrap()],
-    );
+    common::qemu_io(img.to_str().unwrap(), &["write -P 0x11 8M 3M"]);
     fill(&mut shadow, 8 * MIB, 3 * MIB, 0x11);
 
     let srv = Serve::start(
@@ -188,22 +201,7 @@ fn qemu_io_convert_map_and_clean_shutdown() {
 
     // The whole content through qemu-img's NBD client.
     let out = dir.path().join("out.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &u,
-            out.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        first_difference(&std::fs::read(&out).unwrap(), &shadow),
-        None
-    );
+    assert_export_equals(&u, &out, &shadow);
 
     // Block status agrees with our own map of the (flushed: qemu-io flushes on exit) file.
     // The server still holds the image: read it with -U, as qemu-img would need.
@@ -297,22 +295,7 @@ fn concurrent_clients_write_disjoint_ranges() {
     }
     // Every client's data, seen by one more client.
     let out = _dir.path().join("all.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &u,
-            out.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        first_difference(&std::fs::read(&out).unwrap(), &shadow),
-        None
-    );
+    assert_export_equals(&u, &out, &shadow);
     assert_eq!(srv.stop(), 0);
     assert_content(&img, &shadow);
 }

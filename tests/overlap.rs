@@ -26,9 +26,9 @@ const COPIED: u64 = 1 << 63;
 fn image(dir: &Path, cmds: &[&str]) -> PathBuf {
     let p = dir.join("ov.qcow2");
     let s = p.to_str().unwrap();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s, "4M"]);
+    common::qemu_create(s, "", "4M");
     for c in cmds {
-        run("qemu-io", &["-f", "qcow2", "-c", c, s]);
+        common::qemu_io(s, &[c]);
     }
     p
 }
@@ -287,10 +287,7 @@ async fn healthy_growth_passes_the_check() {
     let p = dir.path().join("g.qcow2");
     let s = p.to_str().unwrap();
     let o = "cluster_size=512,refcount_bits=64";
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", o, s, "1M"],
-    );
+    common::qemu_create(s, o, "1M");
     let img = open_rw(&p).await.unwrap();
     let mut shadow = vec![0u8; 8 << 20];
     let mut put = |off: u64, len: usize, v: u8| shadow[off as usize..][..len].fill(v);

@@ -10,20 +10,6 @@ use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
 
 const K: u64 = 1024;
 
-fn qemu_io(img: &Path, cmds: &[&str]) -> String {
-    let mut args = vec![];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(img.to_str().unwrap());
-    let out = common::run("qemu-io", &args);
-    assert!(
-        !out.contains("error") && !out.contains("fail") && !out.contains("differ"),
-        "qemu-io {cmds:?}:\n{out}"
-    );
-    out
-}
-
 /// Our partial discards and zero-writes, each inside one cluster and not covering it.
 async fn partial_zeroes(img: &Path, cs: u64) {
     let image = Image::open(img, &OpenOptions::new().writable(true))
@@ -52,12 +38,9 @@ async fn no_allocation(opts: &str, cs: u64) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
     let p = img.to_str().unwrap();
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, p, "4M"],
-    );
+    common::qemu_create(p, opts, "4M");
     let (c16, c17) = (16 * cs, 17 * cs);
-    qemu_io(
+    common::qemu_io(
         &img,
         &[
             &format!("write -P 0x77 {c16} {}", 2 * cs),
@@ -75,7 +58,7 @@ async fn no_allocation(opts: &str, cs: u64) {
         after - before
     );
     common::assert_check_clean(&img);
-    qemu_io(&img, &[&format!("read -P 0 0 {}", 18 * cs)]);
+    common::qemu_io(&img, &[&format!("read -P 0 0 {}", 18 * cs)]);
 }
 
 #[tokio::test]

@@ -13,13 +13,6 @@ use qcow2_engine::check::{CheckOptions, check};
 use qcow2_engine::image::{Image, OpenOptions};
 use qcow2_engine::storage::{CrashPolicy, CrashStorage, MemoryStorage};
 
-fn create(img: &str, opts: &str, size: &str) {
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, img, size],
-    );
-}
-
 fn virtual_size(img: &str) -> u64 {
     let out = run("qemu-img", &["info", "--output=json", img]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -49,7 +42,7 @@ async fn write(img: &Image, shadow: &mut [u8], off: u64, data: &[u8]) {
 async fn grow_moves_l1_and_keeps_data() {
     let d = tempfile::tempdir().unwrap();
     let p = path_in(d.path(), "g.qcow2");
-    create(&p, "cluster_size=512", "16K");
+    common::qemu_create(&p, "cluster_size=512", "16K");
     let (l1_size, l1_off) = l1_fields(&p);
     assert_eq!(l1_size, 1);
     let opts = OpenOptions::new()
@@ -92,7 +85,7 @@ async fn grow_moves_l1_and_keeps_data() {
 async fn grow_without_l1_growth_and_read_only_refused() {
     let d = tempfile::tempdir().unwrap();
     let p = path_in(d.path(), "s.qcow2");
-    create(&p, "cluster_size=65536", "1M");
+    common::qemu_create(&p, "cluster_size=65536", "1M");
     let ro = Image::open(&p, &OpenOptions::new()).await.unwrap();
     assert!(ro.resize(2 << 20).await.is_err());
     drop(ro);
@@ -117,8 +110,8 @@ async fn grow_without_l1_growth_and_read_only_refused() {
 async fn shrink_discards_the_tail() {
     let d = tempfile::tempdir().unwrap();
     let p = path_in(d.path(), "k.qcow2");
-    create(&p, "cluster_size=4096", "4M");
-    run("qemu-io", &["-c", "write -P 5 0 4M", &p]);
+    common::qemu_create(&p, "cluster_size=4096", "4M");
+    common::qemu_io(&p, &["write -P 5 0 4M"]);
     let img = Image::open(&p, &OpenOptions::new().writable(true))
         .await
         .unwrap();
@@ -165,8 +158,8 @@ fn same_as_qemu(d: &Path, src: &str, args: &[&str]) {
 fn cli_matches_qemu_img_resize() {
     let d = tempfile::tempdir().unwrap();
     let src = path_in(d.path(), "src.qcow2");
-    create(&src, "cluster_size=512", "40K");
-    run("qemu-io", &["-c", "write -P 3 0 40K", &src]);
+    common::qemu_create(&src, "cluster_size=512", "40K");
+    common::qemu_io(&src, &["write -P 3 0 40K"]);
     same_as_qemu(d.path(), &src, &["+3M"]);
     same_as_qemu(d.path(), &src, &["64M"]);
     same_as_qemu(d.path(), &src, &["40K"]);
@@ -175,8 +168,8 @@ fn cli_matches_qemu_img_resize() {
     same_as_qemu(d.path(), &src, &["--shrink", "-8K"]);
     same_as_qemu(d.path(), &src, &["--shrink", "-1M"]); // not positive: refused
     let big = path_in(d.path(), "big.qcow2");
-    create(&big, "cluster_size=65536", "64M");
-    run("qemu-io", &["-c", "write -P 4 10M 30M", &big]);
+    common::qemu_create(&big, "cluster_size=65536", "64M");
+    common::qemu_io(&big, &["write -P 4 10M 30M"]);
     same_as_qemu(d.path(), &big, &["--shrink", "20M"]);
     same_as_qemu(d.path(), &big, &["+10G"]);
 }
@@ -201,8 +194,8 @@ fn cli_raw_files() {
 async fn crash_during_grow() {
     let d = tempfile::tempdir().unwrap();
     let p = path_in(d.path(), "c.qcow2");
-    create(&p, "cluster_size=512,refcount_bits=16", "16K");
-    run("qemu-io", &["-c", "write -P 0x21 0 9K", &p]);
+    common::qemu_create(&p, "cluster_size=512,refcount_bits=16", "16K");
+    common::qemu_io(&p, &["write -P 0x21 0 9K"]);
     let old = std::fs::read(&p).unwrap();
     let crash = Arc::new(CrashStorage::new(old));
     let storage: Arc<dyn Storage> = crash.clone();
@@ -255,7 +248,7 @@ async fn crash_during_grow() {
 async fn writes_concurrent_with_grow() {
     let d = tempfile::tempdir().unwrap();
     let p = path_in(d.path(), "w.qcow2");
-    create(&p, "cluster_size=512", "256K");
+    common::qemu_create(&p, "cluster_size=512", "256K");
     let img = Image::open(&p, &OpenOptions::new().writable(true))
         .await
         .unwrap();

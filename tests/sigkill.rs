@@ -92,7 +92,7 @@ fn sigkill_during_random_workloads_never_corrupts() {
     let img = dir.path().join("k.qcow2");
     let p = img.to_str().unwrap();
     let size = IMAGE_SIZE.to_string();
-    common::run("qemu-img", &["create", "-q", "-f", "qcow2", p, &size]);
+    common::qemu_create(p, "", &size);
 
     // One full run: the workload is valid, and how long it takes places the kills.
     let start = Instant::now();

@@ -7,17 +7,13 @@ async fn reads_a_qemu_image() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.qcow2");
     let p = img.to_str().unwrap();
-    common::run("qemu-img", &["create", "-q", "-f", "qcow2", p, "4M"]);
-    common::run(
-        "qemu-io",
+    common::qemu_create(p, "", "4M");
+    common::qemu_io(
+        p,
         &[
-            "-c",
             "write -P 0xab 0 64k",
-            "-c",
             "write -P 0x11 1M 100k",
-            "-c",
             "write -z 96k 64k",
-            p,
         ],
     );
     let want = common::qemu_raw(&img);
@@ -32,7 +28,7 @@ async fn writes_and_checks_clean() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("w.qcow2");
     let p = img.to_str().unwrap();
-    common::run("qemu-img", &["create", "-q", "-f", "qcow2", p, "8M"]);
+    common::qemu_create(p, "", "8M");
     let image = Image::open(&img, &OpenOptions::new().writable(true))
         .await
         .unwrap();
@@ -109,10 +105,7 @@ async fn backing_loops_and_overlong_chains_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"],
-    );
+    common::qemu_create(&a, "", "1M");
     common::qemu_overlay("a.qcow2", "qcow2", b.to_str().unwrap());
     // Point a at b: a -> b -> a.
     common::run(
@@ -132,10 +125,7 @@ async fn backing_loops_and_overlong_chains_are_refused() {
 
     // A chain of 5 with a depth limit of 3.
     let mut prev = dir.path().join("c0.qcow2");
-    common::run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", prev.to_str().unwrap(), "1M"],
-    );
+    common::qemu_create(&prev, "", "1M");
     for i in 1..5 {
         let next = dir.path().join(format!("c{i}.qcow2"));
         let name = prev.file_name().unwrap().to_str().unwrap();

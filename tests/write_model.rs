@@ -188,29 +188,18 @@ async fn run_variant(v: Variant, seed: u64) {
             let (b, data) = make_backing(dir.path(), kind, v.size);
             initial = data;
             let fmt = if kind == "raw" { "raw" } else { "qcow2" };
-            common::run(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
+            common::qemu_create(
+                p,
+                &format!(
+                    "{},backing_file={},backing_fmt={fmt}",
                     v.create_opts,
-                    "-b",
-                    b.to_str().unwrap(),
-                    "-F",
-                    fmt,
-                    p,
-                    &size,
-                ],
+                    b.to_str().unwrap()
+                ),
+                &size,
             );
         }
         None => {
-            common::run(
-                "qemu-img",
-                &["create", "-q", "-f", "qcow2", "-o", v.create_opts, p, &size],
-            );
+            common::qemu_create(p, v.create_opts, &size);
         }
     }
     // Our own images: their absolute backing file names are fine.

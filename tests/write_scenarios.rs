@@ -9,19 +9,7 @@ use qcow2_engine::image::{Image, OpenOptions, ZeroFlags};
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let p = dir.join(name);
-    common::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            p.to_str().unwrap(),
-            size,
-        ],
-    );
+    common::qemu_create(&p, opts, size);
     p
 }
 
@@ -29,16 +17,6 @@ async fn open_rw(p: &Path) -> Image {
     Image::open(p, &OpenOptions::new().writable(true))
         .await
         .unwrap()
-}
-
-fn qemu_io(p: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(p.to_str().unwrap());
-    common::run("qemu-io", &args);
 }
 
 fn assert_equals_shadow(p: &Path, shadow: &[u8]) {
@@ -107,7 +85,7 @@ async fn refcount_table_growth_8_bit_refcounts() {
 async fn writes_leave_internal_snapshot_intact() {
     let dir = tempfile::tempdir().unwrap();
     let p = create(dir.path(), "s.qcow2", "cluster_size=65536", "8M");
-    qemu_io(
+    common::qemu_io(
         &p,
         &[
             "write -P 0x11 0 1M",
@@ -223,7 +201,7 @@ async fn rewrite_zstd_compressed_clusters() {
 async fn overwrite_preallocated_zero_cluster_reuses_host_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let p = create(dir.path(), "z.qcow2", "cluster_size=65536", "1M");
-    qemu_io(&p, &["write -P 0x33 0 128k"]);
+    common::qemu_io(&p, &["write -P 0x33 0 128k"]);
     let img = open_rw(&p).await;
     img.write_zeroes(0, 65536, ZeroFlags { may_unmap: false })
         .await
@@ -245,7 +223,7 @@ async fn overwrite_preallocated_zero_cluster_reuses_host_cluster() {
 async fn discard_on_overlay_never_exposes_backing() {
     let dir = tempfile::tempdir().unwrap();
     let base = create(dir.path(), "base.qcow2", "cluster_size=65536", "2M");
-    qemu_io(&base, &["write -P 0x55 0 2M"]);
+    common::qemu_io(&base, &["write -P 0x55 0 2M"]);
     let top = dir.path().join("top.qcow2");
     // A relative name: the library's default reference policy refuses absolute ones.
     common::qemu_overlay("base.qcow2", "qcow2", top.to_str().unwrap());
@@ -346,7 +324,7 @@ async fn background_flusher_persists_metadata() {
 async fn data_write_onto_the_l1_table_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = create(dir.path(), "ov.qcow2", "cluster_size=65536", "4M");
-    qemu_io(&p, &["write -P 0x11 0 64k"]);
+    common::qemu_io(&p, &["write -P 0x11 0 64k"]);
     let mut bytes = std::fs::read(&p).unwrap();
     let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
     let l1 = be64(&bytes, 40) as usize;

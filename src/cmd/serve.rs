@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use qcow2_nbd::{BlockDevice, Export, Listener, RawDevice, Server};
+use qcow2_nbd::{BlockDevice, Export, Listener, Server};
 
 use crate::access::Access;
-use crate::disk::{detect_format, open_file, open_qcow2, probed_raw_warning};
+use crate::disk::Disk;
 
 /// Arguments of `qcow2 serve`.
 #[derive(Debug, clap::Args)]
@@ -88,28 +88,16 @@ pub async fn run(a: Args) -> Result<u8> {
     Ok(0)
 }
 
-/// Open the image as a device of its format.
+/// Open the image as a device of its format (as every other command opens it: a raw file's
+/// size rounded up to whole sectors, block 0 of a probed raw file guarded).
 async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
     let writable = !a.read_only;
     let access = a.access.clone().untrusted_by_default();
     if writable && access.force_share {
         bail!("--force-share (-U) can only be used with read-only exports (-r)");
     }
-    Ok(match detect_format(&a.file, a.format.as_deref()).await? {
-        "qcow2" => Arc::new(open_qcow2(&a.file, writable, &access).await?),
-        _ => {
-            let probed = writable && a.format.is_none();
-            if probed {
-                errln!("{}", probed_raw_warning(&a.file));
-            }
-            let storage = Arc::new(open_file(&a.file, writable, access.raw_lock(writable))?);
-            let raw = RawDevice::new(storage, writable)
-                .await
-                .with_context(|| a.file.display().to_string())?
-                .format_probed(probed);
-            Arc::new(raw)
-        }
-    })
+    let disk = Disk::open(&a.file, a.format.as_deref(), writable, &access).await?;
+    Ok(disk.into_device())
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -2,11 +2,17 @@
 #![allow(dead_code)]
 
 pub mod bg;
+pub mod bytes;
+mod qemu;
 
 use std::path::Path;
 use std::process::Command;
 
 pub mod yielding;
+
+pub use qemu::{
+    qemu_create, qemu_create_fmt, qemu_create_in, qemu_io, qemu_io_fmt, qemu_io_in, run_in,
+};
 
 /// Run a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {

@@ -146,38 +146,3 @@ impl io::Seek for BlockingImage {
         Ok(p)
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Seek, SeekFrom, Write};
-
-    #[test]
-    fn read_write_seek_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.qcow2");
-        let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let mut d = BlockingImage::open(&p, &OpenOptions::new().writable(true)).unwrap();
-        d.seek(SeekFrom::Start(70_000)).unwrap();
-        d.write_all(&[7u8; 100_000]).unwrap();
-        d.seek(SeekFrom::End(-10)).unwrap();
-        assert_eq!(
-            d.write(&[1u8; 64]).unwrap(),
-            10,
-            "writes stop at the end of the disk"
-        );
-        assert!(d.write(&[1u8]).is_err());
-        d.close().unwrap();
-        let mut d = BlockingImage::open(&p, &OpenOptions::new()).unwrap();
-        let mut all = Vec::new();
-        d.read_to_end(&mut all).unwrap();
-        assert_eq!(all.len(), 1 << 20);
-        assert!(all[70_000..170_000].iter().all(|&b| b == 7));
-        assert!(all[..70_000].iter().all(|&b| b == 0));
-        assert!(all[(1 << 20) - 10..].iter().all(|&b| b == 1));
-    }
-}

@@ -87,12 +87,19 @@ impl RawDevice {
     /// Export `storage` (its current length is the export size).
     pub async fn new(storage: Arc<dyn Storage>, writable: bool) -> Result<RawDevice> {
         let size = io(storage.len().await, "sizing the raw file")?;
-        Ok(RawDevice {
+        Ok(RawDevice::with_size(storage, size, writable))
+    }
+
+    /// Export `storage` as a disk of `size` bytes, which may differ from the storage's length
+    /// (qemu-img rounds a raw file's size up to whole 512-byte sectors; the storage reads
+    /// zeros past its end).
+    pub fn with_size(storage: Arc<dyn Storage>, size: u64, writable: bool) -> RawDevice {
+        RawDevice {
             storage,
             size,
             writable,
             probed: false,
-        })
+        }
     }
 
     /// Mark the raw format as guessed by probing: writes that would make block 0 probe as

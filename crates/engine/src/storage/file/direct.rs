@@ -272,6 +272,10 @@ impl DirectIo {
     /// Reserve blocks for the range, growing the file if it passes the end.
     pub(super) fn allocate(&self, file: &File, offset: u64, len: u64) -> io::Result<()> {
         let end = checked_end(offset, len)?;
+        if len == 0 {
+            // fallocate refuses an empty range with EINVAL; there is nothing to reserve.
+            return Ok(());
+        }
         {
             let mut size = lock(&self.size);
             match sys::fallocate(file, Falloc::Allocate, offset, len) {
