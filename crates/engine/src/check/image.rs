@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use super::CheckOptions;
+use super::budget::{Budget, Meter, Shape};
 use crate::error::{Error, Result};
 use crate::format::extensions::ImageHeader;
 use crate::format::header::{self, Header};
@@ -44,12 +46,16 @@ pub(crate) struct Ctx {
     pub snapshots_size: u64,
     /// Memory limit for the refcount arrays and caches.
     pub limit: u64,
+    /// The options the check runs with (to load the image again after a rebuild).
+    pub opts: CheckOptions,
+    /// This pass's work so far, against its budget.
+    pub meter: Meter,
 }
 
 impl Ctx {
     /// Read and validate what opening the image needs. Errors where QEMU could not open the
     /// image either (bad header, tables outside the file, unsupported features).
-    pub(crate) async fn load(storage: Arc<dyn Storage>, limit: u64) -> Result<Ctx> {
+    pub(crate) async fn load(storage: Arc<dyn Storage>, opts: &CheckOptions) -> Result<Ctx> {
         let file_len = storage
             .len()
             .await
@@ -74,10 +80,40 @@ impl Ctx {
             l1: Vec::new(),
             snapshots: Vec::new(),
             snapshots_size: 0,
-            limit,
+            limit: opts.max_memory,
+            opts: opts.clone(),
+            meter: Meter::new(Budget::uniform(0), true, None),
         };
         ctx.load_tables(&h).await?;
+        ctx.meter = ctx.new_meter();
         Ok(ctx)
+    }
+
+    /// The work meter for one pass over this image, with the progress it expects to make
+    /// up front: both scans of the active L1 table and its L2 tables (walk and COPIED check)
+    /// and the snapshot L1 tables. Snapshot L2 tables, bitmap tables and comparisons are
+    /// announced when they start.
+    fn new_meter(&self) -> Meter {
+        let shape = Shape {
+            file_len: self.file_len,
+            cluster_size: self.cs,
+            l2_entries: self.l2_entries() as u64,
+            snapshots: self.snapshots.len() as u64,
+        };
+        let limit = match self.opts.max_work {
+            Some(work) => Budget::uniform(work),
+            None => Budget::for_image(shape),
+        };
+        let meter = Meter::new(
+            limit,
+            self.opts.max_work.is_some(),
+            self.opts.progress.clone(),
+        );
+        let l1 = self.l1.len() as u64;
+        let l2 = self.l1.iter().filter(|&&e| e != 0).count() as u64 * shape.l2_entries;
+        let snapshots: u64 = self.snapshots.iter().map(|s| u64::from(s.l1_size)).sum();
+        meter.expect(2 * (l1 + l2) + snapshots);
+        meter
     }
 
     /// The refcount table, the active L1 table and the snapshot table.
