@@ -231,3 +231,32 @@ async fn a_dropped_check_stops_walking() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(progress.done(), stopped, "the dropped check kept walking");
 }
+
+#[test]
+fn a_snapshot_table_over_64_mib_is_refused_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = path_in(dir.path(), "bomb.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "1M"]);
+    // 2048 entries with 64 KiB ids and names of 0xff (not UTF-8): a 256 MiB table.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let table: u64 = 1 << 20;
+    let mut entry = vec![0u8; 40];
+    entry[12..16].copy_from_slice(&[0xff; 4]); // id and name lengths: 65535
+    entry.resize(40 + 2 * 65535, 0xff);
+    let stride = (entry.len() as u64).next_multiple_of(8);
+    for i in 0..2048 {
+        f.write_all_at(&entry, table + i * stride).unwrap();
+    }
+    f.write_all_at(&2048u32.to_be_bytes(), 60).unwrap();
+    f.write_all_at(&table.to_be_bytes(), 64).unwrap();
+    drop(f);
+    let (code, _) = common::status("qemu-img", &["check", &img]);
+    assert_eq!(code, 1, "QEMU cannot check it either");
+    let Some((code, stderr, _, rss)) = cli_check_measured(&img) else {
+        eprintln!("no /usr/bin/time: skipping the CLI measurement");
+        return;
+    };
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("larger than 64 MiB"), "{stderr}");
+    assert!(rss < 100 << 10, "peak RSS {rss} KiB");
+}

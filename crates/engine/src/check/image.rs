@@ -129,8 +129,23 @@ impl Ctx {
         self.load_snapshots(h).await
     }
 
-    /// Read the snapshot table entry by entry (its length is only known that way).
+    /// Read the snapshot table entry by entry (its length is only known that way). The
+    /// entries' fixed parts are read first, so a table over QEMU's 64 MiB is refused before
+    /// any name is kept (names that are not UTF-8 take up to three times their size).
     async fn load_snapshots(&mut self, h: &Header) -> Result<()> {
+        let entries = self.snapshot_entries(h).await?;
+        for (at, len) in entries {
+            let entry = self.read(at, len).await?;
+            let (snap, _) = snapshot::parse_entry(&entry)?;
+            self.snapshots.push(snap);
+        }
+        Ok(())
+    }
+
+    /// The (offset, length) of every snapshot table entry, from their fixed parts; sets
+    /// `snapshots_size`. Corrupt when the table is over 64 MiB.
+    async fn snapshot_entries(&mut self, h: &Header) -> Result<Vec<(u64, u64)>> {
+        let mut entries = Vec::new();
         let mut off = 0u64;
         for i in 0..h.nb_snapshots {
             off = off.next_multiple_of(8);
@@ -138,16 +153,14 @@ impl Ctx {
             let hdr = self.read(at, snapshot::ENTRY_HEADER_LEN as u64).await?;
             let len = snapshot::entry_len(&hdr)
                 .map_err(|e| Error::corrupt(format!("snapshot {i}: {}", e.what())).at(at))?;
-            let entry = self.read(at, len as u64).await?;
-            let (snap, len) = snapshot::parse_entry(&entry)?;
             off += len as u64;
             if off > snapshot::MAX_TABLE_SIZE as u64 {
                 return Err(Error::corrupt("snapshot table larger than 64 MiB"));
             }
-            self.snapshots.push(snap);
+            entries.push((at, len as u64));
         }
         self.snapshots_size = off;
-        Ok(())
+        Ok(entries)
     }
 
     /// Read `len` bytes at `offset` (zeros past the end of the file). `len` must already be
