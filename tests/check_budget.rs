@@ -151,7 +151,9 @@ async fn a_dirty_crafted_image_fails_its_writable_open_fast_and_keeps_its_data()
     let open = tokio::time::timeout(FAST, Image::open(&img, &rw))
         .await
         .expect("the rebuild at open must be bounded by the work budget");
-    let err = open.err().expect("the rebuild must refuse the image");
+    let Err(err) = open else {
+        panic!("the rebuild must refuse the image");
+    };
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
     assert!(err.what().contains("max_work"), "{err}");
     assert!(

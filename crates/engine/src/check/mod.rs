@@ -17,6 +17,10 @@
 //! 4. **Double check**: after a repair, the image is checked again and that report is
 //!    returned, with the `*_fixed` counters of the repair.
 //!
+//! Every pass counts its work (table entries scanned, clusters compared) against a budget and
+//! reports it as progress (`budget.rs`): QEMU's algorithm walks a table once per reference,
+//! which a small crafted file can make take hours.
+//!
 //! ```no_run
 //! # async fn demo() -> qcow2_engine::Result<()> {
 //! use std::sync::Arc;
