@@ -6,6 +6,7 @@ mod common;
 mod nbd_util;
 
 mod cancel;
+mod check_budget;
 mod check_clean;
 mod check_crash;
 mod check_damage;

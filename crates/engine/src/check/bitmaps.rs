@@ -74,10 +74,13 @@ async fn count_table(
         rep.corruption(format!("ERROR bitmap table at {offset:#x} is corrupted"));
         return Ok(());
     }
-    // A table may claim 2^32 entries of a sparse file: read it a piece at a time.
+    // A table may claim 2^32 entries of a sparse file: read it a piece at a time. Bitmaps
+    // may all name one table: every piece is paid for.
+    ctx.meter.expect(entries);
     let mut done = 0;
     while done < entries {
         let n = (entries - done).min(TABLE_CHUNK_ENTRIES);
+        ctx.meter.spend_table(n).await?;
         for e in be_u64s(&ctx.read(offset + done * 8, n * 8).await?) {
             count_entry(ctx, rep, imrt, e)?;
         }

@@ -21,6 +21,9 @@ use crate::error::Result;
 use crate::format::l1::{L1E_COPIED, L1E_OFFSET_MASK};
 use crate::format::l2::L2E_COPIED;
 
+/// Clusters compared between two payments to the work meter.
+const COMPARE_STEP: u64 = 1024;
+
 /// Which mismatches a comparison pass repairs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Fix {
@@ -49,7 +52,11 @@ pub(crate) async fn compare(
     fix: Fix,
 ) -> Result<Compared> {
     let mut out = Compared::default();
+    ctx.meter.expect(imrt.len());
     for i in 0..imrt.len() {
+        if i % COMPARE_STEP == 0 {
+            ctx.meter.spend(COMPARE_STEP.min(imrt.len() - i)).await?;
+        }
         let Some(recorded) = disk.get(ctx, i).await? else {
             rep.check_error(format!(
                 "Can't get refcount for cluster {i}: Input/output error"
@@ -117,6 +124,7 @@ pub(crate) async fn check_copied(
 ) -> Result<()> {
     let l1_offset = ctx.header().l1_table_offset;
     let mut wrote = false;
+    ctx.meter.spend_table(ctx.l1.len() as u64).await?;
     for (i, &e) in ctx.l1.iter().enumerate() {
         let l2 = e & L1E_OFFSET_MASK;
         if l2 == 0 {
@@ -147,6 +155,7 @@ async fn check_l2_copied(
     repair: bool,
     l2: u64,
 ) -> Result<bool> {
+    ctx.meter.spend(ctx.l2_entries() as u64).await?;
     let words = be_u64s(&ctx.read(l2, ctx.cs).await?);
     let step = ctx.l2_entry_size() / 8;
     let mut wrote = false;

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use super::CheckOptions;
+use super::budget::{Budget, Meter, Shape};
 use crate::error::{Error, Result};
 use crate::format::extensions::ImageHeader;
 use crate::format::header::{self, Header};
@@ -44,12 +46,16 @@ pub(crate) struct Ctx {
     pub snapshots_size: u64,
     /// Memory limit for the refcount arrays and caches.
     pub limit: u64,
+    /// The options the check runs with (to load the image again after a rebuild).
+    pub opts: CheckOptions,
+    /// This pass's work so far, against its budget.
+    pub meter: Meter,
 }
 
 impl Ctx {
     /// Read and validate what opening the image needs. Errors where QEMU could not open the
     /// image either (bad header, tables outside the file, unsupported features).
-    pub(crate) async fn load(storage: Arc<dyn Storage>, limit: u64) -> Result<Ctx> {
+    pub(crate) async fn load(storage: Arc<dyn Storage>, opts: &CheckOptions) -> Result<Ctx> {
         let file_len = storage
             .len()
             .await
@@ -74,10 +80,40 @@ impl Ctx {
             l1: Vec::new(),
             snapshots: Vec::new(),
             snapshots_size: 0,
-            limit,
+            limit: opts.max_memory,
+            opts: opts.clone(),
+            meter: Meter::new(Budget::uniform(0), true, None),
         };
         ctx.load_tables(&h).await?;
+        ctx.meter = ctx.new_meter();
         Ok(ctx)
+    }
+
+    /// The work meter for one pass over this image, with the progress it expects to make
+    /// up front: both scans of the active L1 table and its L2 tables (walk and COPIED check)
+    /// and the snapshot L1 tables. Snapshot L2 tables, bitmap tables and comparisons are
+    /// announced when they start.
+    fn new_meter(&self) -> Meter {
+        let shape = Shape {
+            file_len: self.file_len,
+            cluster_size: self.cs,
+            l2_entries: self.l2_entries() as u64,
+            snapshots: self.snapshots.len() as u64,
+        };
+        let limit = match self.opts.max_work {
+            Some(work) => Budget::uniform(work),
+            None => Budget::for_image(shape),
+        };
+        let meter = Meter::new(
+            limit,
+            self.opts.max_work.is_some(),
+            self.opts.progress.clone(),
+        );
+        let l1 = self.l1.len() as u64;
+        let l2 = self.l1.iter().filter(|&&e| e != 0).count() as u64 * shape.l2_entries;
+        let snapshots: u64 = self.snapshots.iter().map(|s| u64::from(s.l1_size)).sum();
+        meter.expect(2 * (l1 + l2) + snapshots);
+        meter
     }
 
     /// The refcount table, the active L1 table and the snapshot table.
@@ -93,8 +129,23 @@ impl Ctx {
         self.load_snapshots(h).await
     }
 
-    /// Read the snapshot table entry by entry (its length is only known that way).
+    /// Read the snapshot table entry by entry (its length is only known that way). The
+    /// entries' fixed parts are read first, so a table over QEMU's 64 MiB is refused before
+    /// any name is kept (names that are not UTF-8 take up to three times their size).
     async fn load_snapshots(&mut self, h: &Header) -> Result<()> {
+        let entries = self.snapshot_entries(h).await?;
+        for (at, len) in entries {
+            let entry = self.read(at, len).await?;
+            let (snap, _) = snapshot::parse_entry(&entry)?;
+            self.snapshots.push(snap);
+        }
+        Ok(())
+    }
+
+    /// The (offset, length) of every snapshot table entry, from their fixed parts; sets
+    /// `snapshots_size`. Corrupt when the table is over 64 MiB.
+    async fn snapshot_entries(&mut self, h: &Header) -> Result<Vec<(u64, u64)>> {
+        let mut entries = Vec::new();
         let mut off = 0u64;
         for i in 0..h.nb_snapshots {
             off = off.next_multiple_of(8);
@@ -102,16 +153,14 @@ impl Ctx {
             let hdr = self.read(at, snapshot::ENTRY_HEADER_LEN as u64).await?;
             let len = snapshot::entry_len(&hdr)
                 .map_err(|e| Error::corrupt(format!("snapshot {i}: {}", e.what())).at(at))?;
-            let entry = self.read(at, len as u64).await?;
-            let (snap, len) = snapshot::parse_entry(&entry)?;
             off += len as u64;
             if off > snapshot::MAX_TABLE_SIZE as u64 {
                 return Err(Error::corrupt("snapshot table larger than 64 MiB"));
             }
-            self.snapshots.push(snap);
+            entries.push((at, len as u64));
         }
         self.snapshots_size = off;
-        Ok(())
+        Ok(entries)
     }
 
     /// Read `len` bytes at `offset` (zeros past the end of the file). `len` must already be

@@ -17,6 +17,10 @@
 //! 4. **Double check**: after a repair, the image is checked again and that report is
 //!    returned, with the `*_fixed` counters of the repair.
 //!
+//! Every pass counts its work (table entries scanned, clusters compared) against a budget and
+//! reports it as progress (`budget.rs`): QEMU's algorithm walks a table once per reference,
+//! which a small crafted file can make take hours.
+//!
 //! ```no_run
 //! # async fn demo() -> qcow2_engine::Result<()> {
 //! use std::sync::Arc;
@@ -36,6 +40,7 @@
 //! ```
 
 mod bitmaps;
+mod budget;
 mod compare;
 mod image;
 mod imrt;
@@ -47,6 +52,7 @@ mod walk;
 use std::sync::Arc;
 
 pub(crate) use bitmaps::parse_directory as bitmap_tables;
+pub use budget::Progress;
 pub use report::{CheckReport, MAX_MESSAGES};
 
 use crate::error::Result;
@@ -71,6 +77,16 @@ pub struct CheckOptions {
     /// Refuse (with [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument)) to
     /// check an image whose refcount array would need more bytes than this.
     pub max_memory: u64,
+    /// Most work units (table entries scanned, clusters compared) one pass may take. `None`
+    /// (the default) derives it from the image: twice the most an image QEMU could have
+    /// written with this file size and snapshot count can need, so only crafted images (an
+    /// L1 table naming one L2 table millions of times, snapshots sharing one huge L1 table)
+    /// reach it; they fail with [`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt). An
+    /// explicit budget fails with
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument).
+    pub max_work: Option<u64>,
+    /// Where to report progress (work done / total), for the caller to poll.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl Default for CheckOptions {
@@ -78,6 +94,8 @@ impl Default for CheckOptions {
         CheckOptions {
             filename: None,
             max_memory: DEFAULT_MAX_MEMORY,
+            max_work: None,
+            progress: None,
         }
     }
 }
@@ -95,8 +113,11 @@ pub enum RepairMode {
 /// Check `storage`'s image without changing it.
 ///
 /// Errors when the image cannot be checked at all: unreadable, not qcow2, a header QEMU would
-/// refuse to open, or a refcount array over `opts.max_memory`. Everything else is reported
-/// in the [`CheckReport`].
+/// refuse to open, a refcount array over `opts.max_memory`, or more work than
+/// `opts.max_work`. Everything else is reported in the [`CheckReport`].
+///
+/// Cancel-safe and cancellable: the check only reads, and dropping its future (e.g. under
+/// `tokio::time::timeout`) stops the walk at its next yield.
 pub async fn check(storage: Arc<dyn Storage>, opts: &CheckOptions) -> Result<CheckReport> {
     run(storage, opts, None, false).await
 }
@@ -131,10 +152,12 @@ pub async fn repair_with(
 
 /// Rebuild the refcount structure from the metadata, fix COPIED flags and clear the dirty
 /// bit: what the engine runs when it opens a dirty (lazy refcounts) image for writing.
-/// Errors when the image still has corruptions afterwards.
+/// Errors when the image still has corruptions afterwards, or when the rebuild needs more
+/// work than the default budget ([`CheckOptions::max_work`]): a crafted image fails the
+/// open quickly instead of keeping it busy for hours.
 ///
 /// Cancel-safe like [`repair_with`]: a dropped rebuild (e.g. a dropped writable open) still
-/// finishes in the background.
+/// finishes in the background (bounded by the same budget).
 pub async fn rebuild_refcounts(storage: Arc<dyn Storage>) -> Result<()> {
     crate::detach::Detached::new(rebuild_refcounts_now(storage)).await
 }
@@ -185,7 +208,7 @@ async fn run(
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     });
-    let mut ctx = Ctx::load(storage.clone(), opts.max_memory).await?;
+    let mut ctx = Ctx::load(storage.clone(), opts).await?;
     if fix.is_some() {
         refuse_unknown_extensions(&ctx)?;
     }
@@ -220,6 +243,7 @@ async fn run(
         None => false,
     };
     check_copied(&ctx, &mut disk, &mut rep, repair_flags).await?;
+    ctx.meter.finish();
     rep.image_end_offset = (highest + 1) * ctx.cs;
     if fix.is_some() && rep.check_errors == 0 && rep.corruptions == 0 {
         mark_clean(&ctx).await?;
@@ -274,7 +298,7 @@ async fn rebuild_and_recount(
     rep.note("Rebuilding refcount structure");
     let old = rep.clone();
     rebuild::rebuild(ctx, imrt).await?;
-    *ctx = Ctx::load(ctx.storage.clone(), ctx.limit).await?;
+    *ctx = Ctx::load(ctx.storage.clone(), &ctx.opts).await?;
     rep.corruptions = 0;
     rep.leaks = 0;
     let walk = walk::calculate(ctx, rep).await?;

@@ -82,6 +82,7 @@ pub(crate) async fn calculate(ctx: &Ctx, rep: &mut CheckReport) -> Result<Walk> 
     let mut w = Walker { ctx, rep, imrt };
     w.inc(0, ctx.cs)?;
     let h = ctx.header();
+    ctx.meter.spend_table(ctx.l1.len() as u64).await?;
     w.walk_l1(h.l1_table_offset, &ctx.l1, true).await?;
     w.walk_snapshots().await?;
     w.inc(h.snapshots_offset, ctx.snapshots_size)?;
@@ -144,7 +145,7 @@ impl Walker<'_> {
     }
 
     /// An L1 table and everything below it; `frag` collects the allocation statistics (only
-    /// for the active table, as QEMU does).
+    /// for the active table, as QEMU does). The caller has paid for scanning `l1`.
     async fn walk_l1(&mut self, offset: u64, l1: &[u64], frag: bool) -> Result<()> {
         if l1.is_empty() {
             return Ok(());
@@ -172,6 +173,8 @@ impl Walker<'_> {
 
     /// One L2 table (QEMU's `check_refcounts_l2`); `guest` is the guest offset it starts at.
     async fn walk_l2(&mut self, offset: u64, guest: u64, frag: bool) -> Result<()> {
+        // The same table may be named millions of times: every walk of it is paid for.
+        self.ctx.meter.spend(self.ctx.l2_entries() as u64).await?;
         let table = self.ctx.read(offset, self.ctx.cs).await?;
         let words = be_u64s(&table);
         let step = self.ctx.l2_entry_size() / 8;
@@ -333,7 +336,11 @@ impl Walker<'_> {
                 ));
                 continue;
             }
+            // Snapshots may all name one huge L1 table: pay before reading it.
+            ctx.meter.spend_table(n).await?;
             let l1 = be_u64s(&ctx.read(off, n * 8).await?);
+            let tables = l1.iter().filter(|&&e| e != 0).count() as u64;
+            ctx.meter.expect(tables * ctx.l2_entries() as u64);
             self.walk_l1(off, &l1, false).await?;
         }
         Ok(())
