@@ -42,6 +42,7 @@ mod nbd_transmission;
 mod overlap;
 mod partial_zero;
 mod resize;
+mod runtimes;
 mod sigkill;
 mod smoke;
 mod write_model;

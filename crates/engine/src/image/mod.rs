@@ -21,6 +21,7 @@ mod backing;
 mod compress;
 pub mod create;
 mod flush;
+mod flusher;
 mod geometry;
 mod l2_update;
 mod lookup;
@@ -40,6 +41,7 @@ mod zero;
 
 pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
+pub use flusher::Flusher;
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
 pub use probe_guard::check_probed_raw_write;
