@@ -61,11 +61,24 @@ fn blocking_round_trip(p: &Path) {
     assert!(qemu_reads(p, &[], 0, 300 * 4096, (8 << 20) - 300 * 4096));
 }
 
-/// `BlockingImage` called from within `rt.block_on` (what `#[tokio::main]` does).
+/// `BlockingImage` called from within `rt.block_on` (what `#[tokio::main]` does). It runs on
+/// a thread of its own so that a hang (tokio's cooperative budget running out inside the
+/// caller's task used to spin for ever) fails the test instead of stalling the suite.
 fn blocking_inside(rt: tokio::runtime::Runtime, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let p = qemu_create(dir.path(), name);
-    rt.block_on(async { blocking_round_trip(&p) });
+    let (done, finished) = std::sync::mpsc::channel();
+    let caller = std::thread::spawn(move || {
+        rt.block_on(async { blocking_round_trip(&p) });
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => caller.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(caller.join().unwrap_err())
+        }
+        Err(e) => panic!("BlockingImage inside a tokio runtime hung: {e}"),
+    }
 }
 
 #[test]
