@@ -49,6 +49,7 @@ mod nbd_transmission;
 mod overlap;
 mod partial_zero;
 mod resize;
+mod runtimes;
 mod sigkill;
 mod smoke;
 mod storage_conformance;

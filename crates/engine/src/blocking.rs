@@ -1,6 +1,11 @@
 //! A synchronous wrapper for callers without an async runtime: blocking methods mirroring
 //! [`Image`]'s, and `std::io::{Read, Write, Seek}` over the virtual disk.
 //!
+//! It has no runtime of its own: each call drives its future on the calling thread with a
+//! minimal executor, and the engine's IO completes on its own IO threads, which wake it. So
+//! it works outside any runtime and inside one (a `#[tokio::main]` function, say), where it
+//! blocks that runtime's thread for the duration of the call, as any blocking IO would.
+//!
 //! ```no_run
 //! use std::io::{Read, Seek, SeekFrom, Write};
 //! use qcow2_engine::blocking::BlockingImage;
@@ -13,20 +18,20 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::future::Future;
 use std::io;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Image, OpenOptions, ZeroFlags};
 
-/// An [`Image`] driven by its own small runtime, with a cursor for `Read`/`Write`/`Seek`.
+/// An [`Image`] driven synchronously, with a cursor for `Read`/`Write`/`Seek`.
 ///
 /// Dropping a writable image without [`BlockingImage::close`] still flushes and closes it
 /// (errors are then lost); call `close` to see them.
 #[derive(Debug)]
 pub struct BlockingImage {
     image: Image,
-    rt: tokio::runtime::Runtime,
     pos: u64,
     closed: bool,
 }
@@ -34,11 +39,9 @@ pub struct BlockingImage {
 impl BlockingImage {
     /// Open the image file at `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<BlockingImage> {
-        let rt = runtime()?;
-        let image = rt.block_on(Image::open(path, opts))?;
+        let image = run(Image::open(path, opts))?;
         Ok(BlockingImage {
             image,
-            rt,
             pos: 0,
             closed: false,
         })
@@ -56,50 +59,49 @@ impl BlockingImage {
 
     /// Blocking [`Image::read_at`].
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.rt.block_on(self.image.read_at(buf, offset))
+        run(self.image.read_at(buf, offset))
     }
 
     /// Blocking [`Image::write_at`].
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.rt.block_on(self.image.write_at(buf, offset))
+        run(self.image.write_at(buf, offset))
     }
 
     /// Blocking [`Image::write_zeroes`].
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.rt
-            .block_on(self.image.write_zeroes(offset, len, flags))
+        run(self.image.write_zeroes(offset, len, flags))
     }
 
     /// Blocking [`Image::discard`].
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.rt.block_on(self.image.discard(offset, len))
+        run(self.image.discard(offset, len))
     }
 
     /// Blocking [`Image::flush`].
     pub fn flush_image(&self) -> Result<()> {
-        self.rt.block_on(self.image.flush())
+        run(self.image.flush())
     }
 
     /// Blocking [`Image::close`].
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.rt.block_on(self.image.close())
+        run(self.image.close())
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    // One worker: enough to drive the background flusher between calls.
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_time()
-        .build()
-        .map_err(|e| Error::io("starting the IO runtime", e))
+/// Drive `fut` to completion on this thread.
+///
+/// Inside a tokio task the future runs outside the task's cooperative budget: tokio's sync
+/// primitives (which the engine uses) return `Pending` once the budget is spent, and the
+/// budget is only refilled when the task yields — which it cannot while blocked here.
+fn run<T>(fut: impl Future<Output = T>) -> T {
+    futures_lite::future::block_on(tokio::task::coop::unconstrained(fut))
 }
 
 impl Drop for BlockingImage {
     fn drop(&mut self) {
         if !self.closed && self.image.is_writable() {
-            let _ = self.rt.block_on(self.image.close());
+            let _ = run(self.image.close());
         }
     }
 }

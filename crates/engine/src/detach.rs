@@ -10,8 +10,9 @@
 //!
 //! A future that was never polled has done nothing and is simply dropped.
 //!
-//! The one place that needs an executor is [`spawn`]: the current tokio runtime if there is
-//! one, else a short-lived thread with its own small runtime.
+//! The one place that needs an executor is [`spawn`]: with the `tokio` feature the current
+//! tokio runtime if there is one, else a short-lived thread that drives the work with a
+//! minimal executor (the engine's IO wakes any waker, so no runtime is needed).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,27 +66,20 @@ impl<T: Send + 'static> Drop for Detached<T> {
     }
 }
 
-/// Run `fut` to completion in the background, on the current tokio runtime if there is one.
+/// Run `fut` to completion in the background: on the current tokio runtime if there is one
+/// (feature `tokio`), else on a thread of its own.
 ///
-/// Without one (the future was dropped outside any runtime), a thread with a single-threaded
-/// runtime runs it. If even that cannot be set up, the work is dropped where it stands — the
-/// same outcome as a crash at that point, which the flush order already makes safe on disk.
+/// If no thread can be started, the work is dropped where it stands — the same outcome as a
+/// crash at that point, which the flush order already makes safe on disk.
 pub(crate) fn spawn(fut: impl Future<Output = ()> + Send + 'static) {
+    #[cfg(feature = "tokio")]
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         drop(rt.spawn(fut));
         return;
     }
     let thread = std::thread::Builder::new()
         .name("qcow2-detached".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            match rt {
-                Ok(rt) => rt.block_on(fut),
-                Err(e) => tracing::error!("cannot finish a cancelled operation: {e}"),
-            }
-        });
+        .spawn(move || futures_lite::future::block_on(fut));
     if let Err(e) = thread {
         tracing::error!("cannot finish a cancelled operation: {e}");
     }

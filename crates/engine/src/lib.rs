@@ -6,7 +6,7 @@
 //!   then `read_at`/`write_at`/`write_zeroes`/`discard`/`flush`/`resize`/`close` from any
 //!   number of tasks at once; [`create`](image::create::create) new images.
 //! - [`check`]: `qemu-img check` and repair.
-//! - [`blocking`]: a synchronous wrapper with `std::io::{Read, Write, Seek}`.
+//! - `blocking` (feature `blocking`): a synchronous wrapper with `std::io::{Read, Write, Seek}`.
 //! - [`storage`]: the [`Storage`] trait the engine does its IO through, and its backends.
 //! - [`format`](mod@format): the on-disk structures, parsed and encoded without IO (for inspection tools).
 //! - [`Error`]: a stable [`ErrorKind`] with context; the cause is its `source()`.
@@ -33,9 +33,38 @@
 //!  format/   pure on-disk structures, no IO
 //!  storage/  the Storage trait and its backends
 //! ```
+//!
+//! # Flushing
+//!
+//! Writes change metadata (L2 tables, refcounts, the L1 table) in memory first; it reaches
+//! the file, in crash-safe order, on [`image::Image::flush`], on [`image::Image::close`]
+//! (always await it before dropping a writable image: there is no async drop), when the
+//! metadata cache fills up, and in the background. The background flusher of a writable
+//! image flushes every [`image::OpenOptions::flush_interval`] (default 1 s) and whenever a
+//! cache is more dirty than [`image::OpenOptions::dirty_threshold_percent`]. Who runs it is
+//! [`image::OpenOptions::flusher`]'s choice ([`image::Flusher`]):
+//!
+//! - `Flusher::Thread` (the default): a small thread of its own per image, which drives each
+//!   flush with a minimal executor. It works under any async runtime, or none.
+//! - `Flusher::Tokio(handle)` (feature `tokio`): a task on that tokio runtime, which must
+//!   have timers enabled.
+//! - `Flusher::None`: no background flushing.
+//!
+//! The flusher ends when its image is closed or its last handle is dropped.
+//!
+//! # Runtimes
+//!
+//! The engine needs no particular async runtime: its file IO completes on its own IO
+//! threads (or io_uring ring thread), which wake whatever waker polled it, and it uses only
+//! tokio's runtime-agnostic `sync` primitives. A dropped mutating future finishes its work in
+//! the background (see [`image`]): with the `tokio` feature on the current tokio runtime if
+//! there is one, else on a short-lived thread. `blocking::BlockingImage` (feature
+//! `blocking`) drives the same futures on the calling thread, inside or outside a runtime.
+
 #![deny(missing_docs)]
 
 pub(crate) mod alloc;
+#[cfg(feature = "blocking")]
 pub mod blocking;
 pub(crate) mod cache;
 pub mod check;

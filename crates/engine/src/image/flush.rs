@@ -1,4 +1,5 @@
-//! Flushing metadata in soft-update order, the background flusher, and close.
+//! Flushing metadata in soft-update order, and close (the background flusher is in
+//! `flusher.rs`).
 //!
 //! ```text
 //!  snapshot dirty L1 entries, then dirty L2 slices (copies; updates continue meanwhile)
@@ -14,10 +15,9 @@
 //! A crash can leak clusters, never leave a mapping without its refcount.
 
 use std::collections::BTreeSet;
-use std::sync::Weak;
 use std::sync::atomic::Ordering;
 
-use super::{Image, Inner};
+use super::Image;
 use crate::alloc::{Kinds, NewKind};
 use crate::error::{Error, Result};
 use crate::format::l1;
@@ -261,17 +261,6 @@ impl Image {
             }
         }
     }
-
-    /// Start the background flusher on the current tokio runtime, if there is one. It holds
-    /// only a weak reference, so it ends when the image is dropped or closed.
-    pub(crate) fn start_flusher(&self) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let weak = std::sync::Arc::downgrade(&self.inner);
-        let interval = self.inner.flush_interval;
-        rt.spawn(flusher(weak, interval));
-    }
 }
 
 /// L1 entries a flush took from the dirty set and has not written yet; put back on drop.
@@ -281,39 +270,6 @@ impl Drop for L1Owed<'_> {
     fn drop(&mut self) {
         if let Some(owed) = self.1.take() {
             self.0.l1_dirty.lock().unwrap().extend(owed);
-        }
-    }
-}
-
-async fn flusher(weak: Weak<Inner>, interval: Option<std::time::Duration>) {
-    loop {
-        let Some(inner) = weak.upgrade() else { return };
-        let img = Image { inner };
-        let Some(w) = img.inner.write.as_ref() else {
-            return;
-        };
-        if w.closed.load(Ordering::Acquire) {
-            return;
-        }
-        let wanted = w.flush_wanted.clone().notified_owned();
-        let period = interval.unwrap_or(std::time::Duration::from_secs(3600));
-        // Do not keep the image alive while sleeping.
-        let weak_again = std::sync::Arc::downgrade(&img.inner);
-        drop(img);
-        tokio::select! {
-            _ = wanted => {}
-            _ = tokio::time::sleep(period) => {}
-        }
-        let Some(inner) = weak_again.upgrade() else {
-            return;
-        };
-        let img = Image { inner };
-        let dirty = img.inner.l2_cache.dirty_count() > 0
-            || img.inner.write.as_ref().is_some_and(|w| {
-                w.refcounts.cache().dirty_count() > 0 || !w.l1_dirty.lock().unwrap().is_empty()
-            });
-        if dirty && img.flush().await.is_err() {
-            return; // poisoned: writes fail from now on; nothing more to do here
         }
     }
 }

@@ -76,7 +76,7 @@ impl Image {
         if self.inner.write.is_some() && self.inner.l2_cache.dirty_count() > 0 {
             return self.flush().await;
         }
-        tokio::task::yield_now().await;
+        futures_lite::future::yield_now().await;
         Ok(())
     }
 }

@@ -73,7 +73,7 @@ impl Image {
         };
         if opts.writable {
             img.prepare_for_writing().await?;
-            img.start_flusher();
+            img.start_flusher(&opts.flusher)?;
         }
         Ok(img)
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::ReferencePolicy;
+use super::{Flusher, ReferencePolicy};
 use crate::storage::IoBackend;
 
 /// How to open an image. Build with [`OpenOptions::new`] and the setters.
@@ -31,6 +31,7 @@ pub struct OpenOptions {
     pub(crate) refcount_cache_bytes: usize,
     pub(crate) slice_size: usize,
     pub(crate) flush_interval: Option<Duration>,
+    pub(crate) flusher: Flusher,
     pub(crate) dirty_threshold_percent: usize,
     pub(crate) max_chain_depth: usize,
     pub(crate) direct: bool,
@@ -60,6 +61,7 @@ impl Default for OpenOptions {
             refcount_cache_bytes: 1 << 20,
             slice_size: 4096,
             flush_interval: Some(Duration::from_secs(1)),
+            flusher: Flusher::Thread,
             dirty_threshold_percent: 50,
             max_chain_depth: 64,
             direct: false,
@@ -158,6 +160,14 @@ impl OpenOptions {
     /// How often the background flusher writes dirty metadata (`None`: only on demand).
     pub fn flush_interval(mut self, d: Option<Duration>) -> Self {
         self.flush_interval = d;
+        self
+    }
+
+    /// Who runs the background flusher of a writable image (default [`Flusher::Thread`]: a
+    /// small thread of its own, under any async runtime or none). See the crate docs'
+    /// "Flushing" section.
+    pub fn flusher(mut self, f: Flusher) -> Self {
+        self.flusher = f;
         self
     }
 
