@@ -18,6 +18,7 @@
 //! ```
 
 mod backing;
+mod cluster0;
 mod compress;
 pub mod create;
 mod flush;
@@ -40,6 +41,7 @@ mod zero;
 
 pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
+pub use cluster0::read_cluster0;
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
 pub use probe_guard::check_probed_raw_write;

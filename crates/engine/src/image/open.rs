@@ -18,10 +18,6 @@ use crate::format::l1;
 use crate::format::refcount;
 use crate::storage::{LockRequest, OpenFlags, Storage};
 
-/// Bytes read first: enough for any header whose cluster is ≤ this; larger clusters are read
-/// whole in a second step.
-const FIRST_READ: usize = 4096;
-
 impl Image {
     /// Open an image on `file`; `chain` holds the canonical paths of this image and the
     /// images above it (for loop detection in backing chains).
@@ -143,26 +139,7 @@ async fn open_write_state(
 
 /// Read and validate cluster 0: header, extensions, backing file name.
 async fn read_image_header(file: &dyn Storage, file_len: u64) -> Result<ImageHeader> {
-    let mut first = vec![0u8; FIRST_READ];
-    file.read_at(&mut first, 0)
-        .await
-        .map_err(|e| Error::io("reading the header", e))?;
-    let header = Header::from_bytes(&first)?;
-    if !(9..=21).contains(&header.cluster_bits) {
-        return Err(Error::invalid(format!(
-            "cluster_bits {} out of range 9..=21",
-            header.cluster_bits
-        )));
-    }
-    let cluster_size = 1usize << header.cluster_bits;
-    let mut cluster0 = first;
-    cluster0.resize(cluster_size, 0);
-    if cluster_size > FIRST_READ {
-        file.read_at(&mut cluster0[FIRST_READ..], FIRST_READ as u64)
-            .await
-            .map_err(|e| Error::io("reading the header cluster", e))?;
-    }
-    let ih = ImageHeader::parse(&cluster0)?;
+    let ih = super::read_cluster0(file).await?;
     ih.validate(file_len)?;
     ih.header.check_tables_clear_of_header()?;
     Ok(ih)

@@ -5,9 +5,7 @@
 use super::Image;
 use crate::error::{Error, Result};
 use crate::format::features;
-
-/// Header offset of `autoclear_features` (v3).
-const AUTOCLEAR_OFFSET: u64 = 88;
+use crate::format::header::HeaderPatch;
 
 impl Image {
     pub(crate) async fn prepare_for_writing(&self) -> Result<()> {
@@ -18,17 +16,19 @@ impl Image {
         // We keep only the raw-external-data bit: bitmaps are not updated by our writes.
         let keep = autoclear & features::RAW_EXTERNAL;
         if version >= 3 && keep != autoclear {
-            self.write_header_u64(AUTOCLEAR_OFFSET, keep).await?;
+            self.write_header(HeaderPatch::autoclear_features(keep))
+                .await?;
             self.inner.header.lock().unwrap().header.autoclear_features = keep;
         }
         Ok(())
     }
 
-    /// Write one big-endian u64 header field and fsync.
-    pub(crate) async fn write_header_u64(&self, off: u64, v: u64) -> Result<()> {
+    /// Write header fields in place and fsync.
+    pub(crate) async fn write_header(&self, patch: HeaderPatch) -> Result<()> {
+        let off = patch.offset();
         self.inner
             .file
-            .write_at(&v.to_be_bytes(), off)
+            .write_at(patch.bytes(), off)
             .await
             .map_err(|e| Error::io("updating the header", e).at(off))?;
         self.inner
