@@ -46,8 +46,9 @@ impl Refcounts {
         self.write(&tbuf, a << self.cluster_bits).await?;
         self.sync().await?;
         let hdr = HeaderPatch::refcount_table(a << self.cluster_bits, t as u32);
-        self.write(hdr.bytes(), hdr.offset()).await?;
-        self.sync().await?;
+        (self.meta)
+            .write_header(hdr, "switching the refcount table")
+            .await?;
         let (old_off, old_clusters) = (st.table_offset, st.table_clusters);
         st.table = table;
         st.table_offset = a << self.cluster_bits;
@@ -95,10 +96,9 @@ impl Refcounts {
     }
 
     async fn write(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file
-            .write_at(buf, off)
+        self.meta
+            .write(buf, off, "growing the refcount table")
             .await
-            .map_err(|e| Error::io("growing the refcount table", e).at(off))
     }
 
     /// The header fields that grow() rewrote (table offset, clusters), for the image header.

@@ -8,7 +8,7 @@ use super::backing::{open_backing, resolve_relative};
 use super::geometry::Geometry;
 use super::state::WriteState;
 use super::{Image, Inner, OpenOptions};
-use crate::alloc::{NewClusters, Refcounts};
+use crate::alloc::{MetaWriter, NewClusters, Refcounts};
 use crate::cache::SliceCache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::compressed::CompressionType;
@@ -133,7 +133,15 @@ async fn open_write_state(
     let slice = (opts.slice_size.next_power_of_two() as u64).clamp(512, h.cluster_size()) as usize;
     let cache = (slice, opts.refcount_cache_bytes);
     let map = super::overlap::build_map(file, ih, l1, &table).await;
-    let rc = Refcounts::new(file.clone(), h, table, file_len, cache, (new.clone(), map));
+    let meta = Arc::new(MetaWriter::new(file.clone()));
+    let rc = Refcounts::new(
+        file.clone(),
+        h,
+        table,
+        file_len,
+        cache,
+        (new.clone(), map, meta),
+    );
     Ok(WriteState::new(rc))
 }
 

@@ -3,7 +3,7 @@
 //! refcounts) have their refcounts rebuilt by `open` before this runs.
 
 use super::Image;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::features;
 use crate::format::header::HeaderPatch;
 
@@ -23,18 +23,10 @@ impl Image {
         Ok(())
     }
 
-    /// Write header fields in place and fsync.
+    /// Write header fields in place and fsync (through the metadata writer: a failure
+    /// latches).
     pub(crate) async fn write_header(&self, patch: HeaderPatch) -> Result<()> {
-        let off = patch.offset();
-        self.inner
-            .file
-            .write_at(patch.bytes(), off)
-            .await
-            .map_err(|e| Error::io("updating the header", e).at(off))?;
-        self.inner
-            .file
-            .flush()
-            .await
-            .map_err(|e| Error::io("syncing the header", e))
+        let w = self.write_state()?;
+        w.meta.write_header(patch, "updating the header").await
     }
 }

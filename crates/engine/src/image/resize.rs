@@ -178,10 +178,6 @@ impl Image {
     }
 
     async fn write_meta(&self, buf: &[u8], off: u64, what: &'static str) -> Result<()> {
-        self.inner
-            .file
-            .write_at(buf, off)
-            .await
-            .map_err(|e| Error::io(what, e).at(off))
+        self.write_state()?.meta.write(buf, off, what).await
     }
 }

@@ -2,11 +2,11 @@
 //! allocations, request epochs, pending frees, dirty L1 entries, and the poison latch.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::alloc::{Epochs, Inflight, Refcounts};
-use crate::error::{Error, ErrorKind, Result};
+use crate::alloc::{Epochs, Inflight, MetaWriter, Refcounts};
+use crate::error::{Error, Result};
 
 /// A host cluster reference to drop once the mapping that dropped it is on disk.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +36,8 @@ pub(crate) struct WriteState {
     pub flush_lock: tokio::sync::Mutex<()>,
     /// Flush generation (see [`PendingFree::generation`]).
     pub generation: AtomicU64,
-    poisoned: AtomicBool,
+    /// Every metadata write goes through it; it holds the poison latch.
+    pub meta: Arc<MetaWriter>,
     /// Wakes the background flusher early (dirty threshold reached).
     pub flush_wanted: std::sync::Arc<tokio::sync::Notify>,
     /// Set by close(): the background flusher stops.
@@ -46,6 +47,7 @@ pub(crate) struct WriteState {
 impl WriteState {
     pub fn new(refcounts: Refcounts) -> Self {
         WriteState {
+            meta: refcounts.meta().clone(),
             refcounts,
             inflight: Inflight::new(),
             l1_inflight: Inflight::new(),
@@ -54,7 +56,6 @@ impl WriteState {
             l1_dirty: Mutex::new(BTreeSet::new()),
             flush_lock: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(1),
-            poisoned: AtomicBool::new(false),
             flush_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
             closed: AtomicBool::new(false),
         }
@@ -65,19 +66,12 @@ impl WriteState {
         if self.refcounts.map().is_corrupt() {
             return Err(super::overlap::corrupt_latched());
         }
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::new(
-                ErrorKind::Poisoned,
-                "an earlier metadata write failed; reopen the image",
-            ));
-        }
-        Ok(())
+        self.meta.check()
     }
 
     /// Latch the poison after a metadata write failure; passes the error through.
     pub fn poison(&self, e: Error) -> Error {
-        self.poisoned.store(true, Ordering::Release);
-        e
+        self.meta.latch(e)
     }
 
     /// Schedule dropping one reference to host cluster `host`.
