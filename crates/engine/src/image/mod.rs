@@ -8,6 +8,8 @@
 //! metadata a flush had taken over nor leaves data IO in flight to a cluster that could be
 //! freed; [`Image::close`] waits for such work.
 //!
+//! Locks and their nesting order: `crates/engine/LOCKS.md`.
+//!
 //! ```no_run
 //! # async fn demo() -> qcow2_engine::Result<()> {
 //! use qcow2_engine::image::{Image, OpenOptions};
