@@ -128,17 +128,21 @@ pub fn take_dirty(cache: &SliceCache) -> Vec<DirtySlice> {
 
 /// Load `slice` of `cache` (at its host offset) from `file` unless it is loaded already; a
 /// slice of a `fresh` (new, not yet zeroed) cluster is zeros and never read. A failed load
-/// drops the slice from the cache so the next lookup retries.
+/// drops the slice from the cache so the next lookup retries. `fresh` is only asked on a
+/// load, keeping the hit path free of the new-cluster set's lock.
 pub async fn load_slice(
     cache: &SliceCache,
     slice: Arc<Slice>,
-    (file, fresh): (&Arc<dyn Storage>, bool),
+    (file, fresh): (&Arc<dyn Storage>, impl FnOnce() -> bool),
     what: &'static str,
 ) -> Result<Arc<Slice>> {
+    if slice.is_loaded() {
+        return Ok(slice);
+    }
     let off = slice.offset();
     let res = slice
         .ensure_loaded(|mut buf| async move {
-            if !fresh {
+            if !fresh() {
                 file.read_at(&mut buf, off)
                     .await
                     .map_err(|e| Error::io(what, e).at(off))?;

@@ -162,7 +162,7 @@ impl Refcounts {
                 Lookup::Full => self.write_dirty_slices().await?,
             }
         };
-        let fresh = self.new.contains(off & !(self.cluster_size() - 1));
+        let fresh = || self.new.contains(off & !(self.cluster_size() - 1));
         load_slice(
             &self.cache,
             slice,

@@ -171,14 +171,7 @@ impl Image {
     /// possible readers have finished.
     async fn apply_frees(&self, upto: u64) -> Result<()> {
         let w = self.write_state_unpoisoned();
-        let ready: Vec<_> = {
-            let mut frees = w.frees.lock().unwrap();
-            let (ready, keep): (Vec<_>, Vec<_>) = frees
-                .drain(..)
-                .partition(|f| f.generation <= upto && w.epochs.quiesced(f.epoch));
-            *frees = keep;
-            ready
-        };
+        let ready = w.take_ready_frees(upto);
         if ready.is_empty() {
             return Ok(());
         }

@@ -120,6 +120,6 @@ pub(crate) async fn get_slice(
         }
     };
     // A slice of a new, not yet zeroed metadata cluster must not be read from disk.
-    let fresh = img.inner.new.contains(img.inner.geo.cluster_floor(off));
+    let fresh = || img.inner.new.contains(img.inner.geo.cluster_floor(off));
     crate::alloc::load_slice(cache, slice, (&file, fresh), "loading an L2 slice").await
 }

@@ -24,6 +24,7 @@ mod cluster0;
 mod compress;
 pub mod create;
 mod flush;
+mod frees;
 mod geometry;
 mod l2_update;
 mod lookup;
