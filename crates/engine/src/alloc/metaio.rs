@@ -7,6 +7,8 @@
 //! although its write reported an error). Every metadata write goes through it, so no path
 //! can forget to latch.
 
+#![deny(clippy::cast_possible_truncation)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -1,6 +1,8 @@
 //! The one reader of cluster 0 (header, extensions, backing file name) from storage, shared by
 //! the open path, `check` and the CLI's `info`.
 
+#![deny(clippy::cast_possible_truncation)]
+
 use crate::error::{Error, Result};
 use crate::format::extensions::ImageHeader;
 use crate::format::header::{Header, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};

@@ -6,6 +6,8 @@
 //! request that could still do IO to the cluster through the old mapping is running — every
 //! request from the epoch of the drop or earlier has finished (`alloc/epochs.rs`).
 
+#![deny(clippy::cast_possible_truncation)]
+
 use std::sync::Mutex;
 
 use crate::alloc::Epochs;

@@ -7,6 +7,8 @@
 //! disk, so each switch is one write inside the first sector: it reaches disk whole or not
 //! at all, which is what makes those switches crash-safe.
 
+#![deny(clippy::cast_possible_truncation)]
+
 use super::{
     AUTOCLEAR_FEATURES_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, L1_SIZE_OFFSET,
     L1_TABLE_OFFSET_OFFSET, REFCOUNT_TABLE_CLUSTERS_OFFSET, REFCOUNT_TABLE_OFFSET_OFFSET,
