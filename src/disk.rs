@@ -227,22 +227,7 @@ impl Disk {
 /// encrypted images (whose data the engine refuses) and without backing or data files.
 pub async fn read_image_header(file: &dyn Storage) -> Result<ImageHeader> {
     let file_len = file.len().await.context("sizing the image")?;
-    let mut first = vec![0u8; 4096];
-    file.read_at(&mut first, 0)
-        .await
-        .context("reading the header")?;
-    let h = qcow2_engine::format::header::Header::from_bytes(&first)?;
-    if !(9..=21).contains(&h.cluster_bits) {
-        bail!(
-            "invalid image: cluster_bits {} out of range 9..=21",
-            h.cluster_bits
-        );
-    }
-    let mut cluster0 = vec![0u8; 1 << h.cluster_bits];
-    file.read_at(&mut cluster0, 0)
-        .await
-        .context("reading the header")?;
-    let ih = ImageHeader::parse(&cluster0)?;
+    let ih = qcow2_engine::image::read_cluster0(file).await?;
     // Encryption is valid for info; the check below would refuse it as unsupported.
     let mut check = ih.clone();
     if matches!(check.header.crypt_method, 1 | 2) {

@@ -59,7 +59,17 @@ fn size_from_the_backing_file() {
     common::qemu_io(&base, &["write -P 4 0 64k"]);
     common::qemu_create_fmt(&raw, "raw", "", "3M");
     // Relative names are relative to the new image's directory.
-    qcow2_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &top]);
+    qcow2_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &top,
+    ]);
     qcow2_ok(&["create", "-q", "-b", "base.raw", "-F", "raw", &over_raw]);
     let info = qemu_info(&top);
     assert_eq!(info["virtual-size"], 5 << 20);

@@ -349,6 +349,59 @@ async fn failed_fsync_poisons() {
 // ---------------------------------------------------------------------------------------------
 // (f) reads
 
+/// A metadata write that fails outside `flush()` poisons too: here the refcount table's
+/// header switch, made inside a write request that grows the table. The switch reaches the
+/// disk although its write reports an error, so disk and memory may disagree about which
+/// table is live: going on would update refcounts the disk no longer uses.
+#[tokio::test]
+async fn failed_refcount_table_switch_during_a_write_poisons() {
+    // 512-byte clusters, 16-bit refcounts: qemu-img's one-cluster refcount table covers 8 MiB
+    // of file, so writing 8 MiB of data must grow it.
+    let r = rig(qemu_image("cluster_size=512")).await;
+    r.img.write_at(&pattern(0xa, 256 * KIB), 0).await.unwrap();
+    r.img.flush().await.unwrap();
+    let switch = FaultRule::on(OpKind::Write)
+        .in_range(48..60)
+        .short_write(12);
+    r.fault.set_rule(switch);
+    let err = r
+        .img
+        .write_at(&pattern(0xb, 8 * MIB), MIB)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    assert_eq!(
+        r.fault.op_counts().faults,
+        1,
+        "the header switch was reached"
+    );
+    r.fault.clear();
+    let again = r.img.write_at(&pattern(0xc, 4096), 0).await.unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::Poisoned, "{again}");
+    assert_reads(&r.img, 0, 0xa, 256 * KIB).await;
+    // The new table was complete and synced before the switch: no corruption on disk.
+    let bytes = r.mem.snapshot();
+    assert_qemu_clean_or_leaks(&bytes);
+    assert_reads(&reopen(bytes).await, 0, 0xa, 256 * KIB).await;
+}
+
+/// `qemu-img check` of image bytes finds no corruption (leaked clusters allowed).
+fn assert_qemu_clean_or_leaks(bytes: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("out.qcow2");
+    std::fs::write(&p, bytes).unwrap();
+    let (code, report) = common::qemu_check(&p, &[]);
+    assert!(
+        code == 0 || code == 3,
+        "qemu-img check exit {code}: {report:?}"
+    );
+    assert_eq!(
+        (report.corruptions, report.check_errors),
+        (0, 0),
+        "{report:?}"
+    );
+}
+
 #[tokio::test]
 async fn read_errors_fail_only_that_read() {
     let mut bytes = qemu_image("cluster_size=65536");

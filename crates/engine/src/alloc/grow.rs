@@ -11,10 +11,8 @@
 
 use super::{Kinds, RefState, Refcounts};
 use crate::error::{Error, Result};
+use crate::format::header::HeaderPatch;
 use crate::format::refcount::{self, RefTableEntry};
-
-/// Header offset of `refcount_table_offset` (u64) followed by `refcount_table_clusters` (u32).
-const HEADER_REFTABLE_FIELDS: u64 = 48;
 /// The spec's bound on the refcount table size (QEMU refuses larger ones).
 const MAX_TABLE_BYTES: u64 = 8 << 20;
 
@@ -47,11 +45,10 @@ impl Refcounts {
         self.write(&blocks, (a + t) << self.cluster_bits).await?;
         self.write(&tbuf, a << self.cluster_bits).await?;
         self.sync().await?;
-        let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&(a << self.cluster_bits).to_be_bytes());
-        hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
-        self.write(&hdr, HEADER_REFTABLE_FIELDS).await?;
-        self.sync().await?;
+        let hdr = HeaderPatch::refcount_table(a << self.cluster_bits, t as u32);
+        (self.meta)
+            .write_header(hdr, "switching the refcount table")
+            .await?;
         let (old_off, old_clusters) = (st.table_offset, st.table_clusters);
         st.table = table;
         st.table_offset = a << self.cluster_bits;
@@ -99,9 +96,8 @@ impl Refcounts {
     }
 
     async fn write(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file
-            .write_at(buf, off)
+        self.meta
+            .write(buf, off, "growing the refcount table")
             .await
-            .map_err(|e| Error::io("growing the refcount table", e).at(off))
     }
 }

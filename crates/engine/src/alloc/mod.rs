@@ -14,12 +14,14 @@ mod bytes;
 mod epochs;
 mod grow;
 mod inflight;
+mod metaio;
 mod new_clusters;
 mod overlap;
 mod sanity;
 
 pub use epochs::Epochs;
 pub use inflight::Inflight;
+pub(crate) use metaio::{DirtySlice, MetaWriter, load_slice, take_dirty};
 pub use new_clusters::{NewClusters, NewKind};
 pub use overlap::{Kinds, MetadataMap};
 
@@ -68,6 +70,7 @@ pub struct Refcounts {
     map: Arc<MetadataMap>,
     /// Clusters in the file at open: ranges no block covers are only known free past this.
     open_end: u64,
+    meta: Arc<MetaWriter>,
     state: Mutex<RefState>,
 }
 
@@ -79,7 +82,7 @@ impl Refcounts {
         table: Vec<RefTableEntry>,
         file_len: u64,
         (slice_size, cache_bytes): (usize, usize),
-        (new, map): (Arc<NewClusters>, Arc<MetadataMap>),
+        (new, map, meta): (Arc<NewClusters>, Arc<MetadataMap>, Arc<MetaWriter>),
     ) -> Refcounts {
         let (cluster_bits, order) = (header.cluster_bits, header.refcount_order);
         let table_offset = header.refcount_table_offset;
@@ -97,6 +100,7 @@ impl Refcounts {
             new,
             map,
             open_end: end_cluster,
+            meta,
             state: Mutex::new(RefState {
                 table,
                 table_offset,
@@ -118,6 +122,11 @@ impl Refcounts {
     /// Where the image's metadata lives (the overlap check).
     pub fn map(&self) -> &Arc<MetadataMap> {
         &self.map
+    }
+
+    /// The metadata writer (shared with the image: one failure latch).
+    pub(crate) fn meta(&self) -> &Arc<MetaWriter> {
+        &self.meta
     }
 
     /// The refcount-block slice cache (for accounting and flushing).
@@ -162,24 +171,14 @@ impl Refcounts {
                 Lookup::Full => self.write_dirty_slices().await?,
             }
         };
-        let cluster = off & !(self.cluster_size() - 1);
-        let (file, new) = (self.file.clone(), self.new.clone());
-        let res = slice
-            .ensure_loaded(|mut buf| async move {
-                if !new.contains(cluster) {
-                    file.read_at(&mut buf, off)
-                        .await
-                        .map_err(|e| Error::io("loading a refcount block", e).at(off))?;
-                }
-                Ok(buf)
-            })
-            .await;
-        if let Err(e) = res {
-            drop(slice);
-            self.cache.forget_failed(off);
-            return Err(e);
-        }
-        Ok(slice)
+        let fresh = || self.new.contains(off & !(self.cluster_size() - 1));
+        load_slice(
+            &self.cache,
+            slice,
+            (&self.file, fresh),
+            "loading a refcount block",
+        )
+        .await
     }
 
     /// The refcount of host cluster `c`.
@@ -319,30 +318,21 @@ impl Refcounts {
     }
 
     async fn write_dirty_slices(&self) -> Result<()> {
-        for host in self.new.of_kind(NewKind::Refblock) {
-            self.map
-                .check(host, self.cluster_size(), Kinds::REFBLOCK)
-                .await?;
-            self.file
-                .write_zeroes(host, self.cluster_size())
-                .await
-                .map_err(|e| Error::io("zeroing a new refcount block", e).at(host))?;
-            self.new.remove(host);
-        }
-        for s in self.cache.dirty_slices() {
-            let Some((bytes, gen_)) = s.snapshot_dirty() else {
-                continue;
-            };
-            self.map
-                .check(s.offset(), bytes.len() as u64, Kinds::REFBLOCK)
-                .await?;
-            let writing = s.start_writing();
-            let r = self.file.write_at(&bytes, s.offset()).await;
-            drop(writing);
-            r.map_err(|e| Error::io("writing a refcount block", e).at(s.offset()))?;
-            s.mark_clean(gen_);
-        }
-        Ok(())
+        let new_blocks = self.new.of_kind(NewKind::Refblock);
+        let block = (self.cluster_size(), Kinds::REFBLOCK);
+        let sets = (self.new.as_ref(), self.map.as_ref());
+        (self.meta)
+            .zero_new(&new_blocks, block, sets, "zeroing a new refcount block")
+            .await?;
+        let dirty = take_dirty(&self.cache);
+        (self.meta)
+            .write_back(
+                &dirty,
+                Kinds::REFBLOCK,
+                &self.map,
+                "writing a refcount block",
+            )
+            .await
     }
 
     async fn write_table(&self, st: &RefState) -> Result<()> {
@@ -352,16 +342,12 @@ impl Refcounts {
         self.map
             .check(st.table_offset, buf.len() as u64, Kinds::REFTABLE)
             .await?;
-        self.file
-            .write_at(&buf, st.table_offset)
+        (self.meta)
+            .write(&buf, st.table_offset, "writing the refcount table")
             .await
-            .map_err(|e| Error::io("writing the refcount table", e).at(st.table_offset))
     }
 
     async fn sync(&self) -> Result<()> {
-        self.file
-            .flush()
-            .await
-            .map_err(|e| Error::io("syncing refcount metadata", e))
+        self.meta.sync("syncing refcount metadata").await
     }
 }

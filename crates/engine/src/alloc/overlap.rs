@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
+use crate::format::header::HeaderPatch;
 use crate::storage::Storage;
 
 /// A set of metadata kinds (bit flags).
@@ -200,9 +201,9 @@ impl MetadataMap {
             .read_at(&mut b, at)
             .await
             .map_err(|e| Error::io("reading the header", e).at(at))?;
-        let v = u64::from_be_bytes(b) | CORRUPT_BIT;
+        let patch = HeaderPatch::incompatible_features(u64::from_be_bytes(b) | CORRUPT_BIT);
         self.file
-            .write_at(&v.to_be_bytes(), at)
+            .write_at(patch.bytes(), patch.offset())
             .await
             .map_err(|e| Error::io("setting the corrupt bit", e).at(at))?;
         self.file

@@ -96,7 +96,7 @@ impl Refcounts {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::{MetadataMap, NewClusters, Refcounts};
+    use super::super::{MetaWriter, MetadataMap, NewClusters, Refcounts};
     use crate::format::header::Header;
     use crate::format::refcount::{self, RefTableEntry};
     use crate::storage::{MemoryStorage, Storage};
@@ -122,7 +122,8 @@ mod tests {
         h.refcount_table_clusters = 1;
         let table = vec![RefTableEntry(512), RefTableEntry(0)];
         let map = Arc::new(MetadataMap::new(file.clone(), 9));
-        let parts = (Arc::new(NewClusters::new()), map);
+        let meta = Arc::new(MetaWriter::new(file.clone()));
+        let parts = (Arc::new(NewClusters::new()), map, meta);
         let rc = Refcounts::new(file.clone(), &h, table, 70 * 512, (512, 1 << 16), parts);
         (rc, file)
     }

@@ -49,6 +49,8 @@ pub enum Lookup {
 /// A bounded cache of equally sized metadata slices.
 #[derive(Debug)]
 pub struct SliceCache {
+    /// "l2" or "refcount": shown by `Debug` (the field is read through the derive only).
+    #[allow(dead_code)]
     name: &'static str,
     slice_size: usize,
     capacity: usize,
@@ -172,11 +174,6 @@ impl SliceCache {
             capacity_bytes: self.capacity * self.slice_size,
             dirty: map.slices.values().filter(|s| s.is_dirty()).count(),
         }
-    }
-
-    /// The name given at construction (for tracing).
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 }
 

@@ -11,7 +11,7 @@ use super::CheckOptions;
 use super::budget::{Budget, Meter, Shape};
 use crate::error::{Error, Result};
 use crate::format::extensions::ImageHeader;
-use crate::format::header::{self, Header};
+use crate::format::header::Header;
 use crate::format::l2::L2Geometry;
 use crate::format::refcount::{self, RefTableEntry};
 use crate::format::snapshot::{self, Snapshot};
@@ -226,24 +226,7 @@ impl Ctx {
 
 /// Read cluster 0 and validate it the way QEMU does at open.
 async fn read_cluster0(storage: &dyn Storage, file_len: u64) -> Result<ImageHeader> {
-    let mut first = vec![0u8; header::V3_MIN_HEADER_LENGTH.max(512)];
-    storage
-        .read_at(&mut first, 0)
-        .await
-        .map_err(|e| Error::io("reading the header", e))?;
-    let h = Header::from_bytes(&first)?;
-    if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&h.cluster_bits) {
-        return Err(Error::invalid(format!(
-            "cluster_bits {} out of range",
-            h.cluster_bits
-        )));
-    }
-    let mut cluster0 = vec![0u8; 1usize << h.cluster_bits];
-    storage
-        .read_at(&mut cluster0, 0)
-        .await
-        .map_err(|e| Error::io("reading the header cluster", e))?;
-    let ih = ImageHeader::parse(&cluster0)?;
+    let ih = crate::image::read_cluster0(storage).await?;
     ih.validate(file_len)?;
     Ok(ih)
 }

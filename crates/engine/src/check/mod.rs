@@ -58,7 +58,7 @@ pub use report::{CheckReport, MAX_MESSAGES};
 use crate::error::Result;
 use crate::format::extensions::Extension;
 use crate::format::features;
-use crate::format::header::INCOMPATIBLE_FEATURES_OFFSET;
+use crate::format::header::HeaderPatch;
 use crate::storage::Storage;
 use compare::{Fix, check_copied, compare};
 use image::Ctx;
@@ -364,7 +364,7 @@ async fn mark_clean(ctx: &Ctx) -> Result<()> {
         return Ok(());
     }
     let value = h.incompatible_features & !bits;
-    ctx.write(&value.to_be_bytes(), INCOMPATIBLE_FEATURES_OFFSET as u64)
-        .await?;
+    let patch = HeaderPatch::incompatible_features(value);
+    ctx.write(patch.bytes(), patch.offset()).await?;
     ctx.flush().await
 }

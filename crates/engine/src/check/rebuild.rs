@@ -3,8 +3,8 @@
 //!
 //! Crash safety: the new blocks and table are written past the end of everything in use
 //! (past the end of the file), where nothing — old refcount structures included — can point,
-//! then flushed; only then does one small header write (bytes 48..60: table offset and
-//! cluster count, inside the first sector) switch to them, followed by another flush. A crash
+//! then flushed; only then does one small header write (`HeaderPatch::refcount_table`: table
+//! offset and cluster count, inside the first sector) switch to them, followed by another flush. A crash
 //! before the switch leaves the old structure in place, a crash after it leaves a correct one.
 //! The old structure's clusters become leaks, which the repair lowers afterwards.
 //!
@@ -22,9 +22,7 @@ use std::collections::BTreeSet;
 use super::image::Ctx;
 use super::imrt::Imrt;
 use crate::error::{Error, Result};
-use crate::format::header::{
-    MAX_REFCOUNT_TABLE_BYTES, REFCOUNT_TABLE_CLUSTERS_OFFSET, REFCOUNT_TABLE_OFFSET_OFFSET,
-};
+use crate::format::header::{HeaderPatch, MAX_REFCOUNT_TABLE_BYTES};
 
 /// Where the new structure goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -110,11 +108,8 @@ pub(crate) async fn rebuild(ctx: &Ctx, imrt: &mut Imrt) -> Result<()> {
 
 /// Point the header at the new table (one write inside the first sector), durably.
 async fn switch_header(ctx: &Ctx, offset: u64, clusters: u32) -> Result<()> {
-    let mut buf = [0u8; 12];
-    buf[..8].copy_from_slice(&offset.to_be_bytes());
-    buf[8..].copy_from_slice(&clusters.to_be_bytes());
-    const _: () = assert!(REFCOUNT_TABLE_CLUSTERS_OFFSET == REFCOUNT_TABLE_OFFSET_OFFSET + 8);
-    ctx.write(&buf, REFCOUNT_TABLE_OFFSET_OFFSET as u64).await?;
+    let patch = HeaderPatch::refcount_table(offset, clusters);
+    ctx.write(patch.bytes(), patch.offset()).await?;
     ctx.flush().await
 }
 

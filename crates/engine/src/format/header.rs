@@ -414,7 +414,10 @@ pub fn l1_entries_for(size: u64, cluster_bits: u32, extended_l2: bool) -> u64 {
     size.div_ceil(1u64 << shift)
 }
 
+mod patch;
 mod validate;
+
+pub use patch::HeaderPatch;
 
 #[cfg(test)]
 mod tests;

@@ -18,12 +18,12 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use super::Image;
-use crate::alloc::{Kinds, NewKind};
+use crate::alloc::{DirtySlice, Kinds, NewKind, take_dirty};
 use crate::error::{Error, Result};
 use crate::format::l1;
 
 /// Snapshot of dirty L2 slices: (slice, bytes, dirty generation).
-type L2Snapshot = Vec<(std::sync::Arc<crate::cache::Slice>, Vec<u8>, u64)>;
+type L2Snapshot = Vec<DirtySlice>;
 
 impl Image {
     /// Make every write that completed before this call durable: data, then metadata in
@@ -124,13 +124,7 @@ impl Image {
     }
 
     fn snapshot_l2(&self) -> L2Snapshot {
-        let mut v = Vec::new();
-        for s in self.inner.l2_cache.dirty_slices() {
-            if let Some((bytes, g)) = s.snapshot_dirty() {
-                v.push((s, bytes, g));
-            }
-        }
-        v
+        take_dirty(&self.inner.l2_cache)
     }
 
     async fn write_metadata(&self, l1: &[(usize, Vec<u8>)], l2: &L2Snapshot) -> Result<()> {
@@ -141,17 +135,15 @@ impl Image {
             let mut st = w.refcounts.lock().await;
             w.refcounts.flush_locked(&mut st).await?;
         }
-        let cs = self.inner.geo.cluster_size;
-        for &h in &new_l2 {
-            self.check_metadata_write(h, cs, Kinds::L2).await?;
-            self.inner
-                .file
-                .write_zeroes(h, cs)
-                .await
-                .map_err(|e| Error::io("zeroing a new L2 table", e).at(h))?;
-            self.inner.new.remove(h);
-        }
-        self.write_l2_snapshot(l2).await?;
+        let table = (self.inner.geo.cluster_size, Kinds::L2);
+        let sets = (self.inner.new.as_ref(), w.refcounts.map().as_ref());
+        (w.meta)
+            .zero_new(&new_l2, table, sets, "zeroing a new L2 table")
+            .await?;
+        let map = w.refcounts.map();
+        (w.meta)
+            .write_back(l2, Kinds::L2, map, "writing an L2 slice")
+            .await?;
         if !l2.is_empty() || !new_l2.is_empty() {
             self.sync_file().await?;
         }
@@ -162,33 +154,15 @@ impl Image {
         Ok(())
     }
 
-    async fn write_l2_snapshot(&self, l2: &L2Snapshot) -> Result<()> {
-        for (s, bytes, g) in l2 {
-            let len = bytes.len() as u64;
-            self.check_metadata_write(s.offset(), len, Kinds::L2)
-                .await?;
-            self.inner
-                .file
-                .write_at(bytes, s.offset())
-                .await
-                .map_err(|e| Error::io("writing an L2 slice", e).at(s.offset()))?;
-            s.mark_clean(*g);
-        }
-        Ok(())
-    }
-
     /// Write the L1 sectors of the snapshot.
     async fn write_l1(&self, sectors: &[(usize, Vec<u8>)]) -> Result<()> {
+        let w = self.write_state_unpoisoned();
         let table_off = self.inner.header.lock().unwrap().header.l1_table_offset;
         for (sec, buf) in sectors {
             let at = table_off + *sec as u64 * 512;
             self.check_metadata_write(at, buf.len() as u64, Kinds::L1)
                 .await?;
-            self.inner
-                .file
-                .write_at(buf, at)
-                .await
-                .map_err(|e| Error::io("writing the L1 table", e).at(at))?;
+            w.meta.write(buf, at, "writing the L1 table").await?;
         }
         Ok(())
     }
@@ -197,14 +171,7 @@ impl Image {
     /// possible readers have finished.
     async fn apply_frees(&self, upto: u64) -> Result<()> {
         let w = self.write_state_unpoisoned();
-        let ready: Vec<_> = {
-            let mut frees = w.frees.lock().unwrap();
-            let (ready, keep): (Vec<_>, Vec<_>) = frees
-                .drain(..)
-                .partition(|f| f.generation <= upto && w.epochs.quiesced(f.epoch));
-            *frees = keep;
-            ready
-        };
+        let ready = w.take_ready_frees(upto);
         if ready.is_empty() {
             return Ok(());
         }
@@ -238,11 +205,7 @@ impl Image {
     }
 
     pub(crate) async fn sync_file(&self) -> Result<()> {
-        self.inner
-            .file
-            .flush()
-            .await
-            .map_err(|e| Error::io("syncing metadata", e))
+        self.write_state()?.meta.sync("syncing metadata").await
     }
 
     fn write_state_unpoisoned(&self) -> &super::state::WriteState {

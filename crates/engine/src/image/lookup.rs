@@ -120,22 +120,6 @@ pub(crate) async fn get_slice(
         }
     };
     // A slice of a new, not yet zeroed metadata cluster must not be read from disk.
-    let cluster = img.inner.geo.cluster_floor(off);
-    let fresh = img.inner.new.contains(cluster);
-    let res = slice
-        .ensure_loaded(|mut buf| async move {
-            if !fresh {
-                file.read_at(&mut buf, off).await.map_err(|e| {
-                    Error::io(format!("loading a {} slice", cache.name()), e).at(off)
-                })?;
-            }
-            Ok(buf)
-        })
-        .await;
-    if let Err(e) = res {
-        drop(slice);
-        cache.forget_failed(off);
-        return Err(e);
-    }
-    Ok(slice)
+    let fresh = || img.inner.new.contains(img.inner.geo.cluster_floor(off));
+    crate::alloc::load_slice(cache, slice, (&file, fresh), "loading an L2 slice").await
 }

@@ -8,6 +8,8 @@
 //! metadata a flush had taken over nor leaves data IO in flight to a cluster that could be
 //! freed; [`Image::close`] waits for such work.
 //!
+//! Locks and their nesting order: `crates/engine/LOCKS.md`.
+//!
 //! ```no_run
 //! # async fn demo() -> qcow2_engine::Result<()> {
 //! use qcow2_engine::image::{Image, OpenOptions};
@@ -18,10 +20,12 @@
 //! ```
 
 mod backing;
+mod cluster0;
 mod compress;
 pub mod create;
 mod flush;
 mod flusher;
+mod frees;
 mod geometry;
 mod l2_update;
 mod lookup;
@@ -42,6 +46,7 @@ mod zero;
 pub use crate::cache::CacheStats;
 pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
+pub use cluster0::read_cluster0;
 pub use flusher::Flusher;
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};

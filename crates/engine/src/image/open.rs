@@ -8,7 +8,7 @@ use super::backing::{open_backing, resolve_relative};
 use super::geometry::Geometry;
 use super::state::WriteState;
 use super::{Image, Inner, OpenOptions};
-use crate::alloc::{NewClusters, Refcounts};
+use crate::alloc::{MetaWriter, NewClusters, Refcounts};
 use crate::cache::SliceCache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::compressed::CompressionType;
@@ -17,10 +17,6 @@ use crate::format::header::Header;
 use crate::format::l1;
 use crate::format::refcount;
 use crate::storage::{LockRequest, OpenFlags, Storage};
-
-/// Bytes read first: enough for any header whose cluster is ≤ this; larger clusters are read
-/// whole in a second step.
-const FIRST_READ: usize = 4096;
 
 impl Image {
     /// Open an image on `file`; `chain` holds the canonical paths of this image and the
@@ -137,32 +133,21 @@ async fn open_write_state(
     let slice = (opts.slice_size.next_power_of_two() as u64).clamp(512, h.cluster_size()) as usize;
     let cache = (slice, opts.refcount_cache_bytes);
     let map = super::overlap::build_map(file, ih, l1, &table).await;
-    let rc = Refcounts::new(file.clone(), h, table, file_len, cache, (new.clone(), map));
+    let meta = Arc::new(MetaWriter::new(file.clone()));
+    let rc = Refcounts::new(
+        file.clone(),
+        h,
+        table,
+        file_len,
+        cache,
+        (new.clone(), map, meta),
+    );
     Ok(WriteState::new(rc))
 }
 
 /// Read and validate cluster 0: header, extensions, backing file name.
 async fn read_image_header(file: &dyn Storage, file_len: u64) -> Result<ImageHeader> {
-    let mut first = vec![0u8; FIRST_READ];
-    file.read_at(&mut first, 0)
-        .await
-        .map_err(|e| Error::io("reading the header", e))?;
-    let header = Header::from_bytes(&first)?;
-    if !(9..=21).contains(&header.cluster_bits) {
-        return Err(Error::invalid(format!(
-            "cluster_bits {} out of range 9..=21",
-            header.cluster_bits
-        )));
-    }
-    let cluster_size = 1usize << header.cluster_bits;
-    let mut cluster0 = first;
-    cluster0.resize(cluster_size, 0);
-    if cluster_size > FIRST_READ {
-        file.read_at(&mut cluster0[FIRST_READ..], FIRST_READ as u64)
-            .await
-            .map_err(|e| Error::io("reading the header cluster", e))?;
-    }
-    let ih = ImageHeader::parse(&cluster0)?;
+    let ih = super::read_cluster0(file).await?;
     ih.validate(file_len)?;
     ih.header.check_tables_clear_of_header()?;
     Ok(ih)

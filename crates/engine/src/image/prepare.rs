@@ -3,11 +3,9 @@
 //! refcounts) have their refcounts rebuilt by `open` before this runs.
 
 use super::Image;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::features;
-
-/// Header offset of `autoclear_features` (v3).
-const AUTOCLEAR_OFFSET: u64 = 88;
+use crate::format::header::HeaderPatch;
 
 impl Image {
     pub(crate) async fn prepare_for_writing(&self) -> Result<()> {
@@ -18,23 +16,17 @@ impl Image {
         // We keep only the raw-external-data bit: bitmaps are not updated by our writes.
         let keep = autoclear & features::RAW_EXTERNAL;
         if version >= 3 && keep != autoclear {
-            self.write_header_u64(AUTOCLEAR_OFFSET, keep).await?;
+            self.write_header(HeaderPatch::autoclear_features(keep))
+                .await?;
             self.inner.header.lock().unwrap().header.autoclear_features = keep;
         }
         Ok(())
     }
 
-    /// Write one big-endian u64 header field and fsync.
-    pub(crate) async fn write_header_u64(&self, off: u64, v: u64) -> Result<()> {
-        self.inner
-            .file
-            .write_at(&v.to_be_bytes(), off)
-            .await
-            .map_err(|e| Error::io("updating the header", e).at(off))?;
-        self.inner
-            .file
-            .flush()
-            .await
-            .map_err(|e| Error::io("syncing the header", e))
+    /// Write header fields in place and fsync (through the metadata writer: a failure
+    /// latches).
+    pub(crate) async fn write_header(&self, patch: HeaderPatch) -> Result<()> {
+        let w = self.write_state()?;
+        w.meta.write_header(patch, "updating the header").await
     }
 }

@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use super::Image;
 use crate::alloc::Kinds;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::header::{self, L1_ENTRY_SIZE, MAX_L1_BYTES};
+use crate::format::header::{self, HeaderPatch, L1_ENTRY_SIZE, MAX_L1_BYTES};
 use crate::format::l1::L1Entry;
 
 impl Image {
@@ -146,15 +146,9 @@ impl Image {
         self.write_meta(&buf, new_off, "writing the new L1 table")
             .await?;
         self.sync_file().await?;
-        let mut fields = [0u8; 12];
-        fields[..4].copy_from_slice(&(need as u32).to_be_bytes());
-        fields[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.write_meta(
-            &fields,
-            header::L1_SIZE_OFFSET as u64,
-            "switching the L1 table",
-        )
-        .await?;
+        let fields = HeaderPatch::l1_table(need as u32, new_off);
+        self.write_meta(fields.bytes(), fields.offset(), "switching the L1 table")
+            .await?;
         self.sync_file().await?;
         {
             let mut l1 = self.inner.l1.write().unwrap();
@@ -174,8 +168,8 @@ impl Image {
 
     /// Write the virtual size into the header, fsync, and start using it.
     async fn write_size(&self, new_size: u64) -> Result<()> {
-        let bytes = new_size.to_be_bytes();
-        self.write_meta(&bytes, header::SIZE_OFFSET as u64, "writing the new size")
+        let field = HeaderPatch::size(new_size);
+        self.write_meta(field.bytes(), field.offset(), "writing the new size")
             .await?;
         self.sync_file().await?;
         self.inner.header.lock().unwrap().header.size = new_size;
@@ -184,10 +178,6 @@ impl Image {
     }
 
     async fn write_meta(&self, buf: &[u8], off: u64, what: &'static str) -> Result<()> {
-        self.inner
-            .file
-            .write_at(buf, off)
-            .await
-            .map_err(|e| Error::io(what, e).at(off))
+        self.write_state()?.meta.write(buf, off, what).await
     }
 }

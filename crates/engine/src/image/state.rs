@@ -2,24 +2,12 @@
 //! allocations, request epochs, pending frees, dirty L1 entries, and the poison latch.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::alloc::{Epochs, Inflight, Refcounts};
-use crate::error::{Error, ErrorKind, Result};
-
-/// A host cluster reference to drop once the mapping that dropped it is on disk.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PendingFree {
-    /// Host cluster offset.
-    pub host: u64,
-    /// Punch the host space when the refcount reaches zero.
-    pub punch: bool,
-    /// Request epoch when the mapping dropped the reference.
-    pub epoch: u64,
-    /// The flush generation that persists the dropping mapping.
-    pub generation: u64,
-}
+use super::frees::{PendingFree, PendingFrees};
+use crate::alloc::{Epochs, Inflight, MetaWriter, Refcounts};
+use crate::error::{Error, Result};
 
 #[derive(Debug)]
 pub(crate) struct WriteState {
@@ -29,14 +17,16 @@ pub(crate) struct WriteState {
     /// L1 indices whose L2 table is being allocated or copied.
     pub l1_inflight: Inflight,
     pub epochs: Epochs,
-    pub frees: Mutex<Vec<PendingFree>>,
+    /// References to drop once safe (see `frees.rs`).
+    frees: PendingFrees,
     /// L1 indices changed since the last flush.
     pub l1_dirty: Mutex<BTreeSet<usize>>,
     /// One flush at a time.
     pub flush_lock: tokio::sync::Mutex<()>,
-    /// Flush generation (see [`PendingFree::generation`]).
+    /// Flush generation (see `frees.rs`).
     pub generation: AtomicU64,
-    poisoned: AtomicBool,
+    /// Every metadata write goes through it; it holds the poison latch.
+    pub meta: Arc<MetaWriter>,
     /// Wakes the background flusher early (dirty threshold reached).
     pub flush_wanted: std::sync::Arc<tokio::sync::Notify>,
     /// Set by close(): the background flusher stops.
@@ -46,15 +36,15 @@ pub(crate) struct WriteState {
 impl WriteState {
     pub fn new(refcounts: Refcounts) -> Self {
         WriteState {
+            meta: refcounts.meta().clone(),
             refcounts,
             inflight: Inflight::new(),
             l1_inflight: Inflight::new(),
             epochs: Epochs::new(),
-            frees: Mutex::new(Vec::new()),
+            frees: PendingFrees::default(),
             l1_dirty: Mutex::new(BTreeSet::new()),
             flush_lock: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(1),
-            poisoned: AtomicBool::new(false),
             flush_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
             closed: AtomicBool::new(false),
         }
@@ -65,30 +55,24 @@ impl WriteState {
         if self.refcounts.map().is_corrupt() {
             return Err(super::overlap::corrupt_latched());
         }
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::new(
-                ErrorKind::Poisoned,
-                "an earlier metadata write failed; reopen the image",
-            ));
-        }
-        Ok(())
+        self.meta.check()
     }
 
     /// Latch the poison after a metadata write failure; passes the error through.
     pub fn poison(&self, e: Error) -> Error {
-        self.poisoned.store(true, Ordering::Release);
-        e
+        self.meta.latch(e)
     }
 
     /// Schedule dropping one reference to host cluster `host`.
     pub fn defer_free(&self, host: u64, punch: bool) {
         let generation = self.generation.load(Ordering::Acquire);
         let epoch = self.epochs.stamp();
-        self.frees.lock().unwrap().push(PendingFree {
-            host,
-            punch,
-            epoch,
-            generation,
-        });
+        self.frees.push(host, punch, (epoch, generation));
+    }
+
+    /// Take the pending frees that are safe to apply once the flush of generation `upto`
+    /// has completed.
+    pub fn take_ready_frees(&self, upto: u64) -> Vec<PendingFree> {
+        self.frees.take_ready(upto, &self.epochs)
     }
 }

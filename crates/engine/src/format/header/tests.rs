@@ -8,7 +8,7 @@ use crate::ErrorKind;
 const FILE_LEN: u64 = 3 * 65536 + 16;
 
 #[rustfmt::skip]
-fn v3_fixture() -> Vec<u8> {
+pub(super) fn v3_fixture() -> Vec<u8> {
     let mut b = vec![
         0x51, 0x46, 0x49, 0xfb,                         // magic "QFI\xfb"
         0, 0, 0, 3,                                     // version 3
