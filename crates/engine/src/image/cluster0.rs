@@ -20,7 +20,8 @@ const FIRST_READ: usize = 4096;
 /// ```no_run
 /// # async fn demo(file: &dyn qcow2_engine::Storage) -> qcow2_engine::Result<()> {
 /// let ih = qcow2_engine::image::read_cluster0(file).await?;
-/// ih.validate(file.len().await?)?;
+/// let len = file.len().await.map_err(|e| qcow2_engine::Error::io("file length", e))?;
+/// ih.validate(len)?;
 /// # Ok(()) }
 /// ```
 pub async fn read_cluster0(file: &dyn Storage) -> Result<ImageHeader> {
