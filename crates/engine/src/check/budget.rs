@@ -175,7 +175,7 @@ impl Meter {
         let since = self.since_yield.load(Relaxed).saturating_add(n);
         if since >= YIELD_EVERY {
             self.since_yield.store(0, Relaxed);
-            tokio::task::yield_now().await;
+            futures_lite::future::yield_now().await;
         } else {
             self.since_yield.store(since, Relaxed);
         }
