@@ -81,25 +81,40 @@ pub struct Image {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// The image file: header, metadata, and guest data unless there is a data file.
     file: Arc<dyn Storage>,
     /// Where guest data lives: the image file, or the external data file.
     data: Arc<dyn Storage>,
+    /// The path the image was opened from (`None` for caller-supplied storage).
     path: Option<PathBuf>,
+    /// Opened read-write (then `write` is `Some`).
     writable: bool,
+    /// Cluster, L2-slice and subcluster sizes, fixed at open.
     geo: Geometry,
+    /// Codec of compressed clusters (header byte 104).
     compression: CompressionType,
+    /// The image is encrypted: data access is refused (issue 14).
     encrypted: bool,
+    /// The in-memory header and extensions (lock 6 in LOCKS.md); written to disk only
+    /// through `format::header::HeaderPatch`.
     header: Mutex<ImageHeader>,
+    /// Virtual size in bytes; changes only under resize.
     size: std::sync::atomic::AtomicU64,
+    /// The active L1 table (lock 5 in LOCKS.md); its dirty entries are in `WriteState`.
     l1: RwLock<Vec<L1Entry>>,
+    /// Cached L2 slices, clean and dirty.
     l2_cache: SliceCache,
+    /// The opened backing chain, if any.
     backing: Option<Backing>,
+    /// The external data file's path, if any.
     data_file_path: Option<PathBuf>,
     /// Freshly allocated metadata clusters not yet zeroed on disk.
     new: Arc<crate::alloc::NewClusters>,
     /// Write-side state; `None` for read-only images.
     write: Option<state::WriteState>,
+    /// How often the background flusher runs (`None`: only when woken by cache pressure).
     flush_interval: Option<std::time::Duration>,
+    /// Cache fill (percent of dirty slices) that wakes the flusher early.
     dirty_threshold_percent: usize,
     /// Whether the image looks metadata-preallocated (see `prealloc.rs`), once computed.
     prealloc: std::sync::OnceLock<bool>,

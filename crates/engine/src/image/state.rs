@@ -11,11 +11,13 @@ use crate::error::{Error, Result};
 
 #[derive(Debug)]
 pub(crate) struct WriteState {
+    /// The refcount table and blocks, and the cluster allocator (lock 4 in LOCKS.md).
     pub refcounts: Refcounts,
     /// Guest clusters whose mapping is being changed.
     pub inflight: Inflight,
     /// L1 indices whose L2 table is being allocated or copied.
     pub l1_inflight: Inflight,
+    /// Request epochs: which requests started before a free, so it waits for them.
     pub epochs: Epochs,
     /// References to drop once safe (see `frees.rs`).
     frees: PendingFrees,
