@@ -23,7 +23,7 @@ impl Serve {
     /// Start the server and wait until `ready` (a socket path) exists or a port answers.
     fn start(args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Serve {
         let child = Command::new(env!("CARGO_BIN_EXE_qcow2"))
-            .arg("serve")
+            .args(["serve", "-t", "-e", "16"])
             .args(args)
             .stderr(Stdio::inherit())
             .spawn()
