@@ -172,7 +172,7 @@ fn odd_sized_raw_export_is_rounded_like_qemu_nbd() {
         size.trim().parse::<u64>().unwrap()
     };
     let theirs = size_over_nbd(&["qemu-nbd", "-t"]);
-    let ours = size_over_nbd(&[BIN, "serve"]);
+    let ours = size_over_nbd(&[BIN, "serve", "-t"]);
     assert_eq!(theirs, 1024, "qemu-nbd's rounding");
     assert_eq!(ours, theirs, "export size of a 1000-byte raw file");
 }
