@@ -25,7 +25,11 @@ impl Serve {
         let child = Command::new(env!("CARGO_BIN_EXE_qcow2"))
             .args(["serve", "-t"])
             // The old default limit, for tests that do not set one.
-            .args(if args.contains(&"-e") { &[][..] } else { &["-e", "16"][..] })
+            .args(if args.contains(&"-e") {
+                &[][..]
+            } else {
+                &["-e", "16"][..]
+            })
             .args(args)
             .stderr(Stdio::inherit())
             .spawn()
