@@ -35,7 +35,7 @@ step "convert to raw, and to a compressed copy; compare (ours, then QEMU's)"
 if command -v qemu-img >/dev/null; then qemu-img compare -f raw -F qcow2 disk.raw disk.qcow2; fi
 
 step "serve it over NBD for a moment and read through the server"
-"$Q" serve --read-only --socket "$dir/nbd.sock" disk.qcow2 &
+"$Q" serve --persistent --read-only --socket "$dir/nbd.sock" disk.qcow2 &
 server=$!
 for _ in $(seq 50); do [ -S "$dir/nbd.sock" ] && break; sleep 0.1; done
 if command -v qemu-io >/dev/null; then

@@ -37,6 +37,7 @@ mod access;
 mod args;
 mod cmd;
 mod disk;
+mod fork;
 
 use std::process::ExitCode;
 
@@ -134,10 +135,23 @@ fn parse() -> Result<Cli, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = match parse() {
+    let mut cli = match parse() {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // `serve --fork` forks here, while the process has one thread (see `fork`).
+    if let Command::Serve(a) = &mut cli.command
+        && a.fork
+    {
+        match fork::fork() {
+            Ok(fork::Side::Parent(code)) => return ExitCode::from(code),
+            Ok(fork::Side::Child(fd)) => a.ready = Some(fd),
+            Err(e) => {
+                report(format!("could not fork: {e}"));
+                return ExitCode::from(1);
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -39,7 +39,11 @@ fn qemu_cannot_open_what_we_serve() {
     let dir = tempfile::tempdir().unwrap();
     let (base, top) = chain(dir.path());
     let sock = dir.path().join("s");
-    let srv = Bg::serving(BIN, &["serve", "-k", sock.to_str().unwrap(), &top], &sock);
+    let srv = Bg::serving(
+        BIN,
+        &["serve", "-t", "-k", sock.to_str().unwrap(), &top],
+        &sock,
+    );
     let (code, text) = status("qemu-io", &["-c", "write -P 0x22 0 4k", &top]);
     assert_locked(code, &text, "Failed to get \"write\" lock");
     let (code, text) = status("qemu-io", &["-r", "-c", "read 0 4k", &top]);
@@ -65,7 +69,7 @@ fn qemu_cannot_write_what_we_serve_read_only() {
     let sock = dir.path().join("s");
     let srv = Bg::serving(
         BIN,
-        &["serve", "-r", "-k", sock.to_str().unwrap(), &top],
+        &["serve", "-t", "-r", "-k", sock.to_str().unwrap(), &top],
         &sock,
     );
     let (code, text) = status("qemu-io", &["-c", "write -P 0x22 0 4k", &top]);
@@ -94,7 +98,7 @@ fn we_cannot_open_what_qemu_serves() {
     let r = qcow2(&["io", "-c", "write -P 0x22 0 4k", &base]);
     assert_locked(r.code, &r.stderr, "Failed to get \"write\" lock");
     let sock2 = dir.path().join("ours");
-    let r = qcow2(&["serve", "-k", sock2.to_str().unwrap(), &top]);
+    let r = qcow2(&["serve", "-t", "-k", sock2.to_str().unwrap(), &top]);
     assert_locked(r.code, &r.stderr, "Failed to get \"write\" lock");
     // -U is for reading only, and then works.
     qcow2_ok(&["io", "-U", "-r", "-c", "read -P 0x11 0 64k", &top]);

@@ -28,7 +28,7 @@ fn naming_backing(img: &str, backing: &str) {
 /// `qcow2 serve ARGS` must exit quickly with an error mentioning `why` (not serve).
 fn serve_refuses(dir: &Path, args: &[&str], why: &str) {
     let sock = dir.join("s");
-    let mut all = vec!["serve", "-k", sock.to_str().unwrap()];
+    let mut all = vec!["serve", "-t", "-k", sock.to_str().unwrap()];
     all.extend_from_slice(args);
     let mut srv = Bg::spawn(BIN, &all);
     let exited = srv.exited_within(Duration::from_secs(10));
@@ -163,7 +163,7 @@ async fn data_file_references() {
     let sock = dir.path().join("ro");
     let srv = Bg::serving(
         BIN,
-        &["serve", "-r", "-k", sock.to_str().unwrap(), &near],
+        &["serve", "-t", "-r", "-k", sock.to_str().unwrap(), &near],
         &sock,
     );
     let uri = format!("nbd+unix:///?socket={}", sock.display());

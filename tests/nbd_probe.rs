@@ -47,7 +47,7 @@ fn probed_raw_refuses_format_changing_writes() {
     let sock = dir.path().join("s");
     let srv = Bg::serving(
         BIN,
-        &["serve", "-k", sock.to_str().unwrap(), &tenant],
+        &["serve", "-t", "-k", sock.to_str().unwrap(), &tenant],
         &sock,
     );
     let write_header = format!("write -s {evil} 0 512");
@@ -76,7 +76,7 @@ fn probed_raw_refuses_format_changing_writes() {
     // Still raw: the next probing serve exports the tenant's data, not /etc/passwd.
     let srv = Bg::serving(
         BIN,
-        &["serve", "-r", "-k", sock.to_str().unwrap(), &tenant],
+        &["serve", "-t", "-r", "-k", sock.to_str().unwrap(), &tenant],
         &sock,
     );
     run(
@@ -94,7 +94,15 @@ fn explicit_raw_allows_any_block0() {
     let tenant = path_in(dir.path(), "tenant.raw");
     common::qemu_create_fmt(&tenant, "raw", "", "1M");
     let sock = dir.path().join("s");
-    let args = ["serve", "-f", "raw", "-k", sock.to_str().unwrap(), &tenant];
+    let args = [
+        "serve",
+        "-t",
+        "-f",
+        "raw",
+        "-k",
+        sock.to_str().unwrap(),
+        &tenant,
+    ];
     let srv = Bg::serving(BIN, &args, &sock);
     common::qemu_io_fmt("raw", uri(&sock), &[&format!("write -s {evil} 0 512")]);
     let (code, stderr) = srv.stop_with_stderr();
@@ -164,7 +172,7 @@ fn odd_sized_raw_export_is_rounded_like_qemu_nbd() {
         size.trim().parse::<u64>().unwrap()
     };
     let theirs = size_over_nbd(&["qemu-nbd", "-t"]);
-    let ours = size_over_nbd(&[BIN, "serve"]);
+    let ours = size_over_nbd(&[BIN, "serve", "-t"]);
     assert_eq!(theirs, 1024, "qemu-nbd's rounding");
     assert_eq!(ours, theirs, "export size of a 1000-byte raw file");
 }

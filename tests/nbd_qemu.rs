@@ -23,7 +23,13 @@ impl Serve {
     /// Start the server and wait until `ready` (a socket path) exists or a port answers.
     fn start(args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Serve {
         let child = Command::new(env!("CARGO_BIN_EXE_qcow2"))
-            .arg("serve")
+            .args(["serve", "-t"])
+            // The old default limit, for tests that do not set one.
+            .args(if args.contains(&"-e") {
+                &[][..]
+            } else {
+                &["-e", "16"][..]
+            })
             .args(args)
             .stderr(Stdio::inherit())
             .spawn()

@@ -103,6 +103,7 @@ async fn serve_flags_set_both_limits() {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_qcow2"))
         .args([
             "serve",
+            "-t",
             "-e",
             "2",
             "--handshake-limit",

@@ -1,19 +1,19 @@
-//! `qcow2 serve`: export an image over NBD until SIGINT or SIGTERM, then shut down
-//! gracefully: finish the requests in flight, flush and close the image.
+//! `qcow2 serve`: export an image over NBD until SIGINT or SIGTERM (or, without
+//! `--persistent`, until the last client leaves), then shut down gracefully: finish the
+//! requests in flight, flush and close the image. The command line is qemu-nbd's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use qcow2_nbd::{BlockDevice, Export, Listener, Server};
+use qcow2_nbd::{BlockDevice, Event, Export, Listener, Server};
 
 use crate::access::Access;
 use crate::disk::Disk;
 
 /// Arguments of `qcow2 serve`.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("address").required(true).args(["socket", "port"])))]
 pub struct Args {
     /// Image format (qcow2 or raw); probed when omitted.
     #[arg(short = 'f')]
@@ -27,15 +27,40 @@ pub struct Args {
     /// Listen on this Unix socket (created; removed on exit).
     #[arg(short = 'k', long)]
     socket: Option<PathBuf>,
-    /// Listen on this TCP port.
-    #[arg(short = 'p', long)]
+    /// Listen on this TCP port (the default, 10809, when neither -k nor -p is given).
+    #[arg(short = 'p', long, conflicts_with = "socket")]
     port: Option<u16>,
-    /// Address to bind the TCP port to.
-    #[arg(short = 'b', long, default_value = "127.0.0.1", requires = "port")]
+    /// Address to bind the TCP port to (qemu-nbd binds 0.0.0.0; we default to loopback).
+    #[arg(
+        short = 'b',
+        long,
+        default_value = "127.0.0.1",
+        conflicts_with = "socket"
+    )]
     bind: String,
     /// Clients served at once; more wait until one leaves.
-    #[arg(short = 'e', long, default_value_t = 16)]
+    #[arg(
+        short = 'e',
+        long = "shared",
+        alias = "max-connections",
+        default_value_t = 1
+    )]
     max_connections: usize,
+    /// Keep serving after the last client leaves (without it the server exits then).
+    #[arg(short = 't', long)]
+    persistent: bool,
+    /// Write the server's pid to FILE once it listens (removed on exit).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// Log clients coming and going to stderr.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// Run in the background: return once the socket is listening.
+    #[arg(long)]
+    pub fork: bool,
+    /// The export's description (shown by NBD_OPT_LIST).
+    #[arg(short = 'D', long, value_name = "TEXT", default_value = "")]
+    description: String,
     /// Drop a client that has not finished the handshake after SECS seconds (0: no limit).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     handshake_limit: u64,
@@ -49,7 +74,13 @@ pub struct Args {
     access: Access,
     /// The image file.
     file: PathBuf,
+    /// With --fork: the pipe to the waiting parent (see [`crate::fork`]).
+    #[arg(skip)]
+    pub ready: Option<std::os::fd::OwnedFd>,
 }
+
+/// qemu-nbd's port when neither -k nor -p is given.
+const DEFAULT_PORT: u16 = 10809;
 
 /// SECS from the command line as a limit: 0 means none.
 fn seconds(secs: u64) -> Duration {
@@ -60,27 +91,28 @@ fn seconds(secs: u64) -> Duration {
 }
 
 /// Run `qcow2 serve`.
-pub async fn run(a: Args) -> Result<u8> {
+pub async fn run(mut a: Args) -> Result<u8> {
     let device = open_device(&a).await?;
-    let listener = match (&a.socket, a.port) {
-        (Some(path), _) => Listener::unix(path)
-            .with_context(|| format!("could not listen on '{}'", path.display()))?,
-        (None, Some(port)) => {
-            let addr = if a.bind.contains(':') {
-                format!("[{}]:{port}", a.bind)
-            } else {
-                format!("{}:{port}", a.bind)
-            };
-            Listener::tcp(&addr)
-                .await
-                .with_context(|| format!("could not listen on {addr}"))?
-        }
-        (None, None) => unreachable!("clap requires --socket or --port"),
+    let listener = listen(&a).await?;
+    let _pid_file = match &a.pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
     };
-    let server = Server::new(vec![Export::new(a.export_name.clone(), device)])
+    if let Some(fd) = a.ready.take() {
+        crate::fork::ready(fd);
+    }
+    let export = Export {
+        description: a.description.clone(),
+        ..Export::new(a.export_name.clone(), device)
+    };
+    let mut server = Server::new(vec![export])
         .max_connections(a.max_connections)
+        .persistent(a.persistent)
         .handshake_timeout(seconds(a.handshake_limit))
         .idle_timeout(seconds(a.idle_timeout));
+    if a.verbose {
+        server = server.on_event(log_event);
+    }
     server
         .run(listener, stop_signal())
         .await
@@ -88,6 +120,47 @@ pub async fn run(a: Args) -> Result<u8> {
     Ok(0)
 }
 
+/// Bind the Unix socket or the TCP port the arguments name.
+async fn listen(a: &Args) -> Result<Listener> {
+    if let Some(path) = &a.socket {
+        return Listener::unix(path)
+            .with_context(|| format!("could not listen on '{}'", path.display()));
+    }
+    let port = a.port.unwrap_or(DEFAULT_PORT);
+    let addr = if a.bind.contains(':') {
+        format!("[{}]:{port}", a.bind)
+    } else {
+        format!("{}:{port}", a.bind)
+    };
+    Listener::tcp(&addr)
+        .await
+        .with_context(|| format!("could not listen on {addr}"))
+}
+
+/// `-v`: one line per client accepted or gone.
+fn log_event(e: Event) {
+    match e {
+        Event::Accepted(n) => errln!("qcow2 serve: client {n} connected"),
+        Event::Closed(n) => errln!("qcow2 serve: client {n} disconnected"),
+    }
+}
+
+/// The `--pid-file`, removed when dropped (the server has stopped).
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("could not write the pid file '{}'", path.display()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 /// Open the image as a device of its format (as every other command opens it: a raw file's
 /// size rounded up to whole sectors, block 0 of a probed raw file guarded).
 async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {

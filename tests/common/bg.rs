@@ -56,6 +56,11 @@ impl Bg {
         }
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM and wait (up to 10 s) for the exit code.
     pub fn stop(self) -> i32 {
         self.stop_with_stderr().0

@@ -32,4 +32,4 @@ mod proto;
 
 pub use device::{BlockDevice, DeviceFuture, RawDevice};
 pub use export::{Export, Exports};
-pub use listener::{Listener, Server};
+pub use listener::{Event, Listener, Server};

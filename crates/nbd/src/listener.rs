@@ -89,6 +89,27 @@ pub struct Server {
     max_connections: usize,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    persistent: bool,
+    on_event: Option<EventHook>,
+}
+
+/// A connection came or went: what [`Server::on_event`] hooks see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Client number N (counted from 1) was accepted and given a slot.
+    Accepted(u64),
+    /// Client number N has gone (its requests in flight finished).
+    Closed(u64),
+}
+
+/// The callback [`Server::on_event`] installs.
+#[derive(Clone)]
+struct EventHook(Arc<dyn Fn(Event) + Send + Sync>);
+
+impl std::fmt::Debug for EventHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventHook")
+    }
 }
 
 /// Default handshake limit: qemu-nbd's.
@@ -104,7 +125,23 @@ impl Server {
             max_connections: 16,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            persistent: true,
+            on_event: None,
         }
+    }
+
+    /// With `false`, stop by itself (as if `shutdown` completed) once at least one client
+    /// has been served and none is connected any more: qemu-nbd without `--persistent`.
+    /// Default `true`: serve until `shutdown`.
+    pub fn persistent(mut self, yes: bool) -> Server {
+        self.persistent = yes;
+        self
+    }
+
+    /// Call `f` as clients come and go (for a verbose log); it must not block.
+    pub fn on_event(mut self, f: impl Fn(Event) + Send + Sync + 'static) -> Server {
+        self.on_event = Some(EventHook(Arc::new(f)));
+        self
     }
 
     /// Serve at most `n` clients at once (default 16); more wait in the listen backlog.
@@ -145,12 +182,16 @@ impl Server {
         // Kept across iterations: once it has accepted a client it must not be dropped while
         // it waits for a slot (that would hang up on the client).
         let mut next = Box::pin(accept_within(&listener, &limit));
+        let mut served: u64 = 0;
         loop {
             let accepted = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 Some(r) = conns.join_next(), if !conns.is_empty() => {
                     report_panic(r);
+                    if !self.persistent && conns.is_empty() {
+                        break;
+                    }
                     continue;
                 }
                 accepted = &mut next => accepted,
@@ -158,7 +199,9 @@ impl Server {
             next = Box::pin(accept_within(&listener, &limit));
             match accepted {
                 Ok((s, permit)) => {
-                    let h = self.handler(s, permit, stopped.clone(), patience.clone());
+                    served += 1;
+                    self.emit(Event::Accepted(served));
+                    let h = self.handler(s, permit, stopped.clone(), patience.clone(), served);
                     conns.spawn(h);
                 }
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -187,14 +230,25 @@ impl Server {
         permit: OwnedSemaphorePermit,
         stopped: watch::Receiver<bool>,
         patience: Patience,
+        number: u64,
     ) -> impl Future<Output = ()> + Send + 'static {
         let exports = self.exports.clone();
+        let hook = self.on_event.clone();
         async move {
             if let Err(e) = connection::serve(stream, exports, stopped, patience).await {
                 // `{e:#}`: an engine error inside shows its cause too (see `qcow2_engine::Error`).
                 tracing::debug!("nbd: connection closed: {e:#}");
             }
             drop(permit);
+            if let Some(f) = hook {
+                (f.0)(Event::Closed(number));
+            }
+        }
+    }
+
+    fn emit(&self, e: Event) {
+        if let Some(f) = &self.on_event {
+            (f.0)(e);
         }
     }
 
