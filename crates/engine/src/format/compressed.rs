@@ -203,12 +203,18 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> 
     Ok(out.filter(|c| c.len() < input.len()))
 }
 
+/// A decoder's byte count as a slice index. The counts never exceed the buffers (at most
+/// 2 MiB); saturating keeps a hypothetical larger one "past the end" rather than wrapping.
+fn index(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 /// Raw inflate. The decoder uses a 32 KiB window, a superset of the 4 KiB QEMU writes with.
 fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<()> {
     use flate2::{Decompress, FlushDecompress, Status};
     let mut d = Decompress::new(false);
     loop {
-        let (in_pos, out_pos) = (d.total_in() as usize, d.total_out() as usize);
+        let (in_pos, out_pos) = (index(d.total_in()), index(d.total_out()));
         if out_pos >= out.len() {
             return Ok(());
         }
@@ -218,8 +224,8 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<()> {
             .map_err(|e| {
                 Error::corrupt(format!("invalid deflate data in compressed cluster: {e}"))
             })?;
-        let progressed = d.total_in() as usize != in_pos || d.total_out() as usize != out_pos;
-        let full = d.total_out() as usize >= out.len();
+        let progressed = index(d.total_in()) != in_pos || index(d.total_out()) != out_pos;
+        let full = index(d.total_out()) >= out.len();
         if !full && (status == Status::StreamEnd || !progressed) {
             return Err(Error::corrupt(
                 "compressed cluster data ends before a full cluster",

@@ -194,7 +194,9 @@ impl Extension {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let data = self.data();
         out.extend_from_slice(&self.kind().to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        // Extension data comes from cluster 0 or from fields bounded by it (≤ 2 MiB).
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&data);
         out.resize(out.len().next_multiple_of(8), 0);
     }

@@ -61,6 +61,9 @@ pub const NB_SNAPSHOTS_OFFSET: usize = REFCOUNT_TABLE_CLUSTERS_OFFSET + 4;
 pub const SNAPSHOTS_OFFSET_OFFSET: usize = NB_SNAPSHOTS_OFFSET + 4;
 /// Length of a version 2 header.
 pub const V2_HEADER_LENGTH: usize = SNAPSHOTS_OFFSET_OFFSET + 8;
+/// [`V2_HEADER_LENGTH`] as the header field's type.
+#[allow(clippy::cast_possible_truncation)] // 72
+pub const V2_HEADER_LENGTH_U32: u32 = V2_HEADER_LENGTH as u32;
 /// Offset of `incompatible_features` (version 3).
 pub const INCOMPATIBLE_FEATURES_OFFSET: usize = V2_HEADER_LENGTH;
 /// Offset of `compatible_features` (version 3).
@@ -218,7 +221,7 @@ impl Header {
             )));
         }
         let header_length = if version == 2 {
-            V2_HEADER_LENGTH as u32
+            V2_HEADER_LENGTH_U32
         } else {
             v3_header_length(buf)?
         };
@@ -251,7 +254,7 @@ impl Header {
             compatible_features: 0,
             autoclear_features: 0,
             refcount_order: 4,
-            header_length: V2_HEADER_LENGTH as u32,
+            header_length: V2_HEADER_LENGTH_U32,
             compression_type: COMPRESSION_ZLIB,
             unknown_tail: Vec::new(),
         }
@@ -263,7 +266,8 @@ impl Header {
         self.compatible_features = be64(h, COMPATIBLE_FEATURES_OFFSET);
         self.autoclear_features = be64(h, AUTOCLEAR_FEATURES_OFFSET);
         self.refcount_order = be32(h, REFCOUNT_ORDER_OFFSET);
-        self.header_length = whole.len() as u32;
+        // `whole` is `header_length` bytes, which was read as a u32.
+        self.header_length = u32::try_from(whole.len()).unwrap_or(u32::MAX);
         self.compression_type = whole.get(COMPRESSION_TYPE_OFFSET).copied().unwrap_or(0);
         self.unknown_tail = whole.get(KNOWN_HEADER_END..).unwrap_or(&[]).to_vec();
     }

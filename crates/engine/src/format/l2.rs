@@ -319,6 +319,7 @@ impl SubclusterBitmap {
     }
 
     /// The allocation bits (0-31) as a mask.
+    #[allow(clippy::cast_possible_truncation)] // the low 32 bits are the field
     pub fn alloc_bits(self) -> u32 {
         self.0 as u32
     }

@@ -3,6 +3,10 @@
 //! No IO and no async here: every parser takes bytes and returns a value or a typed
 //! [`crate::Error`], never panics, and never allocates from an untrusted length without a bound.
 //! qcow2 is big-endian everywhere.
+//!
+//! Truncating casts are denied here: a length or offset from the file that silently wraps is
+//! how parsers go wrong. Where a cast truncates on purpose, it says why (tests are exempt).
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 pub mod compressed;
 pub mod extensions;

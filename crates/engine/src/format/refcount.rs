@@ -106,8 +106,11 @@ pub fn set(block: &mut [u8], index: u64, order: u32, value: u64) -> Result<()> {
         ));
     };
     if width < 8 {
-        let mask = (max_refcount(order) as u8) << shift;
-        block[byte] = (block[byte] & !mask) | ((value as u8) << shift);
+        // Sub-byte widths: the maximum and the (range-checked) value fit in `width` bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let (max, value) = (max_refcount(order) as u8, value as u8);
+        let mask = max << shift;
+        block[byte] = (block[byte] & !mask) | (value << shift);
     } else {
         let n = width as usize / 8;
         block[byte..byte + n].copy_from_slice(&value.to_be_bytes()[8 - n..]);

@@ -250,13 +250,20 @@ fn write_entry(s: &Snapshot, out: &mut Vec<u8>) {
     let (id, name) = (str_bytes(&s.id), str_bytes(&s.name));
     out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
     out.extend_from_slice(&s.l1_size.to_be_bytes());
-    out.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    // `str_bytes` caps both at u16::MAX.
+    let len16 = |b: &[u8]| u16::try_from(b.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len16(id).to_be_bytes());
+    out.extend_from_slice(&len16(name).to_be_bytes());
     out.extend_from_slice(&s.date_sec.to_be_bytes());
     out.extend_from_slice(&s.date_nsec.to_be_bytes());
     out.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
-    out.extend_from_slice(&(s.vm_state_size as u32).to_be_bytes());
-    out.extend_from_slice(&(extra_len(s) as u32).to_be_bytes());
+    // The legacy 32-bit VM state size holds the low bits, as QEMU writes it; the full value
+    // follows in the extra data.
+    #[allow(clippy::cast_possible_truncation)]
+    let vm_state_low = s.vm_state_size as u32;
+    out.extend_from_slice(&vm_state_low.to_be_bytes());
+    let extra = u32::try_from(extra_len(s)).unwrap_or(u32::MAX);
+    out.extend_from_slice(&extra.to_be_bytes());
     out.extend_from_slice(&s.vm_state_size.to_be_bytes());
     if let Some(disk_size) = s.disk_size {
         out.extend_from_slice(&disk_size.to_be_bytes());

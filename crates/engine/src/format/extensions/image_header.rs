@@ -50,7 +50,8 @@ impl ImageHeader {
                 "cluster_bits {bits} out of range"
             )));
         }
-        let cluster = self.header.cluster_size() as usize;
+        let cluster = usize::try_from(self.header.cluster_size())
+            .map_err(|_| Error::invalid_arg("cluster size does not fit in memory"))?;
         let mut h = self.header.clone();
         let tail = serialize_extensions(&self.extensions);
         let name = self.backing_file.as_deref().unwrap_or("").as_bytes();
@@ -61,7 +62,11 @@ impl ImageHeader {
         }
         let name_off = h.to_bytes().len() + tail.len();
         (h.backing_file_offset, h.backing_file_size) = match self.backing_file {
-            Some(_) => (name_off as u64, name.len() as u32),
+            // The name is at most 1023 bytes (checked above).
+            Some(_) => (
+                name_off as u64,
+                u32::try_from(name.len()).unwrap_or(u32::MAX),
+            ),
             None => (0, 0),
         };
         let mut out = [h.to_bytes(), tail, name.to_vec()].concat();
@@ -224,7 +229,12 @@ fn read_backing_name(h: &Header, cluster0: &[u8]) -> Result<Option<String>> {
         ))
         .at(header::BACKING_FILE_OFFSET_OFFSET as u64));
     }
-    let bytes = &cluster0[start as usize..(start + len) as usize];
+    // Both ends are within `limit`, itself at most `cluster0.len()`.
+    let (from, to) = (usize::try_from(start), usize::try_from(start + len));
+    let (Ok(from), Ok(to)) = (from, to) else {
+        return Err(Error::invalid("backing file name offset out of range"));
+    };
+    let bytes = &cluster0[from..to];
     ext_string("backing file name", bytes).map(Some)
 }
 

@@ -41,7 +41,7 @@ impl Header {
 
     /// The v3-only fields of a version 2 header must hold their implied values.
     fn check_v2_implied_fields(&self) -> Result<()> {
-        if self.header_length != V2_HEADER_LENGTH as u32 {
+        if self.header_length != V2_HEADER_LENGTH_U32 {
             return Err(Error::invalid(format!(
                 "header_length {} must be 72 for version 2",
                 self.header_length
