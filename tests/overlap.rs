@@ -103,6 +103,24 @@ async fn assert_refused_and_marked(p: &Path, b: &Before, err: qcow2_engine::Erro
     img.close().await.expect("closing the read-only image");
 }
 
+/// Open `p` read-write, run `request` (it must fail; its error must name `what` when given),
+/// close, and check that the request was refused and the image marked corrupt.
+async fn refused<F, Fut>(p: &Path, what: Option<&str>, request: F)
+where
+    F: FnOnce(Image) -> Fut,
+    Fut: std::future::Future<Output = qcow2_engine::Result<()>>,
+{
+    let b = before(p);
+    let img = open_rw(p).await.unwrap();
+    let err = request(img.clone()).await.unwrap_err();
+    if let Some(what) = what {
+        assert!(err.what().contains(what), "{err}");
+    }
+    let _ = img.close().await;
+    drop(img);
+    assert_refused_and_marked(p, &b, err).await;
+}
+
 /// Point the L2 entry of guest cluster 0 at `host` (normal, COPIED), then rewrite 4 KiB of
 /// guest cluster 0 in place: the write must be refused.
 async fn in_place_write_onto(target: impl Fn((u64, u64, u64, u64)) -> u64) {
@@ -146,13 +164,10 @@ async fn l2_entry_pointing_at_a_snapshot_l1_table_is_refused() {
     let snap_l1 = be64(&bytes, be64(&bytes, 64));
     let (_, _, _, l2) = layout(&p);
     patch64(&p, l2, snap_l1 | COPIED);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
-    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
-    assert!(err.what().contains("inactive L1"), "{err}");
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, Some("inactive L1"), |img| async move {
+        img.write_at(&[0xee; 4096], 0).await
+    })
+    .await;
 }
 
 /// A compressed write replacing an L2 entry that points at a refcount block: the block's
@@ -163,13 +178,11 @@ async fn compressed_rewrite_does_not_free_a_refcount_block() {
     let p = image(dir.path(), &["write -P 0x11 0 64k"]);
     let (_, rb, _, l2) = layout(&p);
     patch64(&p, l2, rb); // normal, not COPIED: the write goes to the allocating path
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 7) as u8).collect();
-    let err = img.write_compressed(&data, 0).await.unwrap_err();
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, None, |img| async move {
+        img.write_compressed(&data, 0).await
+    })
+    .await;
 }
 
 /// Set the 16-bit refcount of host cluster `c` to 0 in refcount block 0.
@@ -190,12 +203,10 @@ async fn allocation_onto_free_claimed(
     let p = image(dir, &[]);
     let c = cluster(layout(&p)) >> 16;
     zero_refcount(&p, c);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
-    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, None, |img| async move {
+        img.write_at(&[0xee; 4096], 0).await
+    })
+    .await;
     p
 }
 
@@ -237,12 +248,10 @@ async fn compressed_descriptor_into_the_l1_table_is_not_freed() {
     let (_, _, l1, l2) = layout(&p);
     // Compressed (bit 62), one 512-byte sector (bits 54..61 hold sectors - 1), at the L1.
     patch64(&p, l2, (1 << 62) | l1);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
-    let err = img.write_at(&[0xee; 65536], 0).await.unwrap_err();
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, None, |img| async move {
+        img.write_at(&[0xee; 65536], 0).await
+    })
+    .await;
 }
 
 /// Refcount table entry 0 is 0: the allocator used to place a new refcount block at
@@ -253,12 +262,10 @@ async fn empty_first_refcount_table_entry_gives_an_error_not_a_panic() {
     let p = image(dir.path(), &["write -P 0x11 0 64k"]);
     let (rt, _, _, _) = layout(&p);
     patch64(&p, rt, 0);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
-    let err = img.write_at(&[0xee; 4096], 1 << 20).await.unwrap_err();
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, None, |img| async move {
+        img.write_at(&[0xee; 4096], 1 << 20).await
+    })
+    .await;
 }
 
 /// `l1_table_offset = 0`: the first L1 update would overwrite the header magic.
@@ -365,13 +372,10 @@ async fn l2_entry_pointing_at_a_snapshot_l2_table_is_refused() {
     let (_, _, _, l2) = layout(&p);
     assert_ne!(l2, snap_l2, "the active layer has its own L2 table");
     patch64(&p, l2, snap_l2 | COPIED);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
-    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
-    assert!(err.what().contains("inactive L2"), "{err}");
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, Some("inactive L2"), |img| async move {
+        img.write_at(&[0xee; 4096], 0).await
+    })
+    .await;
 }
 
 /// Refcounts claim the snapshot's L2 table is free: the first data allocation must not
@@ -382,13 +386,11 @@ async fn snapshot_l2_table_claimed_free_is_not_allocated() {
     let p = snapshot_with_private_l2(dir.path());
     let (_, snap_l2) = snapshot_l1_and_l2(&p);
     zero_refcount(&p, snap_l2 >> 16);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
     // Guest 1 MiB is unallocated in the active (private) L2 table: one data cluster.
-    let err = img.write_at(&[0xee; 4096], 1 << 20).await.unwrap_err();
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, None, |img| async move {
+        img.write_at(&[0xee; 4096], 1 << 20).await
+    })
+    .await;
 }
 
 /// The L2 table shared by the active layer and a snapshot has a refcount of 1 instead of 2.
@@ -495,13 +497,10 @@ async fn discarding_a_compressed_descriptor_into_a_snapshot_l2_table_is_refused(
     let (_, _, _, l2) = layout(&p);
     // Compressed (bit 62), one 512-byte sector, inside the snapshot's L2 table.
     patch64(&p, l2, (1 << 62) | snap_l2);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
-    let err = img.discard(0, 65536).await.unwrap_err();
-    assert!(err.what().contains("inactive L2"), "{err}");
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, Some("inactive L2"), |img| async move {
+        img.discard(0, 65536).await
+    })
+    .await;
 }
 
 /// Host offset of the bitmap directory (bitmaps header extension 0x23852875: nb_bitmaps u32,
@@ -530,11 +529,8 @@ async fn l2_entry_pointing_at_the_bitmap_directory_is_refused() {
     open_rw(&p).await.unwrap().close().await.unwrap();
     let (_, _, _, l2) = layout(&p);
     patch64(&p, l2, bitmap_directory(&p) | COPIED);
-    let b = before(&p);
-    let img = open_rw(&p).await.unwrap();
-    let err = img.write_at(&[0xee; 4096], 0).await.unwrap_err();
-    assert!(err.what().contains("bitmap directory"), "{err}");
-    let _ = img.close().await;
-    drop(img);
-    assert_refused_and_marked(&p, &b, err).await;
+    refused(&p, Some("bitmap directory"), |img| async move {
+        img.write_at(&[0xee; 4096], 0).await
+    })
+    .await;
 }
