@@ -18,9 +18,9 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use super::Image;
+use super::l1_table::{L1Sector, L1Table};
 use crate::alloc::{DirtySlice, Kinds, NewKind, take_dirty};
 use crate::error::{Error, Result};
-use crate::format::l1;
 
 /// Snapshot of dirty L2 slices: (slice, bytes, dirty generation).
 type L2Snapshot = Vec<DirtySlice>;
@@ -50,11 +50,11 @@ impl Image {
         let w = self.write_state_unpoisoned();
         w.check_poison()?;
         let generation = w.generation.fetch_add(1, Ordering::AcqRel);
-        let (l1_taken, l1) = self.snapshot_l1();
+        let (l1_taken, l1) = self.inner.l1.take_dirty();
         let l2 = self.snapshot_l2();
         // Until the L1 sectors are written, the entries stay owed: if this future is dropped
         // (the runtime dropped the task finishing it) they go back to the dirty set.
-        let mut owed = L1Owed(w, Some(l1_taken));
+        let mut owed = L1Owed(&self.inner.l1, Some(l1_taken));
         let writing: Vec<_> = l2.iter().map(|(s, _, _)| s.start_writing()).collect();
         let written = self.write_metadata(&l1, &l2).await;
         drop(writing);
@@ -103,31 +103,11 @@ impl Image {
         }
     }
 
-    /// The dirty L1 entries (taken from the dirty set) and copies of the 512-byte L1 sectors
-    /// holding them, as they are now.
-    fn snapshot_l1(&self) -> (BTreeSet<usize>, Vec<(usize, Vec<u8>)>) {
-        let w = self.write_state_unpoisoned();
-        let dirty = std::mem::take(&mut *w.l1_dirty.lock().unwrap());
-        let mut sectors: Vec<usize> = dirty.iter().map(|i| i / 64).collect();
-        sectors.dedup();
-        let l1 = self.inner.l1.read().unwrap();
-        let sectors = sectors
-            .into_iter()
-            .map(|sec| {
-                let end = ((sec + 1) * 64).min(l1.len());
-                let mut buf = vec![0u8; (end - sec * 64) * 8];
-                l1::write_table(&l1[sec * 64..end], &mut buf);
-                (sec, buf)
-            })
-            .collect();
-        (dirty, sectors)
-    }
-
     fn snapshot_l2(&self) -> L2Snapshot {
         take_dirty(&self.inner.l2_cache)
     }
 
-    async fn write_metadata(&self, l1: &[(usize, Vec<u8>)], l2: &L2Snapshot) -> Result<()> {
+    async fn write_metadata(&self, l1: &[L1Sector], l2: &L2Snapshot) -> Result<()> {
         let w = self.write_state_unpoisoned();
         let new_l2 = self.inner.new.of_kind(NewKind::L2);
         self.sync_data().await?;
@@ -155,9 +135,9 @@ impl Image {
     }
 
     /// Write the L1 sectors of the snapshot.
-    async fn write_l1(&self, sectors: &[(usize, Vec<u8>)]) -> Result<()> {
+    async fn write_l1(&self, sectors: &[L1Sector]) -> Result<()> {
         let w = self.write_state_unpoisoned();
-        let table_off = self.inner.header.lock().unwrap().header.l1_table_offset;
+        let table_off = self.inner.l1.offset().0;
         for (sec, buf) in sectors {
             let at = table_off + *sec as u64 * 512;
             self.check_metadata_write(at, buf.len() as u64, Kinds::L1)
@@ -227,12 +207,12 @@ impl Image {
 }
 
 /// L1 entries a flush took from the dirty set and has not written yet; put back on drop.
-struct L1Owed<'a>(&'a super::state::WriteState, Option<BTreeSet<usize>>);
+struct L1Owed<'a>(&'a L1Table, Option<BTreeSet<usize>>);
 
 impl Drop for L1Owed<'_> {
     fn drop(&mut self) {
         if let Some(owed) = self.1.take() {
-            self.0.l1_dirty.lock().unwrap().extend(owed);
+            self.0.mark_dirty(owed);
         }
     }
 }

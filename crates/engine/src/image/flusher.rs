@@ -128,7 +128,7 @@ async fn flush_round(weak: &Weak<Inner>) -> bool {
     }
     let dirty = img.inner.l2_cache.dirty_count() > 0
         || w.refcounts.cache().dirty_count() > 0
-        || !w.l1_dirty.lock().unwrap().is_empty();
+        || img.inner.l1.has_dirty();
     !dirty || img.flush().await.is_ok()
 }
 

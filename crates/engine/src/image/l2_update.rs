@@ -22,7 +22,7 @@ impl Image {
         if let Some(t) = self.private_l2(idx)? {
             return Ok(t);
         }
-        let old = self.inner.l1.read().unwrap()[idx].l2_offset();
+        let old = self.l1_entry(idx)?.l2_offset();
         let new = w.refcounts.alloc(1).await?;
         let cs = self.inner.geo.cluster_size;
         w.refcounts.map().insert(new, cs, Kinds::L2);
@@ -30,8 +30,7 @@ impl Image {
         if let Some(old) = old {
             self.copy_l2_table(old.0, new).await?;
         }
-        self.inner.l1.write().unwrap()[idx] = L1Entry::new(HostOffset(new), true);
-        w.l1_dirty.lock().unwrap().insert(idx);
+        self.inner.l1.set(idx, L1Entry::new(HostOffset(new), true));
         if let Some(old) = old {
             // The old table stays referenced by the snapshot; drop the active image's
             // reference once the new L1 entry is on disk.
@@ -42,11 +41,15 @@ impl Image {
 
     /// The L2 table of L1 entry `idx` if it exists and is not shared.
     fn private_l2(&self, idx: usize) -> Result<Option<u64>> {
-        let l1 = self.inner.l1.read().unwrap();
-        let e = l1
-            .get(idx)
-            .ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+        let e = self.l1_entry(idx)?;
         Ok(e.l2_offset().filter(|_| e.copied()).map(|h| h.0))
+    }
+
+    /// L1 entry `idx` of the active table.
+    fn l1_entry(&self, idx: usize) -> Result<L1Entry> {
+        (self.inner.l1)
+            .get(idx)
+            .ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))
     }
 
     /// Copy the L2 table at `old` into the new table at `new`, slice by slice.

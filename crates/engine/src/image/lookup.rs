@@ -29,8 +29,7 @@ impl Image {
     /// The host offset of the L2 table for guest cluster `gc`, if there is one.
     pub(crate) fn l2_table_of(&self, gc: u64) -> Result<Option<u64>> {
         let idx = self.inner.geo.l1_index(gc);
-        let l1 = self.inner.l1.read().unwrap();
-        match l1.get(idx) {
+        match self.inner.l1.get(idx) {
             Some(e) => Ok(e.l2_offset().map(|h| h.0)),
             None => Err(Error::corrupt(format!(
                 "guest cluster {gc} beyond the L1 table"

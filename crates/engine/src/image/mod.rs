@@ -27,6 +27,7 @@ mod flush;
 mod flusher;
 mod frees;
 mod geometry;
+mod l1_table;
 mod l2_update;
 mod lookup;
 mod map;
@@ -55,13 +56,12 @@ pub use references::ReferencePolicy;
 pub use zero::ZeroFlags;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use crate::cache::SliceCache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
-use crate::format::l1::L1Entry;
 use crate::storage::{LockRequest, Storage};
 use geometry::Geometry;
 
@@ -100,8 +100,8 @@ pub(crate) struct Inner {
     header: Mutex<ImageHeader>,
     /// Virtual size in bytes; changes only under resize.
     size: std::sync::atomic::AtomicU64,
-    /// The active L1 table (lock 5 in LOCKS.md); its dirty entries are in `WriteState`.
-    l1: RwLock<Vec<L1Entry>>,
+    /// The active L1 table and its dirty entries (locks 5 and 7 in LOCKS.md).
+    l1: l1_table::L1Table,
     /// Cached L2 slices, clean and dirty.
     l2_cache: SliceCache,
     /// The opened backing chain, if any.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use super::backing::{open_backing, resolve_relative};
 use super::geometry::Geometry;
@@ -17,6 +17,7 @@ use crate::format::header::Header;
 use crate::format::l1;
 use crate::format::refcount;
 use crate::storage::{LockRequest, OpenFlags, Storage};
+use crate::units::HostOffset;
 
 impl Image {
     /// Open an image on `file`; `chain` holds the canonical paths of this image and the
@@ -58,7 +59,7 @@ impl Image {
             compression,
             encrypted: h.crypt_method != 0,
             size: AtomicU64::new(h.size),
-            l1: RwLock::new(l1),
+            l1: super::l1_table::L1Table::new(l1, HostOffset(h.l1_table_offset)),
             l2_cache: SliceCache::new("l2", geo.slice_size as usize, opts.l2_cache_bytes),
             backing,
             header: Mutex::new(ih),

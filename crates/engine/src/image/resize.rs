@@ -26,7 +26,7 @@ use super::Image;
 use crate::alloc::Kinds;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{self, HeaderPatch, L1_ENTRY_SIZE, MAX_L1_BYTES};
-use crate::format::l1::L1Entry;
+use crate::units::HostOffset;
 
 impl Image {
     /// Grow the virtual disk to `new_size` bytes (a multiple of 512). Shrinking is refused;
@@ -70,7 +70,7 @@ impl Image {
         } else {
             let geo = self.inner.geo;
             let need = header::l1_entries_for(new_size, geo.cluster_bits, geo.l2.extended);
-            let have = self.inner.l1.read().unwrap().len() as u64;
+            let have = self.inner.l1.len() as u64;
             if need > have {
                 self.grow_l1(need).await.map_err(|e| w.poison(e))?;
             }
@@ -101,7 +101,7 @@ impl Image {
                 format!("the new size {new_size} needs an L1 table over QEMU's 32 MiB limit"),
             ));
         }
-        let have = self.inner.l1.read().unwrap().len() as u64;
+        let have = self.inner.l1.len() as u64;
         let clusters = (need * L1_ENTRY_SIZE).div_ceil(self.inner.geo.cluster_size);
         // The allocator places a missing refcount block at the start of the range it covers,
         // so it cannot hand out a contiguous run spanning a whole block's range.
@@ -150,10 +150,9 @@ impl Image {
         self.write_meta(fields.bytes(), fields.offset(), "switching the L1 table")
             .await?;
         self.sync_file().await?;
+        self.inner.l1.grow(need as usize, HostOffset(new_off));
         {
-            let mut l1 = self.inner.l1.write().unwrap();
             let mut ih = self.inner.header.lock().unwrap();
-            l1.resize(need as usize, L1Entry::default());
             ih.header.l1_size = need as u32;
             ih.header.l1_table_offset = new_off;
         }

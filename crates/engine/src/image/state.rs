@@ -1,9 +1,8 @@
 //! Write-side state of an image opened read-write: allocator, new-cluster set, in-flight
-//! allocations, request epochs, pending frees, dirty L1 entries, and the poison latch.
+//! allocations, request epochs, pending frees, and the poison latch.
 
-use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use super::frees::{PendingFree, PendingFrees};
 use crate::alloc::{Epochs, Inflight, MetaWriter, Refcounts};
@@ -21,8 +20,6 @@ pub(crate) struct WriteState {
     pub epochs: Epochs,
     /// References to drop once safe (see `frees.rs`).
     frees: PendingFrees,
-    /// L1 indices changed since the last flush.
-    pub l1_dirty: Mutex<BTreeSet<usize>>,
     /// One flush at a time.
     pub flush_lock: tokio::sync::Mutex<()>,
     /// Flush generation (see `frees.rs`).
@@ -44,7 +41,6 @@ impl WriteState {
             l1_inflight: Inflight::new(),
             epochs: Epochs::new(),
             frees: PendingFrees::default(),
-            l1_dirty: Mutex::new(BTreeSet::new()),
             flush_lock: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(1),
             flush_wanted: std::sync::Arc::new(tokio::sync::Notify::new()),
