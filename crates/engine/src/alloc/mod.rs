@@ -19,8 +19,8 @@ mod new_clusters;
 mod overlap;
 mod sanity;
 
-pub use epochs::Epochs;
-pub use inflight::Inflight;
+pub use epochs::{EpochGuard, Epochs};
+pub use inflight::{Inflight, InflightGuard};
 pub(crate) use metaio::{DirtySlice, MetaWriter, load_slice, take_dirty};
 pub use new_clusters::{NewClusters, NewKind};
 pub use overlap::{Kinds, MetadataMap};
@@ -40,17 +40,17 @@ use crate::storage::Storage;
 #[derive(Debug)]
 pub struct RefState {
     /// Host offsets of the refcount blocks (0: no block).
-    pub table: Vec<u64>,
+    table: Vec<u64>,
     /// Where the refcount table lives.
-    pub table_offset: u64,
+    table_offset: u64,
     /// Its size in clusters.
-    pub table_clusters: u64,
+    table_clusters: u64,
     /// Table entries changed since the table was last written.
-    pub table_dirty: bool,
+    table_dirty: bool,
     /// Cluster index where the next free-space search starts.
     hint: u64,
     /// One past the highest cluster in use or in the file.
-    pub end_cluster: u64,
+    end_cluster: u64,
     /// Next free byte in the host cluster being packed with compressed payloads (0: none);
     /// see `bytes.rs`.
     compress_cursor: u64,

@@ -61,13 +61,13 @@ impl Image {
             // As QEMU: incompressible data is stored as a normal cluster.
             return self.write_at_now(buf, offset).await;
         };
-        let _epoch = w.epochs.enter();
+        let _epoch = w.enter_request();
         let gc = geo.guest_cluster(offset);
-        let _guard = w.inflight.lock(gc).await;
+        let _guard = w.lock_guest_cluster(gc).await;
         let old = self.lookup(gc).await?;
         self.check_entry_is_data(&old.entry).await?;
         let table = self.ensure_l2_table(gc).await?;
-        let host = w.refcounts.alloc_bytes(payload.len() as u64).await?;
+        let host = w.refcounts().alloc_bytes(payload.len() as u64).await?;
         let desc =
             CompressedDescriptor::new(HostOffset(host), payload.len() as u64, geo.cluster_bits);
         let written = match desc {

@@ -15,7 +15,6 @@
 //! A crash can leak clusters, never leave a mapping without its refcount.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 
 use super::Image;
 use super::l1_table::{L1Sector, L1Table};
@@ -41,7 +40,7 @@ impl Image {
             return Ok(());
         };
         w.check_poison()?;
-        let _one = w.flush_lock.lock().await;
+        let _one = w.lock_flush().await;
         self.flush_held().await
     }
 
@@ -49,7 +48,7 @@ impl Image {
     pub(crate) async fn flush_held(&self) -> Result<()> {
         let w = self.write_state_unpoisoned();
         w.check_poison()?;
-        let generation = w.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = w.next_generation();
         let (l1_taken, l1) = self.inner.l1.take_dirty();
         let l2 = self.snapshot_l2();
         // Until the L1 sectors are written, the entries stay owed: if this future is dropped
@@ -77,13 +76,12 @@ impl Image {
 
     async fn close_now(&self) -> Result<()> {
         if let Some(w) = self.inner.write.as_ref() {
-            w.epochs.idle().await;
+            w.requests_idle().await;
         }
         self.flush_now().await?;
         self.flush_now().await?;
         if let Some(w) = self.inner.write.as_ref() {
-            w.closed.store(true, Ordering::Release);
-            w.flush_wanted.notify_one();
+            w.mark_closed();
         }
         self.release_locks();
         Ok(())
@@ -112,16 +110,16 @@ impl Image {
         let new_l2 = self.inner.new.of_kind(NewKind::L2);
         self.sync_data().await?;
         {
-            let mut st = w.refcounts.lock().await;
-            w.refcounts.flush_locked(&mut st).await?;
+            let mut st = w.refcounts().lock().await;
+            w.refcounts().flush_locked(&mut st).await?;
         }
         let table = (self.inner.geo.cluster_size, Kinds::L2);
-        let sets = (self.inner.new.as_ref(), w.refcounts.map().as_ref());
-        (w.meta)
+        let sets = (self.inner.new.as_ref(), w.refcounts().map().as_ref());
+        w.meta()
             .zero_new(&new_l2, table, sets, "zeroing a new L2 table")
             .await?;
-        let map = w.refcounts.map();
-        (w.meta)
+        let map = w.refcounts().map();
+        w.meta()
             .write_back(l2, Kinds::L2, map, "writing an L2 slice")
             .await?;
         if !l2.is_empty() || !new_l2.is_empty() {
@@ -142,7 +140,7 @@ impl Image {
             let at = table_off + *sec as u64 * 512;
             self.check_metadata_write(at, buf.len() as u64, Kinds::L1)
                 .await?;
-            w.meta.write(buf, at, "writing the L1 table").await?;
+            w.meta().write(buf, at, "writing the L1 table").await?;
         }
         Ok(())
     }
@@ -156,10 +154,10 @@ impl Image {
             return Ok(());
         }
         let cb = self.inner.geo.cluster_bits;
-        let mut st = w.refcounts.lock().await;
+        let mut st = w.refcounts().lock().await;
         for f in ready {
             let c = f.host >> cb;
-            let cur = w.refcounts.get(&st, c).await?;
+            let cur = w.refcounts().get(&st, c).await?;
             if cur == 0 {
                 return Err(
                     Error::corrupt("freeing a cluster whose refcount is already 0").at(f.host),
@@ -171,7 +169,7 @@ impl Image {
                     let _ = self.inner.data.discard(f.host, 1 << cb).await;
                 }
             }
-            w.refcounts.set(&mut st, c, cur - 1).await?;
+            w.refcounts().set(&mut st, c, cur - 1).await?;
         }
         Ok(())
     }
@@ -185,7 +183,7 @@ impl Image {
     }
 
     pub(crate) async fn sync_file(&self) -> Result<()> {
-        self.write_state()?.meta.sync("syncing metadata").await
+        self.write_state()?.meta().sync("syncing metadata").await
     }
 
     fn write_state_unpoisoned(&self) -> &super::state::WriteState {
@@ -199,8 +197,8 @@ impl Image {
     pub(crate) fn after_metadata_change(&self) {
         if let Some(w) = self.inner.write.as_ref() {
             let pct = self.inner.dirty_threshold_percent;
-            if self.inner.l2_cache.dirty_above(pct) || w.refcounts.cache().dirty_above(pct) {
-                w.flush_wanted.notify_one();
+            if self.inner.l2_cache.dirty_above(pct) || w.refcounts().cache().dirty_above(pct) {
+                w.want_flush();
             }
         }
     }

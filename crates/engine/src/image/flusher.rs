@@ -13,7 +13,6 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -62,7 +61,7 @@ impl Image {
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(w) = self.write.as_ref() {
-            w.flush_wanted.notify_one();
+            w.want_flush();
         }
     }
 }
@@ -107,10 +106,10 @@ async fn run_on_tokio(weak: Weak<Inner>, interval: Option<Duration>) {
 fn next_wait(weak: &Weak<Inner>) -> Option<OwnedNotified> {
     let inner = weak.upgrade()?;
     let w = inner.write.as_ref()?;
-    if w.closed.load(Ordering::Acquire) {
+    if w.is_closed() {
         return None;
     }
-    Some(w.flush_wanted.clone().notified_owned())
+    Some(w.flush_wanted().clone().notified_owned())
 }
 
 /// Flush if anything is dirty. `false`: stop (image gone or closed, or the flush failed —
@@ -123,11 +122,11 @@ async fn flush_round(weak: &Weak<Inner>) -> bool {
     let Some(w) = img.inner.write.as_ref() else {
         return false;
     };
-    if w.closed.load(Ordering::Acquire) {
+    if w.is_closed() {
         return false;
     }
     let dirty = img.inner.l2_cache.dirty_count() > 0
-        || w.refcounts.cache().dirty_count() > 0
+        || w.refcounts().cache().dirty_count() > 0
         || img.inner.l1.has_dirty();
     !dirty || img.flush().await.is_ok()
 }

@@ -18,14 +18,14 @@ impl Image {
         if let Some(t) = self.private_l2(idx)? {
             return Ok(t);
         }
-        let _guard = w.l1_inflight.lock(idx as u64).await;
+        let _guard = w.lock_l1_entry(idx).await;
         if let Some(t) = self.private_l2(idx)? {
             return Ok(t);
         }
         let old = self.l1_entry(idx)?.l2_offset();
-        let new = w.refcounts.alloc(1).await?;
+        let new = w.refcounts().alloc(1).await?;
         let cs = self.inner.geo.cluster_size;
-        w.refcounts.map().insert(new, cs, Kinds::L2);
+        w.refcounts().map().insert(new, cs, Kinds::L2);
         self.inner.new.insert(new, NewKind::L2);
         if let Some(old) = old {
             self.copy_l2_table(old.0, new).await?;

@@ -212,7 +212,7 @@ impl Image {
         self.inner
             .write
             .as_ref()
-            .map(|w| w.refcounts.cache().stats())
+            .map(|w| w.refcounts().cache().stats())
     }
 
     /// The storage holding the image file.

@@ -164,7 +164,7 @@ async fn read(file: &dyn Storage, at: u64, n: u64, file_len: u64) -> Option<Vec<
 impl Image {
     /// The metadata map (writable images only).
     pub(crate) fn metadata_map(&self) -> Result<&Arc<MetadataMap>> {
-        Ok(self.write_state()?.refcounts.map())
+        Ok(self.write_state()?.refcounts().map())
     }
 
     /// Refuse a guest data write onto metadata (a corrupt or hostile L2 entry maps data

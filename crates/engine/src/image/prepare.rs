@@ -27,6 +27,6 @@ impl Image {
     /// latches).
     pub(crate) async fn write_header(&self, patch: HeaderPatch) -> Result<()> {
         let w = self.write_state()?;
-        w.meta.write_header(patch, "updating the header").await
+        w.meta().write_header(patch, "updating the header").await
     }
 }

@@ -38,7 +38,7 @@ impl Image {
         self.check_range(offset, buf.len() as u64)?;
         self.check_data_access()?;
         // A cluster this read maps must not be freed and reused before the read is done.
-        let _epoch = self.inner.write.as_ref().map(|w| w.epochs.enter());
+        let _epoch = self.inner.write.as_ref().map(|w| w.enter_request());
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;

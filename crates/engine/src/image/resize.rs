@@ -62,7 +62,7 @@ impl Image {
             // Before taking the flush lock: a discard under cache pressure flushes.
             self.zero_range(new_size, old - new_size, true).await?;
         }
-        let _one = w.flush_lock.lock().await;
+        let _one = w.lock_flush().await;
         w.check_poison()?;
         if new_size < old {
             // The discarded mappings reach disk before the smaller size does.
@@ -105,7 +105,7 @@ impl Image {
         let clusters = (need * L1_ENTRY_SIZE).div_ceil(self.inner.geo.cluster_size);
         // The allocator places a missing refcount block at the start of the range it covers,
         // so it cannot hand out a contiguous run spanning a whole block's range.
-        let epb = self.write_state()?.refcounts.entries_per_block();
+        let epb = self.write_state()?.refcounts().entries_per_block();
         if need > have && clusters >= epb {
             return Err(Error::unsupported(format!(
                 "an L1 table of {clusters} clusters (a refcount block covers {epb}); \
@@ -134,12 +134,14 @@ impl Image {
             .read_at(&mut buf[..old_bytes], old_off)
             .await
             .map_err(|e| Error::io("reading the L1 table", e).at(old_off))?;
-        let new_off = w.refcounts.alloc(clusters).await?;
-        w.refcounts.map().insert(new_off, clusters * cs, Kinds::L1);
+        let new_off = w.refcounts().alloc(clusters).await?;
+        w.refcounts()
+            .map()
+            .insert(new_off, clusters * cs, Kinds::L1);
         {
             // The new clusters' refcounts must be on disk before the header points there.
-            let mut st = w.refcounts.lock().await;
-            w.refcounts.flush_locked(&mut st).await?;
+            let mut st = w.refcounts().lock().await;
+            w.refcounts().flush_locked(&mut st).await?;
         }
         self.check_metadata_write(new_off, buf.len() as u64, Kinds::L1)
             .await?;
@@ -158,9 +160,9 @@ impl Image {
         }
         // Nothing on disk points at the old table any more.
         let old_clusters = (old_len * L1_ENTRY_SIZE).div_ceil(cs);
-        let mut st = w.refcounts.lock().await;
+        let mut st = w.refcounts().lock().await;
         for c in 0..old_clusters {
-            w.refcounts.add(&mut st, (old_off / cs) + c, -1).await?;
+            w.refcounts().add(&mut st, (old_off / cs) + c, -1).await?;
         }
         Ok(())
     }
@@ -177,6 +179,6 @@ impl Image {
     }
 
     async fn write_meta(&self, buf: &[u8], off: u64, what: &'static str) -> Result<()> {
-        self.write_state()?.meta.write(buf, off, what).await
+        self.write_state()?.meta().write(buf, off, what).await
     }
 }

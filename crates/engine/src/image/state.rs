@@ -5,34 +5,35 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::frees::{PendingFree, PendingFrees};
-use crate::alloc::{Epochs, Inflight, MetaWriter, Refcounts};
+use crate::alloc::{EpochGuard, Epochs, Inflight, InflightGuard, MetaWriter, Refcounts};
 use crate::error::{Error, Result};
 
 #[derive(Debug)]
 pub(crate) struct WriteState {
     /// The refcount table and blocks, and the cluster allocator (lock 4 in LOCKS.md).
-    pub refcounts: Refcounts,
+    refcounts: Refcounts,
     /// Guest clusters whose mapping is being changed.
-    pub inflight: Inflight,
+    inflight: Inflight,
     /// L1 indices whose L2 table is being allocated or copied.
-    pub l1_inflight: Inflight,
+    l1_inflight: Inflight,
     /// Request epochs: which requests started before a free, so it waits for them.
-    pub epochs: Epochs,
+    epochs: Epochs,
     /// References to drop once safe (see `frees.rs`).
     frees: PendingFrees,
     /// One flush at a time.
-    pub flush_lock: tokio::sync::Mutex<()>,
+    flush_lock: tokio::sync::Mutex<()>,
     /// Flush generation (see `frees.rs`).
-    pub generation: AtomicU64,
+    generation: AtomicU64,
     /// Every metadata write goes through it; it holds the poison latch.
-    pub meta: Arc<MetaWriter>,
+    meta: Arc<MetaWriter>,
     /// Wakes the background flusher early (dirty threshold reached).
-    pub flush_wanted: std::sync::Arc<tokio::sync::Notify>,
+    flush_wanted: Arc<tokio::sync::Notify>,
     /// Set by close(): the background flusher stops.
-    pub closed: AtomicBool,
+    closed: AtomicBool,
 }
 
 impl WriteState {
+    /// The write-side state of an image whose refcounts were read at open.
     pub fn new(refcounts: Refcounts) -> Self {
         WriteState {
             meta: refcounts.meta().clone(),
@@ -72,5 +73,66 @@ impl WriteState {
     /// has completed.
     pub fn take_ready_frees(&self, upto: u64) -> Vec<PendingFree> {
         self.frees.take_ready(upto, &self.epochs)
+    }
+
+    /// The refcounts and the allocator built on them.
+    pub fn refcounts(&self) -> &Refcounts {
+        &self.refcounts
+    }
+
+    /// The metadata writer (every metadata write and fsync; the poison latch).
+    pub fn meta(&self) -> &MetaWriter {
+        &self.meta
+    }
+
+    /// Claim guest cluster `gc` while changing its mapping (lock 1 in LOCKS.md).
+    pub async fn lock_guest_cluster(&self, gc: u64) -> InflightGuard<'_> {
+        self.inflight.lock(gc).await
+    }
+
+    /// Claim L1 entry `idx` while allocating or copying its L2 table (lock 2 in LOCKS.md).
+    pub async fn lock_l1_entry(&self, idx: usize) -> InflightGuard<'_> {
+        self.l1_inflight.lock(idx as u64).await
+    }
+
+    /// One flush (or resize) at a time (lock 3 in LOCKS.md).
+    pub async fn lock_flush(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.flush_lock.lock().await
+    }
+
+    /// Register a request starting now (frees stamped later wait for it to end).
+    pub fn enter_request(&self) -> EpochGuard<'_> {
+        self.epochs.enter()
+    }
+
+    /// Wait until no request is running.
+    pub async fn requests_idle(&self) {
+        self.epochs.idle().await
+    }
+
+    /// Start a flush: returns its generation (frees deferred before it are applied by it).
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Wake the background flusher now.
+    pub fn want_flush(&self) {
+        self.flush_wanted.notify_one()
+    }
+
+    /// The background flusher's wake-up signal.
+    pub fn flush_wanted(&self) -> &Arc<tokio::sync::Notify> {
+        &self.flush_wanted
+    }
+
+    /// Mark the image closed (the background flusher stops) and wake the flusher.
+    pub fn mark_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.want_flush();
+    }
+
+    /// Whether `close()` has run.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }

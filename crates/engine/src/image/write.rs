@@ -41,7 +41,7 @@ impl Image {
         let w = self.write_state()?;
         self.check_range(offset, buf.len() as u64)?;
         self.check_data_access()?;
-        let _epoch = w.epochs.enter();
+        let _epoch = w.enter_request();
         let cs = self.inner.geo.cluster_size;
         let mut done = 0usize;
         while done < buf.len() {
@@ -62,7 +62,7 @@ impl Image {
         if let Some(host) = self.in_place_target(&m, off, data.len() as u64) {
             return self.write_data(data, host).await;
         }
-        let _guard = w.inflight.lock(gc).await;
+        let _guard = w.lock_guest_cluster(gc).await;
         let m = self.lookup(gc).await?;
         if let Some(host) = self.in_place_target(&m, off, data.len() as u64) {
             return self.write_data(data, host).await;
@@ -160,7 +160,7 @@ impl Image {
             // refcounts: the metadata file's allocator knows nothing about it (qcow2.txt).
             return Ok((cstart, false));
         }
-        Ok((self.write_state()?.refcounts.alloc(1).await?, true))
+        Ok((self.write_state()?.refcounts().alloc(1).await?, true))
     }
 
     /// The guest range of the subclusters that `[off, off + len)` touches (one cluster).
@@ -332,7 +332,7 @@ impl Image {
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "the image is opened read-only"))?;
         w.check_poison()?;
-        if w.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if w.is_closed() {
             return Err(Error::invalid_arg(
                 "the image was closed; reopen it to write",
             ));

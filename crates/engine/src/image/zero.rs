@@ -35,7 +35,7 @@ impl Image {
         let w = self.write_state()?;
         self.check_range(offset, len)?;
         self.check_data_access()?;
-        let _epoch = w.epochs.enter();
+        let _epoch = w.enter_request();
         let geo = self.inner.geo;
         let end = offset + len;
         let mut off = offset;
@@ -78,7 +78,7 @@ impl Image {
         let w = self.write_state()?;
         let geo = self.inner.geo;
         let gc = geo.guest_cluster(off);
-        let _guard = w.inflight.lock(gc).await;
+        let _guard = w.lock_guest_cluster(gc).await;
         self.zero_raw_data_file(off, n).await?;
         let m = self.lookup(gc).await?;
         let has_backing = self
@@ -142,7 +142,7 @@ impl Image {
         let w = self.write_state()?;
         let geo = self.inner.geo;
         let gc = geo.guest_cluster(off);
-        let _guard = w.inflight.lock(gc).await;
+        let _guard = w.lock_guest_cluster(gc).await;
         if self.reads_as_zero(off, n).await? {
             return Ok(()); // nothing to change, and no L2 table to allocate
         }
