@@ -20,16 +20,20 @@ impl Refcounts {
     /// byte offset. The refcount of each host cluster the bytes touch is incremented (a new
     /// cluster starts at 1).
     pub async fn alloc_bytes(&self, size: u64) -> Result<u64> {
+        self.lock().await.alloc_bytes(size).await
+    }
+
+    /// [`Refcounts::alloc_bytes`] with the lock already held.
+    pub(super) async fn alloc_bytes_locked(&self, st: &mut RefState, size: u64) -> Result<u64> {
         let cs = self.cluster_size();
         if size == 0 || size > cs {
             return Err(Error::invalid_arg(format!(
                 "compressed payload of {size} bytes for {cs}-byte clusters"
             )));
         }
-        let mut st = self.lock().await;
-        let off = match self.append_at_cursor(&mut st, size).await? {
+        let off = match self.append_at_cursor(st, size).await? {
             Some(off) => off,
-            None => self.alloc_locked(&mut st, size.div_ceil(cs)).await?,
+            None => self.alloc_locked(st, size.div_ceil(cs)).await?,
         };
         let end = off + size;
         // A cursor on a cluster boundary would point into a cluster nobody reserved.

@@ -13,6 +13,7 @@
 mod bytes;
 mod epochs;
 mod grow;
+mod guard;
 mod inflight;
 mod metaio;
 mod new_clusters;
@@ -20,6 +21,7 @@ mod overlap;
 mod sanity;
 
 pub use epochs::{EpochGuard, Epochs};
+pub use guard::Allocator;
 pub use inflight::{Inflight, InflightGuard};
 pub(crate) use metaio::{DirtySlice, MetaWriter, load_slice, take_dirty};
 pub use new_clusters::{NewClusters, NewKind};
@@ -114,8 +116,13 @@ impl Refcounts {
         }
     }
 
-    /// Take the allocator lock.
-    pub async fn lock(&self) -> MutexGuard<'_, RefState> {
+    /// Take the allocator lock (lock 4 in LOCKS.md).
+    pub async fn lock(&self) -> Allocator<'_> {
+        Allocator::new(self, self.lock_state().await)
+    }
+
+    /// The state behind the allocator lock (for this module's own multi-step operations).
+    async fn lock_state(&self) -> MutexGuard<'_, RefState> {
         self.state.lock().await
     }
 
@@ -182,7 +189,7 @@ impl Refcounts {
     }
 
     /// The refcount of host cluster `c`.
-    pub async fn get(&self, st: &RefState, c: u64) -> Result<u64> {
+    async fn get(&self, st: &RefState, c: u64) -> Result<u64> {
         let Some((off, idx)) = self.locate(st, c) else {
             return Ok(0);
         };
@@ -192,7 +199,7 @@ impl Refcounts {
 
     /// Set the refcount of host cluster `c`, creating its refcount block (and growing the
     /// table) when needed.
-    pub async fn set(&self, st: &mut RefState, c: u64, v: u64) -> Result<()> {
+    async fn set(&self, st: &mut RefState, c: u64, v: u64) -> Result<()> {
         self.ensure_block(st, c / self.entries_per_block()).await?;
         self.set_in_block(st, c, v).await
     }
@@ -219,7 +226,7 @@ impl Refcounts {
     }
 
     /// Add `delta` to the refcount of cluster `c`; errors on underflow or overflow.
-    pub async fn add(&self, st: &mut RefState, c: u64, delta: i64) -> Result<u64> {
+    async fn add(&self, st: &mut RefState, c: u64, delta: i64) -> Result<u64> {
         let cur = self.get(st, c).await?;
         let new = cur
             .checked_add_signed(delta)
@@ -266,12 +273,11 @@ impl Refcounts {
     /// Allocate `n` contiguous free clusters, set their refcounts to 1 and return the host
     /// offset of the first.
     pub async fn alloc(&self, n: u64) -> Result<u64> {
-        let mut st = self.lock().await;
-        self.alloc_locked(&mut st, n).await
+        self.lock().await.alloc_clusters(n).await
     }
 
-    /// [`Refcounts::alloc`] with the lock already held.
-    pub async fn alloc_locked(&self, st: &mut RefState, n: u64) -> Result<u64> {
+    /// [`Refcounts::alloc`] with the lock already held ([`Allocator::alloc_clusters`]).
+    async fn alloc_locked(&self, st: &mut RefState, n: u64) -> Result<u64> {
         let mut c = st.hint.max(1);
         'search: loop {
             for k in 0..n {
@@ -307,7 +313,7 @@ impl Refcounts {
 
     /// Write every dirty refcount slice, zeroing new blocks first, then fsync, then the
     /// refcount table if it changed, then fsync again. Call with the lock held.
-    pub async fn flush_locked(&self, st: &mut RefState) -> Result<()> {
+    async fn flush_locked(&self, st: &mut RefState) -> Result<()> {
         self.write_dirty_slices().await?;
         if st.table_dirty {
             self.sync().await?;

@@ -133,9 +133,9 @@ mod tests {
         let (rc, _) = refcounts().await;
         // The block for range 1 goes to cluster 70 (past the old end), the cluster to 71.
         assert_eq!(rc.alloc(1).await.unwrap(), 71 * 512);
-        assert_eq!(rc.lock().await.table[1], 70 * 512);
+        assert_eq!(rc.lock_state().await.table[1], 70 * 512);
         assert_eq!(rc.alloc(1).await.unwrap(), 72 * 512);
-        let st = rc.lock().await;
+        let st = rc.lock_state().await;
         assert_eq!(rc.untrusted_until(&st, 64), Some(70));
         assert_eq!(rc.untrusted_until(&st, 70), None);
         assert_eq!(rc.untrusted_until(&st, 3), None);

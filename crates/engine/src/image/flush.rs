@@ -110,8 +110,7 @@ impl Image {
         let new_l2 = self.inner.new.of_kind(NewKind::L2);
         self.sync_data().await?;
         {
-            let mut st = w.refcounts().lock().await;
-            w.refcounts().flush_locked(&mut st).await?;
+            w.refcounts().lock().await.flush().await?;
         }
         let table = (self.inner.geo.cluster_size, Kinds::L2);
         let sets = (self.inner.new.as_ref(), w.refcounts().map().as_ref());
@@ -154,10 +153,10 @@ impl Image {
             return Ok(());
         }
         let cb = self.inner.geo.cluster_bits;
-        let mut st = w.refcounts().lock().await;
+        let mut alloc = w.refcounts().lock().await;
         for f in ready {
             let c = f.host >> cb;
-            let cur = w.refcounts().get(&st, c).await?;
+            let cur = alloc.refcount(c).await?;
             if cur == 0 {
                 return Err(
                     Error::corrupt("freeing a cluster whose refcount is already 0").at(f.host),
@@ -169,7 +168,7 @@ impl Image {
                     let _ = self.inner.data.discard(f.host, 1 << cb).await;
                 }
             }
-            w.refcounts().set(&mut st, c, cur - 1).await?;
+            alloc.set_refcount(c, cur - 1).await?;
         }
         Ok(())
     }

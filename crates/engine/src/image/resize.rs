@@ -138,11 +138,8 @@ impl Image {
         w.refcounts()
             .map()
             .insert(new_off, clusters * cs, Kinds::L1);
-        {
-            // The new clusters' refcounts must be on disk before the header points there.
-            let mut st = w.refcounts().lock().await;
-            w.refcounts().flush_locked(&mut st).await?;
-        }
+        // The new clusters' refcounts must be on disk before the header points there.
+        w.refcounts().lock().await.flush().await?;
         self.check_metadata_write(new_off, buf.len() as u64, Kinds::L1)
             .await?;
         self.write_meta(&buf, new_off, "writing the new L1 table")
@@ -160,9 +157,9 @@ impl Image {
         }
         // Nothing on disk points at the old table any more.
         let old_clusters = (old_len * L1_ENTRY_SIZE).div_ceil(cs);
-        let mut st = w.refcounts().lock().await;
+        let mut alloc = w.refcounts().lock().await;
         for c in 0..old_clusters {
-            w.refcounts().add(&mut st, (old_off / cs) + c, -1).await?;
+            alloc.free((old_off / cs) + c).await?;
         }
         Ok(())
     }
