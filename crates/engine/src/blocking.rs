@@ -24,6 +24,7 @@ use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Image, OpenOptions, ZeroFlags};
+use crate::units::GuestOffset;
 
 /// An [`Image`] driven synchronously, with a cursor for `Read`/`Write`/`Seek`.
 ///
@@ -123,7 +124,7 @@ impl io::Write for BlockingImage {
                 ErrorKind::OutOfRange,
                 "write past the end of the virtual disk",
             );
-            return Err(e.at(self.pos).into());
+            return Err(e.at_guest(GuestOffset(self.pos)).into());
         }
         self.write_at(&buf[..n], self.pos)?;
         self.pos += n as u64;

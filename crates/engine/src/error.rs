@@ -7,6 +7,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::units::{GuestOffset, HostOffset};
+
 /// What went wrong, as a stable category.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -65,8 +67,10 @@ impl ErrorKind {
 /// ```
 /// use std::error::Error as _;
 /// let cause = std::io::Error::other("disk on fire");
-/// let e = qcow2_engine::Error::io("reading an L2 table", cause).at(0x50000).in_file("a.qcow2");
-/// assert_eq!(e.to_string(), "a.qcow2: I/O error: reading an L2 table (offset 0x50000)");
+/// let e = qcow2_engine::Error::io("reading an L2 table", cause)
+///     .at_host(qcow2_engine::HostOffset(0x50000))
+///     .in_file("a.qcow2");
+/// assert_eq!(e.to_string(), "a.qcow2: I/O error: reading an L2 table (host 0x50000)");
 /// assert_eq!(e.source().unwrap().to_string(), "disk on fire");
 /// assert_eq!(format!("{e:#}"), format!("{e}: disk on fire"));
 /// ```
@@ -74,10 +78,43 @@ impl ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     what: String,
-    offset: Option<u64>,
+    offset: Option<Location>,
     path: Option<PathBuf>,
     #[source]
     source: Option<std::io::Error>,
+}
+
+/// Where an error happened: a guest offset, a host offset, or a byte offset of another kind
+/// (a header field, a stream position). `Display`: `guest 0x…`, `host 0x…`, `offset 0x…`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// An offset in the virtual disk.
+    Guest(GuestOffset),
+    /// An offset in the image file or the external data file.
+    Host(HostOffset),
+    /// A byte offset whose address space the message gives.
+    Offset(u64),
+}
+
+impl Location {
+    /// The offset as a number.
+    pub fn value(self) -> u64 {
+        match self {
+            Location::Guest(g) => g.0,
+            Location::Host(h) => h.0,
+            Location::Offset(o) => o,
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Guest(g) => g.fmt(f),
+            Location::Host(h) => h.fmt(f),
+            Location::Offset(o) => write!(f, "offset {o:#x}"),
+        }
+    }
 }
 
 /// Shorthand used throughout the crate.
@@ -144,9 +181,23 @@ impl Error {
         Self::new(ErrorKind::Locked, msg)
     }
 
-    /// Attach the byte offset (guest or host, as `what` says) the error is about.
+    /// Attach a byte offset the error is about, in the file named by `what`/the path (a
+    /// header field, a position in a stream). Prefer [`Error::at_guest`] or
+    /// [`Error::at_host`] when the address space is known.
     pub fn at(mut self, offset: u64) -> Self {
-        self.offset = Some(offset);
+        self.offset = Some(Location::Offset(offset));
+        self
+    }
+
+    /// Attach the guest (virtual disk) offset the error is about.
+    pub fn at_guest(mut self, offset: GuestOffset) -> Self {
+        self.offset = Some(Location::Guest(offset));
+        self
+    }
+
+    /// Attach the host (image or data file) offset the error is about.
+    pub fn at_host(mut self, offset: HostOffset) -> Self {
+        self.offset = Some(Location::Host(offset));
         self
     }
 
@@ -168,8 +219,13 @@ impl Error {
         &self.what
     }
 
-    /// The offset the error is about, if known.
+    /// The offset the error is about, if known (guest or host: see [`Error::location`]).
     pub fn offset(&self) -> Option<u64> {
+        self.offset.map(Location::value)
+    }
+
+    /// The offset the error is about and its address space, if known.
+    pub fn location(&self) -> Option<Location> {
         self.offset
     }
 
@@ -190,8 +246,8 @@ impl fmt::Display for Error {
             write!(f, "{}: ", p.display())?;
         }
         write!(f, "{}: {}", self.kind.as_str(), self.what)?;
-        if let Some(off) = self.offset {
-            write!(f, " (offset {off:#x})")?;
+        if let Some(loc) = self.offset {
+            write!(f, " ({loc})")?;
         }
         // The cause is `source()`'s to print: showing it here too would print it twice in every
         // error chain. `{:#}` (anyhow's convention) appends it for one-line logs.
@@ -261,5 +317,16 @@ mod tests {
         let e = Error::corrupt("L2 entry points into the header").at(0x10000);
         assert_eq!(e.to_string(), format!("{e:#}"));
         assert!(e.source().is_none());
+    }
+
+    /// The context names the address space of the offset.
+    #[test]
+    fn offsets_say_guest_or_host() {
+        let g = Error::corrupt("x").at_guest(GuestOffset(0x2000));
+        let h = Error::corrupt("x").at_host(HostOffset(0x30000));
+        assert_eq!(g.to_string(), "corrupt image: x (guest 0x2000)");
+        assert_eq!(h.to_string(), "corrupt image: x (host 0x30000)");
+        assert_eq!(g.location(), Some(Location::Guest(GuestOffset(0x2000))));
+        assert_eq!((g.offset(), h.offset()), (Some(0x2000), Some(0x30000)));
     }
 }

@@ -23,10 +23,49 @@ impl fmt::Display for HostOffset {
     }
 }
 
+/// A host cluster number: a [`HostOffset`] divided by the cluster size (what refcounts are
+/// indexed by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ClusterIndex(pub u64);
+
+impl fmt::Display for ClusterIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "host cluster {}", self.0)
+    }
+}
+
+impl ClusterIndex {
+    /// The host offset where this cluster starts, for clusters of `1 << cluster_bits` bytes.
+    /// Cluster indices come from host offsets (at most 2^56), so the shift cannot overflow.
+    pub fn offset(self, cluster_bits: u32) -> HostOffset {
+        HostOffset(self.0 << cluster_bits)
+    }
+
+    /// The index `n` clusters further on.
+    pub fn offset_by(self, n: u64) -> ClusterIndex {
+        ClusterIndex(self.0 + n)
+    }
+}
+
 impl HostOffset {
     /// The offset `n` bytes further on.
     pub fn offset_by(self, n: u64) -> HostOffset {
         HostOffset(self.0 + n)
+    }
+
+    /// The offset `n` bytes further on, or `None` on overflow.
+    pub fn checked_add(self, n: u64) -> Option<HostOffset> {
+        self.0.checked_add(n).map(HostOffset)
+    }
+
+    /// The number of the cluster holding this offset, for clusters of `1 << cluster_bits`.
+    pub fn cluster_index(self, cluster_bits: u32) -> ClusterIndex {
+        ClusterIndex(self.0 >> cluster_bits)
+    }
+
+    /// The start of the cluster holding this offset.
+    pub fn to_cluster_offset(self, cluster_bits: u32) -> HostOffset {
+        self.cluster_index(cluster_bits).offset(cluster_bits)
     }
 }
 
@@ -34,5 +73,25 @@ impl GuestOffset {
     /// The offset `n` bytes further on.
     pub fn offset_by(self, n: u64) -> GuestOffset {
         GuestOffset(self.0 + n)
+    }
+
+    /// The offset `n` bytes further on, or `None` on overflow.
+    pub fn checked_add(self, n: u64) -> Option<GuestOffset> {
+        self.0.checked_add(n).map(GuestOffset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_index_round_trips_and_floors() {
+        let h = HostOffset(0x3_0123);
+        assert_eq!(h.cluster_index(16), ClusterIndex(3));
+        assert_eq!(h.to_cluster_offset(16), HostOffset(0x3_0000));
+        assert_eq!(ClusterIndex(3).offset(16), HostOffset(0x3_0000));
+        assert_eq!(HostOffset(u64::MAX).checked_add(1), None);
+        assert_eq!(GuestOffset(1).checked_add(2), Some(GuestOffset(3)));
     }
 }

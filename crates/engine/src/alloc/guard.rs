@@ -10,6 +10,7 @@ use tokio::sync::MutexGuard;
 
 use super::{RefState, Refcounts};
 use crate::error::Result;
+use crate::units::{ClusterIndex, HostOffset};
 
 /// The allocator with its lock held; dropping it releases the lock.
 #[derive(Debug)]
@@ -25,34 +26,37 @@ impl<'a> Allocator<'a> {
 
     /// Allocate `n` contiguous free clusters (refcount 1) and return the host offset of the
     /// first.
-    pub async fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        self.rc.alloc_locked(&mut self.st, n).await
+    pub async fn alloc_clusters(&mut self, n: u64) -> Result<HostOffset> {
+        self.rc.alloc_locked(&mut self.st, n).await.map(HostOffset)
     }
 
     /// Reserve `size` bytes for a compressed payload (see `bytes.rs`); returns the host
     /// byte offset.
-    pub async fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
-        self.rc.alloc_bytes_locked(&mut self.st, size).await
+    pub async fn alloc_bytes(&mut self, size: u64) -> Result<HostOffset> {
+        self.rc
+            .alloc_bytes_locked(&mut self.st, size)
+            .await
+            .map(HostOffset)
     }
 
     /// The refcount of host cluster `c`.
-    pub async fn refcount(&self, c: u64) -> Result<u64> {
-        self.rc.get(&self.st, c).await
+    pub async fn refcount(&self, c: ClusterIndex) -> Result<u64> {
+        self.rc.get(&self.st, c.0).await
     }
 
     /// Set the refcount of host cluster `c` to `v` (0 frees it).
-    pub async fn set_refcount(&mut self, c: u64, v: u64) -> Result<()> {
-        self.rc.set(&mut self.st, c, v).await
+    pub async fn set_refcount(&mut self, c: ClusterIndex, v: u64) -> Result<()> {
+        self.rc.set(&mut self.st, c.0, v).await
     }
 
     /// Add `delta` to the refcount of host cluster `c`; returns the new refcount. Errors on
     /// underflow or overflow.
-    pub async fn change_refcount(&mut self, c: u64, delta: i64) -> Result<u64> {
-        self.rc.add(&mut self.st, c, delta).await
+    pub async fn change_refcount(&mut self, c: ClusterIndex, delta: i64) -> Result<u64> {
+        self.rc.add(&mut self.st, c.0, delta).await
     }
 
     /// Drop one reference to host cluster `c`; returns the refcount left.
-    pub async fn free(&mut self, c: u64) -> Result<u64> {
+    pub async fn free(&mut self, c: ClusterIndex) -> Result<u64> {
         self.change_refcount(c, -1).await
     }
 

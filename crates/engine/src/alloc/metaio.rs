@@ -17,6 +17,7 @@ use crate::cache::{Slice, SliceCache};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::HeaderPatch;
 use crate::storage::Storage;
+use crate::units::HostOffset;
 
 /// Writes metadata to the image file and latches the first failure.
 #[derive(Debug)]
@@ -59,7 +60,7 @@ impl MetaWriter {
         self.file
             .write_at(buf, off)
             .await
-            .map_err(|e| self.latch(Error::io(what, e).at(off)))
+            .map_err(|e| self.latch(Error::io(what, e).at_host(HostOffset(off))))
     }
 
     /// Make every completed metadata write durable.
@@ -91,7 +92,7 @@ impl MetaWriter {
             self.file
                 .write_zeroes(host, len)
                 .await
-                .map_err(|e| self.latch(Error::io(what, e).at(host)))?;
+                .map_err(|e| self.latch(Error::io(what, e).at_host(HostOffset(host))))?;
             new.remove(host);
         }
         Ok(())
@@ -147,7 +148,7 @@ pub async fn load_slice(
             if !fresh() {
                 file.read_at(&mut buf, off)
                     .await
-                    .map_err(|e| Error::io(what, e).at(off))?;
+                    .map_err(|e| Error::io(what, e).at_host(HostOffset(off)))?;
             }
             Ok(buf)
         })

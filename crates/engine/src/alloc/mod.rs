@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::format::header::Header;
 use crate::format::refcount::{self, RefTableEntry};
 use crate::storage::Storage;
+use crate::units::HostOffset;
 
 /// Refcount state guarded by the allocator mutex.
 #[derive(Debug)]
@@ -235,7 +236,7 @@ impl Refcounts {
                 Error::corrupt(format!(
                     "refcount of cluster {c} would become {cur}{delta:+}"
                 ))
-                .at(c << self.cluster_bits)
+                .at_host(HostOffset(c << self.cluster_bits))
             })?;
         self.set(st, c, new).await?;
         Ok(new)
@@ -272,7 +273,7 @@ impl Refcounts {
 
     /// Allocate `n` contiguous free clusters, set their refcounts to 1 and return the host
     /// offset of the first.
-    pub async fn alloc(&self, n: u64) -> Result<u64> {
+    pub async fn alloc(&self, n: u64) -> Result<HostOffset> {
         self.lock().await.alloc_clusters(n).await
     }
 

@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 use crate::error::{Error, Result};
 use crate::format::header::HeaderPatch;
 use crate::storage::Storage;
+use crate::units::HostOffset;
 
 /// A set of metadata kinds (bit flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +174,7 @@ impl MetadataMap {
                     k.name()
                 ))
                 .await
-                .at(host)),
+                .at_host(HostOffset(host))),
         }
     }
 
@@ -200,12 +201,12 @@ impl MetadataMap {
         self.file
             .read_at(&mut b, at)
             .await
-            .map_err(|e| Error::io("reading the header", e).at(at))?;
+            .map_err(|e| Error::io("reading the header", e).at_host(HostOffset(at)))?;
         let patch = HeaderPatch::incompatible_features(u64::from_be_bytes(b) | CORRUPT_BIT);
         self.file
             .write_at(patch.bytes(), patch.offset())
             .await
-            .map_err(|e| Error::io("setting the corrupt bit", e).at(at))?;
+            .map_err(|e| Error::io("setting the corrupt bit", e).at_host(HostOffset(at)))?;
         self.file
             .flush()
             .await

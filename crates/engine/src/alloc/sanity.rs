@@ -22,6 +22,7 @@
 
 use super::{Kinds, RefState, Refcounts};
 use crate::error::Result;
+use crate::units::HostOffset;
 
 impl Refcounts {
     /// Refuse to hand out cluster `c` (refcount 0) when it is known to hold metadata: the
@@ -32,7 +33,7 @@ impl Refcounts {
         }
         let host = c << self.cluster_bits;
         let msg = format!("cluster {c} holds metadata but its refcount is 0");
-        Err(self.map.signal(msg).await.at(host))
+        Err(self.map.signal(msg).await.at_host(HostOffset(host)))
     }
 
     /// Refuse to drop the last reference to cluster `c` when it holds metadata the engine
@@ -46,7 +47,11 @@ impl Refcounts {
             "the refcount of cluster {c} would drop to 0 but it holds the {}; refusing to free it",
             k.name()
         );
-        Err(self.map.signal(msg).await.at(c << self.cluster_bits))
+        Err(self
+            .map
+            .signal(msg)
+            .await
+            .at_host(HostOffset(c << self.cluster_bits)))
     }
 
     /// When cluster `c` lies in a range that no refcount block covered at open and inside
@@ -75,7 +80,7 @@ impl Refcounts {
                  ({}); refusing to place a refcount block there",
                 k.name()
             );
-            return Err(self.map.signal(msg).await.at(host));
+            return Err(self.map.signal(msg).await.at_host(HostOffset(host)));
         }
         if first < self.open_end {
             st.untrusted.insert(ti);
@@ -86,7 +91,7 @@ impl Refcounts {
                 "refcount table entry {ti} is empty but the clusters it covers lie inside the \
                  file and may be in use; refusing to count them as free"
             );
-            return Err(self.map.signal(msg).await.at(host));
+            return Err(self.map.signal(msg).await.at_host(HostOffset(host)));
         }
         Ok(at << self.cluster_bits)
     }
@@ -132,9 +137,9 @@ mod tests {
     async fn clusters_inside_the_file_in_an_uncovered_range_are_never_handed_out() {
         let (rc, _) = refcounts().await;
         // The block for range 1 goes to cluster 70 (past the old end), the cluster to 71.
-        assert_eq!(rc.alloc(1).await.unwrap(), 71 * 512);
+        assert_eq!(rc.alloc(1).await.unwrap().0, 71 * 512);
         assert_eq!(rc.lock_state().await.table[1], 70 * 512);
-        assert_eq!(rc.alloc(1).await.unwrap(), 72 * 512);
+        assert_eq!(rc.alloc(1).await.unwrap().0, 72 * 512);
         let st = rc.lock_state().await;
         assert_eq!(rc.untrusted_until(&st, 64), Some(70));
         assert_eq!(rc.untrusted_until(&st, 70), None);

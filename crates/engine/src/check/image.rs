@@ -16,6 +16,7 @@ use crate::format::l2::L2Geometry;
 use crate::format::refcount::{self, RefTableEntry};
 use crate::format::snapshot::{self, Snapshot};
 use crate::storage::Storage;
+use crate::units::HostOffset;
 
 /// The image being checked, as loaded from disk.
 #[derive(Debug)]
@@ -151,8 +152,9 @@ impl Ctx {
             off = off.next_multiple_of(8);
             let at = h.snapshots_offset.saturating_add(off);
             let hdr = self.read(at, snapshot::ENTRY_HEADER_LEN as u64).await?;
-            let len = snapshot::entry_len(&hdr)
-                .map_err(|e| Error::corrupt(format!("snapshot {i}: {}", e.what())).at(at))?;
+            let len = snapshot::entry_len(&hdr).map_err(|e| {
+                Error::corrupt(format!("snapshot {i}: {}", e.what())).at_host(HostOffset(at))
+            })?;
             off += len as u64;
             if off > snapshot::MAX_TABLE_SIZE as u64 {
                 return Err(Error::corrupt("snapshot table larger than 64 MiB"));
@@ -172,7 +174,7 @@ impl Ctx {
             self.storage
                 .read_at(&mut buf, offset)
                 .await
-                .map_err(|e| Error::io("reading metadata", e).at(offset))?;
+                .map_err(|e| Error::io("reading metadata", e).at_host(HostOffset(offset)))?;
         }
         Ok(buf)
     }
@@ -182,7 +184,7 @@ impl Ctx {
         self.storage
             .write_at(buf, offset)
             .await
-            .map_err(|e| Error::io("writing a repair", e).at(offset))
+            .map_err(|e| Error::io("writing a repair", e).at_host(HostOffset(offset)))
     }
 
     /// Make every write so far durable: the barrier between repair steps.

@@ -79,13 +79,13 @@ impl CompressedDescriptor {
         if self.host.0 > low_mask(host_bits) {
             return Err(
                 Error::invalid_arg("compressed cluster offset too large for the L2 entry")
-                    .at(self.host.0),
+                    .at_host(self.host),
             );
         }
         if self.sectors > low_mask(62 - x) {
             return Err(
                 Error::invalid_arg("compressed cluster size too large for the L2 entry")
-                    .at(self.host.0),
+                    .at_host(self.host),
             );
         }
         Ok(self.encode_masked(cluster_bits))
@@ -109,7 +109,7 @@ impl CompressedDescriptor {
         let end = host
             .0
             .checked_add(compressed_len - 1)
-            .ok_or_else(|| Error::invalid_arg("compressed cluster end overflows").at(host.0))?;
+            .ok_or_else(|| Error::invalid_arg("compressed cluster end overflows").at_host(host))?;
         let d = CompressedDescriptor {
             host,
             sectors: end / SECTOR_SIZE - host.0 / SECTOR_SIZE,

@@ -63,7 +63,8 @@ impl L1Entry {
         let off = self.0 & L1E_OFFSET_MASK;
         if off & cluster_size.wrapping_sub(1) != 0 {
             return Err(
-                Error::corrupt("L2 table offset in L1 entry is not cluster aligned").at(off),
+                Error::corrupt("L2 table offset in L1 entry is not cluster aligned")
+                    .at_host(HostOffset(off)),
             );
         }
         Ok(())

@@ -147,7 +147,10 @@ impl L2Entry {
         let copied = raw & L2E_COPIED != 0;
         let off = raw & L2E_OFFSET_MASK;
         if off & geo.cluster_size().wrapping_sub(1) != 0 {
-            return Err(Error::corrupt("L2 entry host offset is not cluster aligned").at(off));
+            return Err(
+                Error::corrupt("L2 entry host offset is not cluster aligned")
+                    .at_host(HostOffset(off)),
+            );
         }
         let host = (off != 0).then_some(HostOffset(off));
         if raw & L2E_ZERO != 0 && geo.zero_bit_valid() {
@@ -196,7 +199,7 @@ impl L2Entry {
         }
         if let Some(h) = self.host() {
             if h.0 & !L2E_OFFSET_MASK != 0 || h.0 & geo.cluster_size().wrapping_sub(1) != 0 {
-                return Err(Error::invalid_arg("L2 host offset unaligned or too large").at(h.0));
+                return Err(Error::invalid_arg("L2 host offset unaligned or too large").at_host(h));
             }
         }
         Ok(self.encode(geo))
@@ -229,10 +232,10 @@ fn std_bits(host: u64, copied: bool) -> u64 {
 fn decode_compressed(raw: u64, geo: &L2Geometry) -> Result<L2Entry> {
     let d = CompressedDescriptor::decode(raw, geo.cluster_bits);
     if raw & L2E_COPIED != 0 {
-        return Err(Error::corrupt("compressed L2 entry has the COPIED flag").at(d.host.0));
+        return Err(Error::corrupt("compressed L2 entry has the COPIED flag").at_host(d.host));
     }
     if d.host.0 >> 56 != 0 {
-        return Err(Error::corrupt("compressed cluster offset beyond 64 PiB").at(d.host.0));
+        return Err(Error::corrupt("compressed cluster offset beyond 64 PiB").at_host(d.host));
     }
     Ok(L2Entry::Compressed(d))
 }

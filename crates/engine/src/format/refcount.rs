@@ -140,10 +140,14 @@ impl RefTableEntry {
     /// (`cluster_size` is a power of two).
     pub fn validate(self, cluster_size: u64) -> Result<()> {
         if self.0 & REFT_RESERVED_MASK != 0 {
-            return Err(Error::corrupt("refcount table entry has reserved bits set").at(self.0));
+            return Err(Error::corrupt("refcount table entry has reserved bits set")
+                .at_host(HostOffset(self.0)));
         }
         if self.0 & cluster_size.wrapping_sub(1) != 0 {
-            return Err(Error::corrupt("refcount block offset is not cluster aligned").at(self.0));
+            return Err(
+                Error::corrupt("refcount block offset is not cluster aligned")
+                    .at_host(HostOffset(self.0)),
+            );
         }
         Ok(())
     }

@@ -28,6 +28,7 @@
 //! `qemu-img check` reports shorter entries as corrupt.
 
 use crate::error::{Error, Result};
+use crate::units::HostOffset;
 
 /// QEMU's limit on the number of snapshots.
 pub const MAX_SNAPSHOTS: u32 = 65536;
@@ -91,7 +92,7 @@ impl Snapshot {
                 "snapshot {:?}: L1 table not cluster aligned",
                 self.id
             ))
-            .at(self.l1_table_offset));
+            .at_host(HostOffset(self.l1_table_offset)));
         }
         if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
             return Err(Error::corrupt(format!(

@@ -10,6 +10,7 @@ use super::{Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::probe;
 use crate::storage::{LockRequest, OpenFlags, Storage};
+use crate::units::HostOffset;
 
 /// A backing image, as the read path sees it.
 #[derive(Debug)]
@@ -56,7 +57,7 @@ impl Backing {
             Backing::Raw { storage, .. } => storage
                 .read_at(part, off)
                 .await
-                .map_err(|e| Error::io("reading the raw backing file", e).at(off)),
+                .map_err(|e| Error::io("reading the raw backing file", e).at_host(HostOffset(off))),
         }
     }
 }

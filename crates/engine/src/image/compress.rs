@@ -13,7 +13,7 @@ use super::Image;
 use crate::error::{Error, Result};
 use crate::format::compressed::{self, CompressedDescriptor};
 use crate::format::l2::{L2Entry, SubclusterBitmap};
-use crate::units::HostOffset;
+use crate::units::{ClusterIndex, GuestOffset, HostOffset};
 
 impl Image {
     /// Write one guest cluster compressed.
@@ -48,7 +48,7 @@ impl Image {
             return Err(Error::invalid_arg(
                 "compressed writes must cover exactly one aligned cluster",
             )
-            .at(offset));
+            .at_guest(GuestOffset(offset)));
         }
         let input: Cow<[u8]> = if whole {
             Cow::Borrowed(buf)
@@ -68,10 +68,9 @@ impl Image {
         self.check_entry_is_data(&old.entry).await?;
         let table = self.ensure_l2_table(gc).await?;
         let host = w.refcounts().alloc_bytes(payload.len() as u64).await?;
-        let desc =
-            CompressedDescriptor::new(HostOffset(host), payload.len() as u64, geo.cluster_bits);
+        let desc = CompressedDescriptor::new(host, payload.len() as u64, geo.cluster_bits);
         let written = match desc {
-            Ok(d) => self.write_data(&payload, host).await.map(|()| d),
+            Ok(d) => self.write_data(&payload, host.0).await.map(|()| d),
             Err(e) => Err(e),
         };
         let desc = match written {
@@ -91,11 +90,15 @@ impl Image {
 
     /// Drop the references [`Refcounts::alloc_bytes`](crate::alloc::Refcounts::alloc_bytes)
     /// took for a payload that never got a mapping.
-    fn release_payload(&self, host: u64, len: u64) {
+    fn release_payload(&self, host: HostOffset, len: u64) {
         let Ok(w) = self.write_state() else { return };
         let cb = self.inner.geo.cluster_bits;
-        for c in host >> cb..=(host + len - 1) >> cb {
-            w.defer_free(c << cb, false);
+        let (first, last) = (
+            host.cluster_index(cb),
+            host.offset_by(len - 1).cluster_index(cb),
+        );
+        for c in first.0..=last.0 {
+            w.defer_free(ClusterIndex(c).offset(cb), false);
         }
     }
 }

@@ -155,17 +155,16 @@ impl Image {
         let cb = self.inner.geo.cluster_bits;
         let mut alloc = w.refcounts().lock().await;
         for f in ready {
-            let c = f.host >> cb;
+            let c = f.host.cluster_index(cb);
             let cur = alloc.refcount(c).await?;
             if cur == 0 {
-                return Err(
-                    Error::corrupt("freeing a cluster whose refcount is already 0").at(f.host),
-                );
+                let e = Error::corrupt("freeing a cluster whose refcount is already 0");
+                return Err(e.at_host(f.host));
             }
             if cur == 1 {
-                self.inner.l2_cache.invalidate_range(f.host, 1 << cb);
+                self.inner.l2_cache.invalidate_range(f.host.0, 1 << cb);
                 if f.punch {
-                    let _ = self.inner.data.discard(f.host, 1 << cb).await;
+                    let _ = self.inner.data.discard(f.host.0, 1 << cb).await;
                 }
             }
             alloc.set_refcount(c, cur - 1).await?;

@@ -11,12 +11,13 @@
 use std::sync::Mutex;
 
 use crate::alloc::Epochs;
+use crate::units::HostOffset;
 
 /// A host cluster reference to drop once the mapping that dropped it is on disk.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PendingFree {
     /// Host cluster offset.
-    pub host: u64,
+    pub host: HostOffset,
     /// Punch the host space when the refcount reaches zero.
     pub punch: bool,
     /// Request epoch when the mapping dropped the reference.
@@ -34,7 +35,7 @@ pub(crate) struct PendingFrees {
 impl PendingFrees {
     /// Record that a mapping dropped its reference to `host` in request epoch `epoch`; the
     /// flush of generation `generation` persists that mapping.
-    pub fn push(&self, host: u64, punch: bool, (epoch, generation): (u64, u64)) {
+    pub fn push(&self, host: HostOffset, punch: bool, (epoch, generation): (u64, u64)) {
         self.list.lock().unwrap().push(PendingFree {
             host,
             punch,
@@ -65,7 +66,7 @@ mod tests {
         let frees = PendingFrees::default();
         let reader = epochs.enter();
         let e = epochs.stamp();
-        frees.push(4096, false, (e, 2));
+        frees.push(HostOffset(4096), false, (e, 2));
         assert!(
             frees.take_ready(1, &epochs).is_empty(),
             "mapping not on disk yet"
@@ -76,7 +77,7 @@ mod tests {
         );
         drop(reader);
         let ready = frees.take_ready(2, &epochs);
-        assert_eq!(ready.iter().map(|f| f.host).collect::<Vec<_>>(), [4096]);
+        assert_eq!(ready.iter().map(|f| f.host.0).collect::<Vec<_>>(), [4096]);
         assert!(frees.take_ready(2, &epochs).is_empty(), "taken once");
     }
 }

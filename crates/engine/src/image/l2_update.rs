@@ -6,7 +6,6 @@ use crate::alloc::{Kinds, NewKind};
 use crate::error::{Error, Result};
 use crate::format::l1::L1Entry;
 use crate::format::l2::{self, L2Entry, SubclusterBitmap};
-use crate::units::HostOffset;
 
 impl Image {
     /// The host offset of a writable (refcount 1) L2 table for guest cluster `gc`: the
@@ -25,18 +24,18 @@ impl Image {
         let old = self.l1_entry(idx)?.l2_offset();
         let new = w.refcounts().alloc(1).await?;
         let cs = self.inner.geo.cluster_size;
-        w.refcounts().map().insert(new, cs, Kinds::L2);
-        self.inner.new.insert(new, NewKind::L2);
+        w.refcounts().map().insert(new.0, cs, Kinds::L2);
+        self.inner.new.insert(new.0, NewKind::L2);
         if let Some(old) = old {
-            self.copy_l2_table(old.0, new).await?;
+            self.copy_l2_table(old.0, new.0).await?;
         }
-        self.inner.l1.set(idx, L1Entry::new(HostOffset(new), true));
+        self.inner.l1.set(idx, L1Entry::new(new, true));
         if let Some(old) = old {
             // The old table stays referenced by the snapshot; drop the active image's
             // reference once the new L1 entry is on disk.
-            w.defer_free(old.0, false);
+            w.defer_free(old, false);
         }
-        Ok(new)
+        Ok(new.0)
     }
 
     /// The L2 table of L1 entry `idx` if it exists and is not shared.

@@ -9,6 +9,7 @@ use crate::cache::{Lookup, Slice, SliceCache};
 use crate::error::{Error, Result};
 use crate::format::l2::{self, L2Entry, SubclusterBitmap};
 use crate::storage::Storage;
+use crate::units::HostOffset;
 
 /// The decoded L2 entry of one guest cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +54,15 @@ impl Image {
         } else {
             L2Entry::decode(raw, &geo.l2)
         }
-        .map_err(|e| e.at(slice_off))?;
+        .map_err(|e| e.at_host(HostOffset(slice_off)))?;
         if self.inner.data_file_path.is_some() {
-            check_external(&entry, gc * geo.cluster_size).map_err(|e| e.at(slice_off))?;
+            check_external(&entry, gc * geo.cluster_size)
+                .map_err(|e| e.at_host(HostOffset(slice_off)))?;
         }
         if geo.l2.extended {
-            bitmap.validate_for(&entry).map_err(|e| e.at(slice_off))?;
+            bitmap
+                .validate_for(&entry)
+                .map_err(|e| e.at_host(HostOffset(slice_off)))?;
         }
         Ok(Mapping { entry, bitmap })
     }

@@ -7,6 +7,7 @@ use super::lookup::Mapping;
 use super::{Backing, Image};
 use crate::error::{Error, Result};
 use crate::format::l2::{L2Entry, SubclusterState};
+use crate::units::HostOffset;
 
 /// One extent of `map` output (field names as qemu-img prints them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,12 +88,9 @@ impl Image {
             Status::Zero(host) => Ok(ext(true, true, false, false, host)),
             // Like QEMU, ask the host file about holes only for metadata-preallocated images.
             Status::Data(host) if self.metadata_preallocated().await? => {
-                let (is_data, n) = self
-                    .inner
-                    .data
-                    .block_status(host, len)
-                    .await
-                    .map_err(|e| Error::io("querying host allocation", e).at(host))?;
+                let (is_data, n) = self.inner.data.block_status(host, len).await.map_err(|e| {
+                    Error::io("querying host allocation", e).at_host(HostOffset(host))
+                })?;
                 let n = n.clamp(1, len);
                 Ok(Extent {
                     length: n,
@@ -114,10 +112,9 @@ async fn backing_status(b: &Backing, off: u64, len: u64, depth: u32) -> Result<E
     match b {
         Backing::Qcow2(img) => Box::pin(img.status_at(off, len, depth)).await,
         Backing::Raw { storage, .. } => {
-            let (is_data, n) = storage
-                .block_status(off, len)
-                .await
-                .map_err(|e| Error::io("querying backing allocation", e).at(off))?;
+            let (is_data, n) = storage.block_status(off, len).await.map_err(|e| {
+                Error::io("querying backing allocation", e).at_host(HostOffset(off))
+            })?;
             Ok(Extent {
                 start: off,
                 length: n.clamp(1, len),

@@ -63,6 +63,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::compressed::CompressionType;
 use crate::format::extensions::ImageHeader;
 use crate::storage::{LockRequest, Storage};
+use crate::units::GuestOffset;
 use geometry::Geometry;
 
 /// An open qcow2 image.
@@ -239,7 +240,7 @@ impl Image {
                 ErrorKind::OutOfRange,
                 format!("request of {len} bytes beyond the virtual size {size}"),
             )
-            .at(offset)),
+            .at_guest(GuestOffset(offset))),
         }
     }
 

@@ -125,7 +125,9 @@ async fn open_write_state(
     let mut buf = vec![0u8; (clusters << h.cluster_bits) as usize];
     file.read_at(&mut buf, h.refcount_table_offset)
         .await
-        .map_err(|e| Error::io("reading the refcount table", e).at(h.refcount_table_offset))?;
+        .map_err(|e| {
+            Error::io("reading the refcount table", e).at_host(HostOffset(h.refcount_table_offset))
+        })?;
     let table = refcount::parse_table(&buf);
     for (i, e) in table.iter().enumerate() {
         e.validate(h.cluster_size())
@@ -160,7 +162,7 @@ async fn read_l1(file: &dyn Storage, h: &Header) -> Result<Vec<l1::L1Entry>> {
     let mut buf = vec![0u8; h.l1_size as usize * 8];
     file.read_at(&mut buf, h.l1_table_offset)
         .await
-        .map_err(|e| Error::io("reading the L1 table", e).at(h.l1_table_offset))?;
+        .map_err(|e| Error::io("reading the L1 table", e).at_host(HostOffset(h.l1_table_offset)))?;
     let entries = l1::parse_table(&buf);
     let cluster_size = h.cluster_size();
     for (i, e) in entries.iter().enumerate() {

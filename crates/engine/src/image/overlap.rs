@@ -17,6 +17,7 @@ use crate::format::l2::L2Entry;
 use crate::format::refcount::RefTableEntry;
 use crate::format::snapshot;
 use crate::storage::Storage;
+use crate::units::HostOffset;
 
 /// The metadata map of an image being opened read-write.
 pub(super) async fn build_map(
@@ -199,7 +200,7 @@ impl Image {
             "an L2 entry points into the {}; refusing to free it",
             k.name()
         );
-        Err(map.signal(msg).await.at(first << cb))
+        Err(map.signal(msg).await.at_host(HostOffset(first << cb)))
     }
 
     /// Check a metadata write of `len` bytes at `host` against every kind but its own.

@@ -6,6 +6,7 @@ use super::lookup::Mapping;
 use crate::error::{Error, Result};
 use crate::format::compressed::{self, CompressedDescriptor};
 use crate::format::l2::{L2Entry, SubclusterState};
+use crate::units::HostOffset;
 
 /// Where a run of guest bytes reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +83,7 @@ impl Image {
                 .data
                 .read_at(buf, host)
                 .await
-                .map_err(|e| Error::io("reading guest data", e).at(host)),
+                .map_err(|e| Error::io("reading guest data", e).at_host(HostOffset(host))),
             Source::Backing => match &self.inner.backing {
                 Some(b) => b.read_at(buf, off).await,
                 None => {
@@ -106,17 +107,19 @@ impl Image {
         // A compressed cluster never needs more than a cluster plus the sector it starts in;
         // refuse larger descriptors rather than allocate what a hostile image asks for.
         if len > cs + 512 * 2 {
-            return Err(Error::corrupt(format!("compressed cluster of {len} bytes")).at(d.host.0));
+            return Err(
+                Error::corrupt(format!("compressed cluster of {len} bytes")).at_host(d.host)
+            );
         }
         let mut input = vec![0u8; len as usize];
         self.inner
             .file
             .read_at(&mut input, d.host.0)
             .await
-            .map_err(|e| Error::io("reading a compressed cluster", e).at(d.host.0))?;
+            .map_err(|e| Error::io("reading a compressed cluster", e).at_host(d.host))?;
         let mut out = vec![0u8; cs as usize];
         compressed::decompress(self.inner.compression, &input, &mut out)
-            .map_err(|e| e.at(d.host.0))?;
+            .map_err(|e| e.at_host(d.host))?;
         Ok(out)
     }
 }

@@ -26,7 +26,7 @@ use super::Image;
 use crate::alloc::Kinds;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{self, HeaderPatch, L1_ENTRY_SIZE, MAX_L1_BYTES};
-use crate::units::HostOffset;
+use crate::units::{ClusterIndex, HostOffset};
 
 impl Image {
     /// Grow the virtual disk to `new_size` bytes (a multiple of 512). Shrinking is refused;
@@ -133,8 +133,8 @@ impl Image {
             .file
             .read_at(&mut buf[..old_bytes], old_off)
             .await
-            .map_err(|e| Error::io("reading the L1 table", e).at(old_off))?;
-        let new_off = w.refcounts().alloc(clusters).await?;
+            .map_err(|e| Error::io("reading the L1 table", e).at_host(HostOffset(old_off)))?;
+        let new_off = w.refcounts().alloc(clusters).await?.0;
         w.refcounts()
             .map()
             .insert(new_off, clusters * cs, Kinds::L1);
@@ -159,7 +159,7 @@ impl Image {
         let old_clusters = (old_len * L1_ENTRY_SIZE).div_ceil(cs);
         let mut alloc = w.refcounts().lock().await;
         for c in 0..old_clusters {
-            alloc.free((old_off / cs) + c).await?;
+            alloc.free(ClusterIndex(old_off / cs + c)).await?;
         }
         Ok(())
     }

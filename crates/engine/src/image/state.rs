@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::frees::{PendingFree, PendingFrees};
 use crate::alloc::{EpochGuard, Epochs, Inflight, InflightGuard, MetaWriter, Refcounts};
 use crate::error::{Error, Result};
+use crate::units::HostOffset;
 
 #[derive(Debug)]
 pub(crate) struct WriteState {
@@ -63,7 +64,7 @@ impl WriteState {
     }
 
     /// Schedule dropping one reference to host cluster `host`.
-    pub fn defer_free(&self, host: u64, punch: bool) {
+    pub fn defer_free(&self, host: HostOffset, punch: bool) {
         let generation = self.generation.load(Ordering::Acquire);
         let epoch = self.epochs.stamp();
         self.frees.push(host, punch, (epoch, generation));

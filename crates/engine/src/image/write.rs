@@ -19,7 +19,7 @@ use super::lookup::Mapping;
 use super::read::Source;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
-use crate::units::HostOffset;
+use crate::units::{ClusterIndex, HostOffset};
 
 /// Zero runs at least this long are written with write-zeroes instead of zero buffers.
 const ZERO_IO_THRESHOLD: u64 = 64 * 1024;
@@ -95,7 +95,7 @@ impl Image {
             .data
             .write_at(data, host)
             .await
-            .map_err(|e| Error::io("writing guest data", e).at(host))
+            .map_err(|e| Error::io("writing guest data", e).at_host(HostOffset(host)))
     }
 
     /// The allocating path, with the cluster's in-flight guard held.
@@ -136,7 +136,7 @@ impl Image {
         let filled = self.write_with_fill(host, cstart, span, data, off).await;
         if let Err(e) = filled {
             if fresh {
-                self.write_state()?.defer_free(host, false);
+                self.write_state()?.defer_free(HostOffset(host), false);
             }
             return Err(e);
         }
@@ -160,7 +160,7 @@ impl Image {
             // refcounts: the metadata file's allocator knows nothing about it (qcow2.txt).
             return Ok((cstart, false));
         }
-        Ok((self.write_state()?.refcounts().alloc(1).await?, true))
+        Ok((self.write_state()?.refcounts().alloc(1).await?.0, true))
     }
 
     /// The guest range of the subclusters that `[off, off + len)` touches (one cluster).
@@ -298,7 +298,7 @@ impl Image {
             .data
             .write_zeroes(host, len)
             .await
-            .map_err(|e| Error::io("zeroing guest data", e).at(host))
+            .map_err(|e| Error::io("zeroing guest data", e).at_host(HostOffset(host)))
     }
 
     /// Schedule dropping the references the old entry held (after the new mapping is on disk).
@@ -314,11 +314,11 @@ impl Image {
             L2Entry::Normal { host, .. }
             | L2Entry::Zero {
                 host: Some(host), ..
-            } => w.defer_free(host.0, true),
+            } => w.defer_free(*host, true),
             L2Entry::Compressed(d) => {
                 let (first, last) = d.host_clusters(cb);
                 for c in first..=last {
-                    w.defer_free(c << cb, false);
+                    w.defer_free(ClusterIndex(c).offset(cb), false);
                 }
             }
             _ => {}

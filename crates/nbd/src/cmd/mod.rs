@@ -65,8 +65,8 @@ async fn completed(ctx: &Ctx, req: &Request, r: Result<()>) -> Reply {
 /// does not need to know where the server keeps its images.
 fn failed(e: &Error) -> Reply {
     let mut msg = format!("{}: {}", e.kind().as_str(), e.what());
-    if let Some(off) = e.offset() {
-        msg.push_str(&format!(" (offset {off:#x})"));
+    if let Some(loc) = e.location() {
+        msg.push_str(&format!(" ({loc})"));
     }
     Reply::error(errno_of(e), msg)
 }
