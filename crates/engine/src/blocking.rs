@@ -24,7 +24,7 @@ use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Image, OpenOptions, ZeroFlags};
-use crate::units::GuestOffset;
+use crate::units::{GuestOffset, to_usize};
 
 /// An [`Image`] driven synchronously, with a cursor for `Read`/`Write`/`Seek`.
 ///
@@ -109,7 +109,11 @@ impl Drop for BlockingImage {
 
 impl io::Read for BlockingImage {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = (self.virtual_size().saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        let n = to_usize(
+            self.virtual_size()
+                .saturating_sub(self.pos)
+                .min(buf.len() as u64),
+        );
         self.read_at(&mut buf[..n], self.pos)?;
         self.pos += n as u64;
         Ok(n)
@@ -118,7 +122,11 @@ impl io::Read for BlockingImage {
 
 impl io::Write for BlockingImage {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (self.virtual_size().saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        let n = to_usize(
+            self.virtual_size()
+                .saturating_sub(self.pos)
+                .min(buf.len() as u64),
+        );
         if n == 0 && !buf.is_empty() {
             let e = Error::new(
                 ErrorKind::OutOfRange,

@@ -62,6 +62,10 @@
 //! `blocking`) drives the same futures on the calling thread, inside or outside a runtime.
 
 #![deny(missing_docs)]
+// Truncating casts hide overflow bugs on offsets read from untrusted images: convert with
+// `try_from` (or `units::to_usize`/`to_u32` for values already bounded), or allow one with a
+// comment saying why it cannot truncate. Tests may cast freely.
+#![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
 pub(crate) mod alloc;
 #[cfg(feature = "blocking")]

@@ -81,6 +81,25 @@ impl GuestOffset {
     }
 }
 
+/// A byte count, length or index the engine has already bounded (by a cluster size, a table
+/// size limit, a buffer's length) as a `usize`. On 64-bit targets, which the engine is built
+/// for, this is exact; where `usize` is narrower a value that does not fit saturates, so it
+/// fails loudly (an allocation or bounds check) instead of silently wrapping.
+#[allow(clippy::cast_possible_truncation)] // `n` is compared with `usize::MAX` first
+pub(crate) const fn to_usize(n: u64) -> usize {
+    if n > usize::MAX as u64 {
+        usize::MAX
+    } else {
+        n as usize
+    }
+}
+
+/// A small count or index the engine has already bounded (a subcluster index, at most 32)
+/// as a `u32`; a value that does not fit saturates, which every consumer rejects.
+pub(crate) fn to_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

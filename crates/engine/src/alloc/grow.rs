@@ -13,6 +13,7 @@ use super::{Kinds, RefState, Refcounts};
 use crate::error::{Error, Result};
 use crate::format::header::HeaderPatch;
 use crate::format::refcount::{self, RefTableEntry};
+use crate::units::to_usize;
 /// The spec's bound on the refcount table size (QEMU refuses larger ones).
 const MAX_TABLE_BYTES: u64 = 8 << 20;
 
@@ -28,24 +29,26 @@ impl Refcounts {
         self.map.check(fresh, fresh_len, Kinds::NONE).await?;
         // Blocks referenced by the new table must already be valid on disk.
         self.write_dirty_slices().await?;
-        let mut blocks = vec![0u8; (b * cs) as usize];
+        let mut blocks = vec![0u8; to_usize(b * cs)];
         for c in a..a + t + b {
             let blk = c / epb - first_blk;
-            let slot = &mut blocks[(blk * cs) as usize..((blk + 1) * cs) as usize];
+            let slot = &mut blocks[to_usize(blk * cs)..to_usize((blk + 1) * cs)];
             refcount::set(slot, c % epb, self.order, 1)?;
         }
         let mut table = st.table.clone();
-        table.resize(entries as usize, 0);
+        table.resize(to_usize(entries), 0);
         for i in 0..b {
-            table[(first_blk + i) as usize] = (a + t + i) << self.cluster_bits;
+            table[to_usize(first_blk + i)] = (a + t + i) << self.cluster_bits;
         }
-        let mut tbuf = vec![0u8; (t * cs) as usize];
+        let mut tbuf = vec![0u8; to_usize(t * cs)];
         let ents: Vec<RefTableEntry> = table.iter().map(|&o| RefTableEntry(o)).collect();
         refcount::write_table(&ents, &mut tbuf);
         self.write(&blocks, (a + t) << self.cluster_bits).await?;
         self.write(&tbuf, a << self.cluster_bits).await?;
         self.sync().await?;
-        let hdr = HeaderPatch::refcount_table(a << self.cluster_bits, t as u32);
+        let t32 = u32::try_from(t)
+            .map_err(|_| Error::unsupported(format!("a refcount table of {t} clusters")))?;
+        let hdr = HeaderPatch::refcount_table(a << self.cluster_bits, t32);
         (self.meta)
             .write_header(hdr, "switching the refcount table")
             .await?;

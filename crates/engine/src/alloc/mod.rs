@@ -38,6 +38,7 @@ use crate::format::header::Header;
 use crate::format::refcount::{self, RefTableEntry};
 use crate::storage::Storage;
 use crate::units::HostOffset;
+use crate::units::to_usize;
 
 /// Refcount state guarded by the allocator mutex.
 #[derive(Debug)]
@@ -160,7 +161,7 @@ impl Refcounts {
     /// block covers it (refcount 0).
     fn locate(&self, st: &RefState, c: u64) -> Option<(u64, u64)> {
         let epb = self.entries_per_block();
-        let block = *st.table.get((c / epb) as usize)?;
+        let block = *st.table.get(to_usize(c / epb))?;
         if block == 0 {
             return None;
         }
@@ -246,12 +247,12 @@ impl Refcounts {
     /// reads as 0; it goes where `place_block` says, which refuses a range that contradicts
     /// the metadata map.
     async fn ensure_block(&self, st: &mut RefState, ti: u64) -> Result<()> {
-        if ti as usize >= st.table.len() {
+        if to_usize(ti) >= st.table.len() {
             self.grow(st, ti).await?;
         }
         let slot = st
             .table
-            .get(ti as usize)
+            .get(to_usize(ti))
             .copied()
             .ok_or_else(|| Error::corrupt(format!("refcount table has no entry {ti}")))?;
         if slot != 0 {
@@ -261,7 +262,7 @@ impl Refcounts {
         let c = host >> self.cluster_bits;
         self.new.insert(host, NewKind::Refblock);
         self.map.insert(host, self.cluster_size(), Kinds::REFBLOCK);
-        st.table[ti as usize] = host;
+        st.table[to_usize(ti)] = host;
         st.table_dirty = true;
         st.end_cluster = st.end_cluster.max(c + 1);
         let (off, idx) = self
@@ -343,7 +344,7 @@ impl Refcounts {
     }
 
     async fn write_table(&self, st: &RefState) -> Result<()> {
-        let mut buf = vec![0u8; (st.table_clusters << self.cluster_bits) as usize];
+        let mut buf = vec![0u8; to_usize(st.table_clusters << self.cluster_bits)];
         let entries: Vec<RefTableEntry> = st.table.iter().map(|&o| RefTableEntry(o)).collect();
         refcount::write_table(&entries, &mut buf);
         self.map

@@ -23,6 +23,7 @@
 use super::{Kinds, RefState, Refcounts};
 use crate::error::Result;
 use crate::units::HostOffset;
+use crate::units::to_usize;
 
 impl Refcounts {
     /// Refuse to hand out cluster `c` (refcount 0) when it is known to hold metadata: the
@@ -62,7 +63,7 @@ impl Refcounts {
         }
         let epb = self.entries_per_block();
         let ti = c / epb;
-        let uncovered = st.table.get(ti as usize).is_none_or(|&b| b == 0);
+        let uncovered = st.table.get(to_usize(ti)).is_none_or(|&b| b == 0);
         (uncovered || st.untrusted.contains(&ti)).then(|| ((ti + 1) * epb).min(self.open_end))
     }
 

@@ -17,6 +17,7 @@ use crate::format::refcount::{self, RefTableEntry};
 use crate::format::snapshot::{self, Snapshot};
 use crate::storage::Storage;
 use crate::units::HostOffset;
+use crate::units::to_usize;
 
 /// The image being checked, as loaded from disk.
 #[derive(Debug)]
@@ -217,7 +218,7 @@ impl Ctx {
 
     /// Entries in one L2 table.
     pub(crate) fn l2_entries(&self) -> usize {
-        (self.cs / self.l2_entry_size() as u64) as usize
+        to_usize(self.cs / self.l2_entry_size() as u64)
     }
 
     /// Entries in one refcount block.

@@ -23,6 +23,7 @@ use super::image::Ctx;
 use super::imrt::Imrt;
 use crate::error::{Error, Result};
 use crate::format::header::{HeaderPatch, MAX_REFCOUNT_TABLE_BYTES};
+use crate::units::to_usize;
 
 /// Where the new structure goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -91,19 +92,22 @@ pub(crate) async fn rebuild(ctx: &Ctx, imrt: &mut Imrt) -> Result<()> {
     for c in layout.start..layout.end() {
         imrt.set(c, 1)?;
     }
-    let mut table = vec![0u8; (layout.table_clusters * ctx.cs) as usize];
+    let mut table = vec![0u8; to_usize(layout.table_clusters * ctx.cs)];
     for (k, &index) in layout.blocks.iter().enumerate() {
         let at = (layout.start + k as u64) * ctx.cs;
         let block = imrt
             .block(index)
             .expect("planned blocks lie inside the array");
         ctx.write(block, at).await?;
-        table[index as usize * 8..][..8].copy_from_slice(&at.to_be_bytes());
+        table[to_usize(index) * 8..][..8].copy_from_slice(&at.to_be_bytes());
     }
     let table_at = layout.table_start() * ctx.cs;
     ctx.write(&table, table_at).await?;
     ctx.flush().await?;
-    switch_header(ctx, table_at, layout.table_clusters as u32).await
+    let clusters = layout.table_clusters;
+    let clusters = u32::try_from(clusters)
+        .map_err(|_| Error::unsupported(format!("a refcount table of {clusters} clusters")))?;
+    switch_header(ctx, table_at, clusters).await
 }
 
 /// Point the header at the new table (one write inside the first sector), durably.

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::format::probe;
 use crate::storage::{LockRequest, OpenFlags, Storage};
 use crate::units::HostOffset;
+use crate::units::to_usize;
 
 /// A backing image, as the read path sees it.
 #[derive(Debug)]
@@ -46,7 +47,7 @@ impl Backing {
     /// Read `buf.len()` bytes at guest offset `off`; zeros past the backing image's end.
     pub async fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let size = self.size();
-        let inside = size.saturating_sub(off).min(buf.len() as u64) as usize;
+        let inside = to_usize(size.saturating_sub(off).min(buf.len() as u64));
         buf[inside..].fill(0);
         if inside == 0 {
             return Ok(());

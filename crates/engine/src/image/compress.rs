@@ -13,6 +13,7 @@ use super::Image;
 use crate::error::{Error, Result};
 use crate::format::compressed::{self, CompressedDescriptor};
 use crate::format::l2::{L2Entry, SubclusterBitmap};
+use crate::units::to_usize;
 use crate::units::{ClusterIndex, GuestOffset, HostOffset};
 
 impl Image {
@@ -54,7 +55,7 @@ impl Image {
             Cow::Borrowed(buf)
         } else {
             let mut v = buf.to_vec();
-            v.resize(cs as usize, 0);
+            v.resize(to_usize(cs), 0);
             Cow::Owned(v)
         };
         let Some(payload) = compressed::compress(self.inner.compression, &input)? else {

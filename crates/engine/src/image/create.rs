@@ -126,6 +126,8 @@ fn header_fields(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
         compatible_features: compatible,
         autoclear_features: autoclear,
         refcount_order: opts.refcount_bits.trailing_zeros(),
+        // Both lengths are small constants (104 and 72).
+        #[allow(clippy::cast_possible_truncation)]
         header_length: if v3 {
             header::V3_HEADER_LENGTH
         } else {

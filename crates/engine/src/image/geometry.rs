@@ -2,6 +2,7 @@
 //! arithmetic that turns a guest offset into an L1 index, an L2 index and a cache slice.
 
 use crate::format::l2::L2Geometry;
+use crate::units::to_usize;
 
 /// Layout constants of one open image.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +50,7 @@ impl Geometry {
 
     /// L1 index of a guest cluster.
     pub fn l1_index(&self, gcluster: u64) -> usize {
-        (gcluster / self.l2_entries) as usize
+        to_usize(gcluster / self.l2_entries)
     }
 
     /// Index in its L2 table of a guest cluster.
@@ -68,7 +69,7 @@ impl Geometry {
         let per = self.slice_entries();
         (
             l2_table + (l2_index / per) * self.slice_size,
-            (l2_index % per) as usize,
+            to_usize(l2_index % per),
         )
     }
 

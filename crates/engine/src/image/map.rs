@@ -8,6 +8,7 @@ use super::{Backing, Image};
 use crate::error::{Error, Result};
 use crate::format::l2::{L2Entry, SubclusterState};
 use crate::units::HostOffset;
+use crate::units::to_u32;
 
 /// One extent of `map` output (field names as qemu-img prints them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,10 +146,10 @@ fn status_piece(geo: &Geometry, m: &Mapping, off: u64, max: u64) -> Result<(Stat
 
 fn subcluster_status(geo: &Geometry, m: &Mapping, in_c: u64, to_end: u64) -> Result<(Status, u64)> {
     let sc = geo.subcluster_size();
-    let first = (in_c / sc) as u32;
+    let first = to_u32(in_c / sc);
     let state = m.bitmap.state(first)?;
     let mut end = (u64::from(first) + 1) * sc;
-    while end < in_c + to_end && m.bitmap.state((end / sc) as u32)? == state {
+    while end < in_c + to_end && m.bitmap.state(to_u32(end / sc))? == state {
         end += sc;
     }
     let host = m.entry.host().map(|h| h.0 + in_c);

@@ -18,6 +18,7 @@ use crate::format::l1;
 use crate::format::refcount;
 use crate::storage::{LockRequest, OpenFlags, Storage};
 use crate::units::HostOffset;
+use crate::units::to_usize;
 
 impl Image {
     /// Open an image on `file`; `chain` holds the canonical paths of this image and the
@@ -60,7 +61,7 @@ impl Image {
             encrypted: h.crypt_method != 0,
             size: AtomicU64::new(h.size),
             l1: super::l1_table::L1Table::new(l1, HostOffset(h.l1_table_offset)),
-            l2_cache: SliceCache::new("l2", geo.slice_size as usize, opts.l2_cache_bytes),
+            l2_cache: SliceCache::new("l2", to_usize(geo.slice_size), opts.l2_cache_bytes),
             backing,
             header: Mutex::new(ih),
             file,
@@ -122,7 +123,7 @@ async fn open_write_state(
     }
     let clusters = u64::from(h.refcount_table_clusters);
     // validate() bounded the table to 8 MiB.
-    let mut buf = vec![0u8; (clusters << h.cluster_bits) as usize];
+    let mut buf = vec![0u8; to_usize(clusters << h.cluster_bits)];
     file.read_at(&mut buf, h.refcount_table_offset)
         .await
         .map_err(|e| {
@@ -133,7 +134,7 @@ async fn open_write_state(
         e.validate(h.cluster_size())
             .map_err(|err| Error::corrupt(format!("refcount table entry {i}: {}", err.what())))?;
     }
-    let slice = (opts.slice_size.next_power_of_two() as u64).clamp(512, h.cluster_size()) as usize;
+    let slice = to_usize((opts.slice_size.next_power_of_two() as u64).clamp(512, h.cluster_size()));
     let cache = (slice, opts.refcount_cache_bytes);
     let map = super::overlap::build_map(file, ih, l1, &table).await;
     let meta = Arc::new(MetaWriter::new(file.clone()));

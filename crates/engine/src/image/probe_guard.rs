@@ -6,6 +6,7 @@
 use crate::Storage;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::probe;
+use crate::units::to_usize;
 
 /// Bytes of block 0 that format probing looks at.
 pub const PROBE_BYTES: u64 = 512;
@@ -16,12 +17,12 @@ pub async fn check_probed_raw_write(storage: &dyn Storage, buf: &[u8], offset: u
     if offset >= PROBE_BYTES {
         return Ok(());
     }
-    let mut block0 = vec![0u8; PROBE_BYTES as usize];
+    let mut block0 = vec![0u8; to_usize(PROBE_BYTES)];
     storage
         .read_at(&mut block0, 0)
         .await
         .map_err(|e| Error::io("reading block 0", e))?;
-    let at = offset as usize;
+    let at = to_usize(offset);
     let n = buf.len().min(block0.len() - at);
     block0[at..at + n].copy_from_slice(&buf[..n]);
     // Any other answer, including formats we cannot read (vmdk, luks, ...), would change how

@@ -6,7 +6,8 @@ use super::lookup::Mapping;
 use crate::error::{Error, Result};
 use crate::format::compressed::{self, CompressedDescriptor};
 use crate::format::l2::{L2Entry, SubclusterState};
-use crate::units::HostOffset;
+use crate::units::to_usize;
+use crate::units::{HostOffset, to_u32};
 
 /// Where a run of guest bytes reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +45,9 @@ impl Image {
         while done < buf.len() {
             let off = offset + done as u64;
             let run = self.next_run(off, (buf.len() - done) as u64).await?;
-            let piece = &mut buf[done..done + run.len as usize];
+            let piece = &mut buf[done..done + to_usize(run.len)];
             self.read_run(run.source, piece, off).await?;
-            done += run.len as usize;
+            done += to_usize(run.len);
         }
         Ok(())
     }
@@ -93,7 +94,7 @@ impl Image {
             },
             Source::Compressed(d) => {
                 let cluster = self.read_compressed(d).await?;
-                let start = self.inner.geo.in_cluster(off) as usize;
+                let start = to_usize(self.inner.geo.in_cluster(off));
                 buf.copy_from_slice(&cluster[start..start + buf.len()]);
                 Ok(())
             }
@@ -111,13 +112,13 @@ impl Image {
                 Error::corrupt(format!("compressed cluster of {len} bytes")).at_host(d.host)
             );
         }
-        let mut input = vec![0u8; len as usize];
+        let mut input = vec![0u8; to_usize(len)];
         self.inner
             .file
             .read_at(&mut input, d.host.0)
             .await
             .map_err(|e| Error::io("reading a compressed cluster", e).at_host(d.host))?;
-        let mut out = vec![0u8; cs as usize];
+        let mut out = vec![0u8; to_usize(cs)];
         compressed::decompress(self.inner.compression, &input, &mut out)
             .map_err(|e| e.at_host(d.host))?;
         Ok(out)
@@ -162,10 +163,10 @@ fn subcluster_piece(
     to_end: u64,
 ) -> Result<Run> {
     let sc = geo.subcluster_size();
-    let first = (in_c / sc) as u32;
+    let first = to_u32(in_c / sc);
     let state = m.bitmap.state(first)?;
     let mut end = (u64::from(first) + 1) * sc;
-    while end < in_c + to_end && m.bitmap.state((end / sc) as u32)? == state {
+    while end < in_c + to_end && m.bitmap.state(to_u32(end / sc))? == state {
         end += sc;
     }
     let len = (end - in_c).min(to_end);

@@ -26,6 +26,7 @@ use super::Image;
 use crate::alloc::Kinds;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{self, HeaderPatch, L1_ENTRY_SIZE, MAX_L1_BYTES};
+use crate::units::to_usize;
 use crate::units::{ClusterIndex, HostOffset};
 
 impl Image {
@@ -127,8 +128,8 @@ impl Image {
         // Copy the table as it is on disk, not the cache: entries changed since the last
         // flush may point at L2 tables not written yet. They stay dirty and reach the new
         // table by the next flush (which writes to the offset in the header we update).
-        let mut buf = vec![0u8; (clusters * cs) as usize];
-        let old_bytes = (old_len * L1_ENTRY_SIZE) as usize;
+        let mut buf = vec![0u8; to_usize(clusters * cs)];
+        let old_bytes = to_usize(old_len * L1_ENTRY_SIZE);
         self.inner
             .file
             .read_at(&mut buf[..old_bytes], old_off)
@@ -145,14 +146,17 @@ impl Image {
         self.write_meta(&buf, new_off, "writing the new L1 table")
             .await?;
         self.sync_file().await?;
-        let fields = HeaderPatch::l1_table(need as u32, new_off);
+        // check_resizable bounded the table to 32 MiB (4 Mi entries).
+        let l1_size = u32::try_from(need)
+            .map_err(|_| Error::unsupported(format!("an L1 table of {need} entries")))?;
+        let fields = HeaderPatch::l1_table(l1_size, new_off);
         self.write_meta(fields.bytes(), fields.offset(), "switching the L1 table")
             .await?;
         self.sync_file().await?;
-        self.inner.l1.grow(need as usize, HostOffset(new_off));
+        self.inner.l1.grow(to_usize(need), HostOffset(new_off));
         {
             let mut ih = self.inner.header.lock().unwrap();
-            ih.header.l1_size = need as u32;
+            ih.header.l1_size = l1_size;
             ih.header.l1_table_offset = new_off;
         }
         // Nothing on disk points at the old table any more.

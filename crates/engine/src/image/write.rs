@@ -19,7 +19,8 @@ use super::lookup::Mapping;
 use super::read::Source;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
-use crate::units::{ClusterIndex, HostOffset};
+use crate::units::to_usize;
+use crate::units::{ClusterIndex, HostOffset, to_u32};
 
 /// Zero runs at least this long are written with write-zeroes instead of zero buffers.
 const ZERO_IO_THRESHOLD: u64 = 64 * 1024;
@@ -46,7 +47,7 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
-            let n = ((cs - self.inner.geo.in_cluster(off)) as usize).min(buf.len() - done);
+            let n = to_usize(cs - self.inner.geo.in_cluster(off)).min(buf.len() - done);
             self.write_piece(&buf[done..done + n], off).await?;
             done += n;
         }
@@ -79,7 +80,7 @@ impl Image {
         let in_c = geo.in_cluster(off);
         if geo.l2.extended {
             let sc = geo.subcluster_size();
-            let (first, last) = ((in_c / sc) as u32, ((in_c + len - 1) / sc) as u32);
+            let (first, last) = (to_u32(in_c / sc), to_u32((in_c + len - 1) / sc));
             let all =
                 (first..=last).all(|i| m.bitmap.state(i).ok() == Some(SubclusterState::Allocated));
             if !all {
@@ -187,7 +188,7 @@ impl Image {
     ) -> (u64, u64) {
         let geo = &self.inner.geo;
         let allocated = |at: u64| {
-            let i = (geo.in_cluster(at) / geo.subcluster_size()) as u32;
+            let i = to_u32(geo.in_cluster(at) / geo.subcluster_size());
             bitmap.state(i).ok() == Some(SubclusterState::Allocated)
         };
         if allocated(start) {
@@ -210,10 +211,10 @@ impl Image {
         if keeps_others {
             let sc = geo.subcluster_size();
             let mut b = old;
-            let first = (geo.in_cluster(start) / sc) as u32;
+            let first = to_u32(geo.in_cluster(start) / sc);
             b.set_range(
                 first,
-                ((end - start) / sc) as u32,
+                to_u32((end - start) / sc),
                 SubclusterState::Allocated,
             );
             b
@@ -244,7 +245,7 @@ impl Image {
         }
         let head_fill = self.old_view(span_start, head).await?;
         let tail_fill = self.old_view(tail_start, tail).await?;
-        let mut buf = Vec::with_capacity((span_end - span_start) as usize);
+        let mut buf = Vec::with_capacity(to_usize(span_end - span_start));
         let mut buf_at = h;
         match head_fill {
             Some(b) => buf.extend_from_slice(&b),
@@ -252,14 +253,14 @@ impl Image {
                 self.zero_data(h, head).await?;
                 buf_at = h + head;
             }
-            None => buf.resize(head as usize, 0),
+            None => buf.resize(to_usize(head), 0),
         }
         buf.extend_from_slice(data);
         let tail_h = h + (tail_start - span_start);
         match tail_fill {
             Some(b) => buf.extend_from_slice(&b),
             None if tail >= ZERO_IO_THRESHOLD => self.zero_data(tail_h, tail).await?,
-            None => buf.resize(buf.len() + tail as usize, 0),
+            None => buf.resize(buf.len() + to_usize(tail), 0),
         }
         self.write_data(&buf, buf_at).await
     }
@@ -274,8 +275,8 @@ impl Image {
         if inside == 0 || self.reads_as_zero(off, inside).await? {
             return Ok(None);
         }
-        let mut buf = vec![0u8; len as usize];
-        self.read_at(&mut buf[..inside as usize], off).await?;
+        let mut buf = vec![0u8; to_usize(len)];
+        self.read_at(&mut buf[..to_usize(inside)], off).await?;
         Ok(Some(buf))
     }
 

@@ -8,6 +8,7 @@
 use super::Image;
 use crate::error::Result;
 use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
+use crate::units::{to_u32, to_usize};
 
 /// Options of [`Image::write_zeroes`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,7 +69,7 @@ impl Image {
         if self.reads_as_zero(off, n).await? {
             return Ok(());
         }
-        let zeros = vec![0u8; n as usize];
+        let zeros = vec![0u8; to_usize(n)];
         self.write_piece(&zeros, off).await
     }
 
@@ -158,8 +159,8 @@ impl Image {
         }
         let sc = geo.subcluster_size();
         let mut bitmap = m.bitmap;
-        let first = (geo.in_cluster(off) / sc) as u32;
-        bitmap.set_range(first, (n / sc) as u32, SubclusterState::Zero);
+        let first = to_u32(geo.in_cluster(off) / sc);
+        bitmap.set_range(first, to_u32(n / sc), SubclusterState::Zero);
         let table = self.ensure_l2_table(gc).await?;
         self.set_l2(table, gc, m.entry, bitmap).await
     }

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::memory::{grow, range, read_from};
 use super::{IoFuture, Storage};
+use crate::units::to_usize;
 
 /// Sector size at which [`CrashPolicy::SubsetTorn`] tears writes.
 pub const SECTOR: u64 = 512;
@@ -221,17 +222,17 @@ fn apply(image: &mut Vec<u8>, op: &LoggedOp) {
         LoggedOp::Discard { offset, len } => {
             let end = (*offset + *len).min(image.len() as u64);
             if *offset < end {
-                image[*offset as usize..end as usize].fill(0);
+                image[to_usize(*offset)..to_usize(end)].fill(0);
             }
         }
-        LoggedOp::SetLen(len) => image.resize(*len as usize, 0),
+        LoggedOp::SetLen(len) => image.resize(to_usize(*len), 0),
         LoggedOp::Flush => {}
     }
 }
 
 /// Write `data` (or zeros) over `[offset, offset + len)`, growing the image.
 fn put(image: &mut Vec<u8>, offset: u64, data: Option<&[u8]>, len: u64) {
-    let (start, end) = (offset as usize, (offset + len) as usize);
+    let (start, end) = (to_usize(offset), to_usize(offset + len));
     grow(image, end);
     match data {
         Some(d) => image[start..end].copy_from_slice(d),
@@ -252,7 +253,7 @@ fn apply_pending(image: &mut Vec<u8>, pending: &[LoggedOp], policy: CrashPolicy,
         match op {
             LoggedOp::Write { offset, data } if torn => {
                 for_kept_sectors(&mut rng, *offset, data.len() as u64, |s, e| {
-                    let d = &data[(s - offset) as usize..(e - offset) as usize];
+                    let d = &data[to_usize(s - offset)..to_usize(e - offset)];
                     put(image, s, Some(d), e - s);
                 })
             }

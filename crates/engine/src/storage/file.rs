@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{IoFuture, Storage};
+use crate::units::to_usize;
 use sys::Falloc;
 
 #[cfg_attr(
@@ -368,10 +369,10 @@ impl Inner {
                 Err(_) => {}
             }
         }
-        let zeros = vec![0u8; ZERO_CHUNK.min(end - start) as usize];
+        let zeros = vec![0u8; to_usize(ZERO_CHUNK.min(end - start))];
         let mut at = start;
         while at < end {
-            let n = ZERO_CHUNK.min(end - at) as usize;
+            let n = to_usize(ZERO_CHUNK.min(end - at));
             sys::write_full(&self.file, &zeros[..n], at)?;
             at += n as u64;
         }

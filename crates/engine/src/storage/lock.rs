@@ -159,6 +159,8 @@ pub(crate) fn unlock(file: &File) -> io::Result<()> {
 
 /// Lock (or unlock) each permission byte to match `req`.
 fn apply(file: &File, req: LockRequest) -> io::Result<()> {
+    // A handful of permission names: the count fits.
+    #[allow(clippy::cast_possible_truncation)]
     for i in 0..NAMES.len() as u32 {
         set_read_lock(file, PERM_BASE + u64::from(i), req.perm.has_bit(i))?;
         set_read_lock(file, SHARED_BASE + u64::from(i), !req.shared.has_bit(i))?;
@@ -169,6 +171,7 @@ fn apply(file: &File, req: LockRequest) -> io::Result<()> {
 /// Fail if another holder refuses what `req` uses, or uses what `req` refuses to share.
 fn check(file: &File, req: LockRequest) -> io::Result<()> {
     for (i, name) in NAMES.iter().enumerate() {
+        #[allow(clippy::cast_possible_truncation)] // an index into NAMES (a handful)
         let i = i as u32;
         if req.perm.has_bit(i) && held_by_other(file, SHARED_BASE + u64::from(i))? {
             return Err(busy(format!("Failed to get \"{name}\" lock")));
@@ -185,6 +188,9 @@ fn busy(msg: String) -> io::Error {
 }
 
 #[cfg(target_os = "linux")]
+// F_RDLCK/F_WRLCK/F_UNLCK and SEEK_SET are small constants that `c_short` holds (the C
+// struct declares those fields `short`).
+#[allow(clippy::cast_possible_truncation)]
 fn flock(kind: libc::c_int, byte: u64) -> libc::flock {
     // SAFETY: `flock` is a plain C struct of integers; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -220,7 +226,9 @@ fn held_by_other(file: &File, byte: u64) -> io::Result<bool> {
     if r != 0 {
         return Err(lock_error(io::Error::last_os_error()));
     }
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    #[allow(clippy::cast_possible_truncation)] // F_UNLCK is 2
+    let unlocked = libc::F_UNLCK as libc::c_short;
+    Ok(fl.l_type != unlocked)
 }
 
 /// A lock that could not be taken because another holder has an incompatible one is EAGAIN.

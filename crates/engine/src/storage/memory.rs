@@ -7,6 +7,7 @@ use std::io;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{IoFuture, Storage};
+use crate::units::to_usize;
 
 /// Storage kept in memory. Reads past the end return zeros; writes past the end grow it.
 #[derive(Debug, Default)]
@@ -102,7 +103,7 @@ pub const MAX_MEMORY_LEN: u64 = 4 << 30;
 pub(crate) fn range(offset: u64, len: u64) -> io::Result<(usize, usize)> {
     let end = offset.checked_add(len).filter(|&e| e <= MAX_MEMORY_LEN);
     match end {
-        Some(end) => Ok((offset as usize, end as usize)),
+        Some(end) => Ok((to_usize(offset), to_usize(end))),
         None => Err(io::Error::from_raw_os_error(libc::EFBIG)),
     }
 }

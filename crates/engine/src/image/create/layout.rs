@@ -4,6 +4,7 @@ use super::{CreateOptions, Preallocation, io};
 use crate::error::{Error, Result};
 use crate::format::header::{self, l1_entries_for};
 use crate::storage::Storage;
+use crate::units::to_usize;
 
 /// L1/L2 entry flag: the cluster's refcount is exactly 1.
 const COPIED: u64 = 1 << 63;
@@ -84,6 +85,9 @@ impl Layout {
                 "image too large to preallocate with this cluster size and refcount width",
             ));
         }
+        let too_big = || Error::invalid_arg("image too large for a qcow2 header");
+        let reftable_clusters = u32::try_from(rt).map_err(|_| too_big())?;
+        let l1_size_field = u32::try_from(l1_size).map_err(|_| too_big())?;
         let refblock_offset = cs * (1 + rt);
         let l1_at = refblock_offset + refblocks * cs;
         let l2_offset = l1_at + l1_clusters * cs;
@@ -91,11 +95,11 @@ impl Layout {
             cluster_size: cs,
             refcount_bits: opts.refcount_bits,
             reftable_offset: cs,
-            reftable_clusters: rt as u32,
+            reftable_clusters,
             refblock_offset,
             refblocks,
             l1_offset: if l1_size == 0 { 0 } else { l1_at },
-            l1_size: l1_size as u32,
+            l1_size: l1_size_field,
             l1_clusters,
             l2_offset,
             l2_tables,
@@ -134,10 +138,10 @@ impl Layout {
 
     /// The refcount table: one entry per refcount block.
     fn reftable(&self) -> Vec<u8> {
-        let mut t = vec![0u8; (u64::from(self.reftable_clusters) * self.cluster_size) as usize];
+        let mut t = vec![0u8; to_usize(u64::from(self.reftable_clusters) * self.cluster_size)];
         for (i, e) in t
             .chunks_exact_mut(8)
-            .take(self.refblocks as usize)
+            .take(to_usize(self.refblocks))
             .enumerate()
         {
             e.copy_from_slice(&(self.refblock_offset + i as u64 * self.cluster_size).to_be_bytes());
@@ -167,14 +171,14 @@ impl Layout {
     /// A refcount block whose first `used` entries are 1. Sub-byte entries are packed from the
     /// least significant bit, as QEMU does; wider ones are big-endian.
     fn refblock(&self, used: u64) -> Vec<u8> {
-        let mut b = vec![0u8; self.cluster_size as usize];
+        let mut b = vec![0u8; to_usize(self.cluster_size)];
         let bits = u64::from(self.refcount_bits);
         for i in 0..used {
             let bit = i * bits;
             if bits < 8 {
                 b[(bit / 8) as usize] |= 1 << (bit % 8);
             } else {
-                b[((bit + bits) / 8 - 1) as usize] = 1;
+                b[to_usize((bit + bits) / 8 - 1)] = 1;
             }
         }
         b
@@ -182,10 +186,10 @@ impl Layout {
 
     /// The L1 table, whole clusters; entries point at the L2 tables when preallocating.
     fn l1_table(&self) -> Vec<u8> {
-        let mut t = vec![0u8; (self.l1_clusters * self.cluster_size) as usize];
+        let mut t = vec![0u8; to_usize(self.l1_clusters * self.cluster_size)];
         for (i, e) in t
             .chunks_exact_mut(8)
-            .take(self.l2_tables as usize)
+            .take(to_usize(self.l2_tables))
             .enumerate()
         {
             let l2 = self.l2_offset + i as u64 * self.cluster_size;
@@ -200,8 +204,8 @@ impl Layout {
     fn l2_table(&self, t: u64, extended_l2: bool) -> Vec<u8> {
         let entry = if extended_l2 { 16 } else { 8 };
         let per_table = self.cluster_size / entry;
-        let mut b = vec![0u8; self.cluster_size as usize];
-        for (j, e) in b.chunks_exact_mut(entry as usize).enumerate() {
+        let mut b = vec![0u8; to_usize(self.cluster_size)];
+        for (j, e) in b.chunks_exact_mut(to_usize(entry)).enumerate() {
             let g = t * per_table + j as u64;
             if g >= self.data_clusters {
                 break;

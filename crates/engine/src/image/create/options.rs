@@ -140,7 +140,10 @@ fn fraction_of(frac: &str, mul: u64) -> u128 {
     let Ok(value) = digits.parse::<u128>() else {
         return 0;
     };
-    value * u128::from(mul) / 10u128.pow(digits.len() as u32)
+    // At most 18 digits (above), so the length fits and 10^len does not overflow.
+    #[allow(clippy::cast_possible_truncation)]
+    let len = digits.len() as u32;
+    value * u128::from(mul) / 10u128.pow(len)
 }
 
 /// Parse an on/off option like QEMU: on/yes/true/y and off/no/false/n.

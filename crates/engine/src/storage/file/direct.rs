@@ -27,10 +27,11 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use super::ZERO_CHUNK;
 use super::sys::{self, Falloc};
+use crate::units::to_usize;
 
 /// Alignment of offsets, lengths and buffer addresses for `O_DIRECT` transfers.
 pub(crate) const ALIGN: u64 = 4096;
-const ALIGN_USIZE: usize = ALIGN as usize;
+const ALIGN_USIZE: usize = to_usize(ALIGN);
 
 /// A heap buffer whose data area starts on an [`ALIGN`] boundary, covering the file range
 /// `[aligned_offset, aligned_offset + span)`; the caller's bytes live at `skip..skip + len`.
@@ -47,7 +48,7 @@ impl Bounce {
     /// A zeroed buffer covering `len` bytes at `offset`, widened to whole blocks.
     pub(crate) fn new(offset: u64, len: usize) -> io::Result<Bounce> {
         let aligned_offset = align_down(offset);
-        let skip = (offset - aligned_offset) as usize;
+        let skip = to_usize(offset - aligned_offset);
         let end = checked_end(offset, len as u64)?;
         let span = usize::try_from(align_up(end) - aligned_offset)
             .map_err(|_| sys::invalid_input("request too large"))?;
@@ -306,7 +307,7 @@ impl DirectIo {
         if start >= end {
             return Ok(());
         }
-        self.write(file, Bounce::new(start, (end - start) as usize)?)
+        self.write(file, Bounce::new(start, to_usize(end - start))?)
     }
 
     /// Zero whole blocks inside the file: `fallocate`, else aligned writes of zeros.
@@ -318,10 +319,10 @@ impl DirectIo {
                 Err(_) => {}
             }
         }
-        let zeros = Bounce::new(0, ZERO_CHUNK.min(end - start) as usize)?;
+        let zeros = Bounce::new(0, to_usize(ZERO_CHUNK.min(end - start)))?;
         let mut at = start;
         while at < end {
-            let n = ZERO_CHUNK.min(end - at) as usize;
+            let n = to_usize(ZERO_CHUNK.min(end - at));
             sys::write_full(file, &zeros.aligned()[..n], at)?;
             at += n as u64;
         }
@@ -339,7 +340,7 @@ fn fill_partial_blocks(file: &File, b: &mut Bounce) -> io::Result<()> {
     let (data_start, data_end) = (b.skip, b.skip + b.len);
     for block in blocks {
         read_aligned(file, old.aligned_mut(), block * ALIGN)?;
-        let at = ((block * ALIGN) - b.aligned_offset) as usize;
+        let at = to_usize((block * ALIGN) - b.aligned_offset);
         // Keep the caller's bytes `lo..hi` of this block; take the rest from the file.
         let lo = data_start.saturating_sub(at).min(ALIGN_USIZE);
         let hi = data_end.saturating_sub(at).min(ALIGN_USIZE);

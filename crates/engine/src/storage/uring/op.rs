@@ -11,6 +11,7 @@ use io_uring::{opcode, squeue, types};
 use tokio::sync::oneshot;
 
 use crate::storage::file::{ALIGN, Bounce};
+use crate::units::to_usize;
 
 /// Largest transfer submitted at once (an SQE's length is 32 bits); longer requests go on as
 /// "short" transfers, resubmitted for the rest.
@@ -109,6 +110,7 @@ impl Op {
     pub(crate) fn sqe(&mut self, fd: types::Fd) -> squeue::Entry {
         let at = self.offset + self.done as u64;
         let rest = &mut self.buf.region()[self.done..];
+        #[allow(clippy::cast_possible_truncation)] // at most MAX_CHUNK (1 GiB)
         let n = rest.len().min(MAX_CHUNK) as u32;
         match self.kind {
             Kind::Read => opcode::Read::new(fd, rest.as_mut_ptr(), n)
@@ -137,7 +139,7 @@ impl Op {
                 if self.done >= len {
                     return Step::Done(Ok(()));
                 }
-                if self.buf.is_direct() && self.done % ALIGN as usize != 0 {
+                if self.buf.is_direct() && self.done % to_usize(ALIGN) != 0 {
                     // An unaligned `O_DIRECT` transfer cannot go on: a read hit the end of the
                     // file, a write ran out of space.
                     return match self.kind {

@@ -33,6 +33,7 @@ use io_uring::{IoUring, opcode, types};
 
 use super::op::{Op, Step};
 use crate::storage::file::FileStorage;
+use crate::units::to_usize;
 
 /// Submission queue size, and the most requests in the kernel at once (the completion queue is
 /// twice as large, so it cannot overflow).
@@ -283,7 +284,7 @@ impl Driver {
     fn fill_sq(&mut self) {
         let fd = types::Fd(self.file.file().as_raw_fd());
         let mut sq = self.ring.submission();
-        while (self.in_kernel as u32) < ENTRIES && !sq.is_full() {
+        while self.in_kernel < ENTRIES as usize && !sq.is_full() {
             let Some(i) = self.backlog.pop_front() else {
                 break;
             };
@@ -328,7 +329,7 @@ impl Driver {
                 continue;
             }
             self.in_kernel -= 1;
-            let i = token as usize;
+            let i = to_usize(token);
             let Some(op) = self.slots.get_mut(i).and_then(Option::as_mut) else {
                 continue;
             };
