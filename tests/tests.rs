@@ -56,3 +56,4 @@ mod smoke;
 mod storage_conformance;
 mod write_model;
 mod write_scenarios;
+mod snapshot_interop;

@@ -41,15 +41,15 @@ impl Image {
         let snap = snaps[idx].clone();
         snap.validate(self.inner.geo.cluster_size)?;
         let snap_l1 = self.read_l1_at(snap.l1_table_offset, snap.l1_size).await?;
-        let new_tree = self.load_tree(&snap_l1).await?;
         let old_l1: Vec<L1Entry> = self.inner.l1.read().unwrap().clone();
         let mut old_tree = self.load_tree(&old_l1).await?;
+        let (old_off, cb) = (self.l1_place().0, self.inner.geo.cluster_bits);
+        add_range(&mut old_tree, old_off, old_l1.len() as u64 * 8, cb);
+        let (new_tree, old_tree) = Tree::diff(self.load_tree(&snap_l1).await?, old_tree);
         self.check_tree(&new_tree, Direction::Up).await?;
         self.check_tree(&old_tree, Direction::Down).await?;
         let size = snap.disk_size.unwrap_or(self.virtual_size());
         let new_l1 = self.new_active_l1(&snap_l1, old_l1.len(), size)?;
-        let (old_off, cb) = (self.l1_place().0, self.inner.geo.cluster_bits);
-        add_range(&mut old_tree, old_off, old_l1.len() as u64 * 8, cb);
         self.apply_commit(new_l1, (&new_tree, &old_tree), size)
             .await
             .map_err(|e| w.poison(e))?;
@@ -86,7 +86,8 @@ impl Image {
         (h.l1_table_offset, h.l1_size)
     }
 
-    /// The changes of an apply, once every check passed.
+    /// The changes of an apply, once every check passed: `new` holds the references to add
+    /// (and the new active L2 tables), `old` those to drop (and the old active L2 tables).
     async fn apply_commit(&self, new_l1: Vec<L1Entry>, (new, old): (&Tree, &Tree), size: u64) -> Result<()> {
         let w = self.write_state()?;
         let map = w.refcounts.map().clone();

@@ -24,6 +24,27 @@ impl Tree {
     pub fn add(&mut self, c: u64, n: u64) {
         *self.refs.entry(c).or_insert(0) += n;
     }
+
+    /// Going from `old` to `new`: the references to add and the references to drop. A
+    /// cluster both use changes only by the difference, so a refcount at the width's limit
+    /// does not overflow on the way (QEMU raises first and fails there). The L2 table lists
+    /// stay whole: `new`'s in the first, `old`'s in the second.
+    pub fn diff(new: Tree, old: Tree) -> (Tree, Tree) {
+        let net = |a: &Tree, b: &Tree| {
+            a.refs
+                .iter()
+                .filter_map(|(&c, &n)| {
+                    let m = b.refs.get(&c).copied().unwrap_or(0);
+                    (n > m).then(|| (c, n - m))
+                })
+                .collect()
+        };
+        let up = net(&new, &old);
+        let down = net(&old, &new);
+        let up = Tree { l2_tables: new.l2_tables, refs: up };
+        let down = Tree { l2_tables: old.l2_tables, refs: down };
+        (up, down)
+    }
 }
 
 /// Whether refcounts go up (sharing) or down (letting go).
