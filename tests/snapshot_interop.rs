@@ -44,8 +44,16 @@ const VARIANTS: &[Variant] = &[
         name: "compressed",
         opts: "cluster_size=4k",
         size: "4M",
-        before: &["write -c -P 1 0 4k", "write -c -P 2 4k 4k", "write -P 5 8k 4k"],
-        after: &["write -P 3 2k 1k", "write -c -P 4 64k 4k", "write -P 6 1M 4k"],
+        before: &[
+            "write -c -P 1 0 4k",
+            "write -c -P 2 4k 4k",
+            "write -P 5 8k 4k",
+        ],
+        after: &[
+            "write -P 3 2k 1k",
+            "write -c -P 4 64k 4k",
+            "write -P 6 1M 4k",
+        ],
     },
     Variant {
         name: "refcount-bits-2",
@@ -69,7 +77,10 @@ fn check_clean(img: &Path, step: &str) {
 fn qemu_snapshot_raw(img: &Path, name: &str) -> Vec<u8> {
     let out = img.with_extension("snap.raw");
     let arg = format!("snapshot.name={name}");
-    run("qemu-img", &["convert", "-l", &arg, "-O", "raw", s(img), s(&out)]);
+    run(
+        "qemu-img",
+        &["convert", "-l", &arg, "-O", "raw", s(img), s(&out)],
+    );
     let data = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).ok();
     data
@@ -96,7 +107,11 @@ fn ours_create_then_qemu_lists_reads_and_applies() {
         assert_ne!(first, second, "{}", v.name);
         let list = run("qemu-img", &["snapshot", "-l", s(&img)]);
         assert!(list.contains(" s1 "), "{}: {list}", v.name);
-        assert!(qemu_snapshot_raw(&img, "s1") == first, "{}: convert -l", v.name);
+        assert!(
+            qemu_snapshot_raw(&img, "s1") == first,
+            "{}: convert -l",
+            v.name
+        );
         run("qemu-img", &["snapshot", "-a", "s1", s(&img)]);
         check_clean(&img, v.name);
         assert!(qemu_raw(&img) == first, "{}: qemu-img snapshot -a", v.name);
@@ -124,10 +139,18 @@ fn ours_create_apply_delete_round_trip() {
         assert!(qemu_raw(&img) == second, "{}: apply ID 2", v.name);
         qcow2_ok(&["snapshot", "-d", "s1", s(&img)]);
         check_clean(&img, v.name);
-        assert!(qemu_snapshot_raw(&img, "s2") == second, "{}: s2 after deleting s1", v.name);
+        assert!(
+            qemu_snapshot_raw(&img, "s2") == second,
+            "{}: s2 after deleting s1",
+            v.name
+        );
         qcow2_ok(&["snapshot", "-d", "s2", s(&img)]);
         check_clean(&img, v.name);
-        assert!(qemu_raw(&img) == second, "{}: active after deleting all", v.name);
+        assert!(
+            qemu_raw(&img) == second,
+            "{}: active after deleting all",
+            v.name
+        );
         // No snapshot left: every cluster has one user again, and writes go in place.
         qemu_io(&img, &["write -P 9 0 4k", "write -P 9 8k 1k"]);
         check_clean(&img, v.name);
@@ -205,13 +228,26 @@ fn messages_and_exit_codes_match_qemu_img() {
     assert_eq!(qcow2_ok(&["snapshot", s(&img)]), "");
     let r = qcow2(&["snapshot", "-d", "nope", s(&img)]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("Could not delete snapshot 'nope': snapshot not found"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("Could not delete snapshot 'nope': snapshot not found"),
+        "{}",
+        r.stderr
+    );
     let r = qcow2(&["snapshot", "-a", "nope", s(&img)]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("Could not apply snapshot 'nope'"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Could not apply snapshot 'nope'"),
+        "{}",
+        r.stderr
+    );
     let r = qcow2(&["snapshot", "-l", "-c", "x", s(&img)]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("Cannot mix '-l', '-a', '-c', '-d'"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Cannot mix '-l', '-a', '-c', '-d'"),
+        "{}",
+        r.stderr
+    );
     // -d looks names up, not IDs (as qemu-img does); -a takes either.
     qcow2_ok(&["snapshot", "-q", "-c", "x", s(&img)]);
     assert_eq!(qcow2(&["snapshot", "-d", "1", s(&img)]).code, 1);
@@ -231,7 +267,11 @@ fn refcount_overflow_is_refused_and_leaves_the_image_untouched() {
     let before = std::fs::read(&img).unwrap();
     let r = qcow2(&["snapshot", "-c", "full", s(&img)]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stderr.contains("Could not create snapshot 'full'"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Could not create snapshot 'full'"),
+        "{}",
+        r.stderr
+    );
     assert!(std::fs::read(&img).unwrap() == before, "the image changed");
     check_clean(&img, "refcount_bits=1");
 }
@@ -244,5 +284,8 @@ fn raw_images_have_no_snapshots() {
     assert_eq!(qcow2_ok(&["snapshot", "-f", "raw", "-l", s(&img)]), "");
     let r = qcow2(&["snapshot", "-f", "raw", "-c", "x", s(&img)]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("Could not create snapshot 'x': Operation not supported"));
+    assert!(
+        r.stderr
+            .contains("Could not create snapshot 'x': Operation not supported")
+    );
 }

@@ -10,8 +10,8 @@
 #![deny(clippy::cast_possible_truncation)]
 
 use super::{
-    AUTOCLEAR_FEATURES_OFFSET, CRYPT_METHOD_OFFSET, INCOMPATIBLE_FEATURES_OFFSET,
-    L1_SIZE_OFFSET, L1_TABLE_OFFSET_OFFSET, NB_SNAPSHOTS_OFFSET, REFCOUNT_TABLE_CLUSTERS_OFFSET,
+    AUTOCLEAR_FEATURES_OFFSET, CRYPT_METHOD_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, L1_SIZE_OFFSET,
+    L1_TABLE_OFFSET_OFFSET, NB_SNAPSHOTS_OFFSET, REFCOUNT_TABLE_CLUSTERS_OFFSET,
     REFCOUNT_TABLE_OFFSET_OFFSET, SIZE_OFFSET, SNAPSHOTS_OFFSET_OFFSET,
 };
 
@@ -73,7 +73,12 @@ impl HeaderPatch {
     /// `size`, `crypt_method` (rewritten unchanged), `l1_size` and `l1_table_offset` together
     /// (bytes 24..48): switches the L1 table and the virtual size in one write, as applying a
     /// snapshot needs.
-    pub fn size_and_l1_table(size: u64, crypt_method: u32, entries: u32, offset: u64) -> HeaderPatch {
+    pub fn size_and_l1_table(
+        size: u64,
+        crypt_method: u32,
+        entries: u32,
+        offset: u64,
+    ) -> HeaderPatch {
         let mut p = Self::empty(SIZE_OFFSET, 24);
         p.bytes[..8].copy_from_slice(&size.to_be_bytes());
         p.bytes[8..12].copy_from_slice(&crypt_method.to_be_bytes());
@@ -158,11 +163,14 @@ mod tests {
             h.nb_snapshots = 3;
             h.snapshots_offset = 0xabc_0000;
         });
-        assert_patch_encodes(HeaderPatch::size_and_l1_table(7 << 30, 0, 9, 0x5_0000), |h| {
-            h.size = 7 << 30;
-            h.l1_size = 9;
-            h.l1_table_offset = 0x5_0000;
-        });
+        assert_patch_encodes(
+            HeaderPatch::size_and_l1_table(7 << 30, 0, 9, 0x5_0000),
+            |h| {
+                h.size = 7 << 30;
+                h.l1_size = 9;
+                h.l1_table_offset = 0x5_0000;
+            },
+        );
         assert_patch_encodes(HeaderPatch::incompatible_features(2), |h| {
             h.incompatible_features = 2
         });

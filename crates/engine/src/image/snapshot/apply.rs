@@ -4,9 +4,9 @@
 //! switches table and virtual size together (see the module docs of `snapshot`).
 
 use super::super::Image;
+use super::Snapshot;
 use super::table::{find_by_id_or_name, not_found};
 use super::tree::{Direction, Tree, add_range};
-use super::Snapshot;
 use crate::alloc::Kinds;
 use crate::error::{Error, Result};
 use crate::format::header::{self, HeaderPatch};
@@ -58,12 +58,19 @@ impl Image {
 
     /// The new active L1 table: the snapshot's entries (COPIED clear: they are shared with
     /// the snapshot) padded to the larger of the two tables and to what `size` needs.
-    fn new_active_l1(&self, snap_l1: &[L1Entry], old_len: usize, size: u64) -> Result<Vec<L1Entry>> {
+    fn new_active_l1(
+        &self,
+        snap_l1: &[L1Entry],
+        old_len: usize,
+        size: u64,
+    ) -> Result<Vec<L1Entry>> {
         let geo = self.inner.geo;
         let need = header::l1_entries_for(size, geo.cluster_bits, geo.l2.extended);
         let len = (snap_l1.len() as u64).max(old_len as u64).max(need).max(1);
         if len * 8 > header::MAX_L1_BYTES {
-            return Err(Error::corrupt("the snapshot's disk size needs an L1 table over 32 MiB"));
+            return Err(Error::corrupt(
+                "the snapshot's disk size needs an L1 table over 32 MiB",
+            ));
         }
         let clusters = (len * 8).div_ceil(geo.cluster_size);
         let epb = self.write_state()?.refcounts.entries_per_block();
@@ -74,7 +81,10 @@ impl Image {
         }
         let mut l1: Vec<L1Entry> = snap_l1
             .iter()
-            .map(|e| e.l2_offset().map_or(L1Entry::default(), |h| L1Entry::new(h, false)))
+            .map(|e| {
+                e.l2_offset()
+                    .map_or(L1Entry::default(), |h| L1Entry::new(h, false))
+            })
             .collect();
         l1.resize(len as usize, L1Entry::default());
         Ok(l1)
@@ -88,7 +98,12 @@ impl Image {
 
     /// The changes of an apply, once every check passed: `new` holds the references to add
     /// (and the new active L2 tables), `old` those to drop (and the old active L2 tables).
-    async fn apply_commit(&self, new_l1: Vec<L1Entry>, (new, old): (&Tree, &Tree), size: u64) -> Result<()> {
+    async fn apply_commit(
+        &self,
+        new_l1: Vec<L1Entry>,
+        (new, old): (&Tree, &Tree),
+        size: u64,
+    ) -> Result<()> {
         let w = self.write_state()?;
         let map = w.refcounts.map().clone();
         let (cs, len) = (self.inner.geo.cluster_size, new_l1.len() as u64 * 8);
@@ -100,13 +115,19 @@ impl Image {
         let mut buf = vec![0u8; len as usize];
         l1::write_table(&new_l1, &mut buf);
         self.check_metadata_write(offset, len, Kinds::L1).await?;
-        w.meta.write(&buf, offset, "writing the new L1 table").await?;
+        w.meta
+            .write(&buf, offset, "writing the new L1 table")
+            .await?;
         self.sync_file().await?;
         self.switch_active(new_l1, offset, size).await?;
         // The old active tables are no longer active; the new ones are.
         map.remove_kinds(old_off, u64::from(old_entries) * 8, Kinds::L1);
-        old.l2_tables.iter().for_each(|&t| map.remove_kinds(t, cs, Kinds::L2));
-        new.l2_tables.iter().for_each(|&t| map.insert(t, cs, Kinds::L2));
+        old.l2_tables
+            .iter()
+            .for_each(|&t| map.remove_kinds(t, cs, Kinds::L2));
+        new.l2_tables
+            .iter()
+            .for_each(|&t| map.insert(t, cs, Kinds::L2));
         self.change_tree(old, Direction::Down).await?;
         self.flush_refcounts().await?;
         for &t in old.l2_tables.iter().chain(&new.l2_tables) {
@@ -123,7 +144,11 @@ impl Image {
         let entries = u32::try_from(l1.len()).map_err(|_| Error::corrupt("L1 table too large"))?;
         let patch = HeaderPatch::size_and_l1_table(size, crypt, entries, offset);
         w.meta
-            .write(patch.bytes(), patch.offset(), "switching to the snapshot's L1 table")
+            .write(
+                patch.bytes(),
+                patch.offset(),
+                "switching to the snapshot's L1 table",
+            )
             .await?;
         self.sync_file().await?;
         let mut l1_lock = self.inner.l1.write().unwrap();
@@ -132,7 +157,9 @@ impl Image {
         ih.header.l1_size = entries;
         ih.header.l1_table_offset = offset;
         ih.header.size = size;
-        self.inner.size.store(size, std::sync::atomic::Ordering::Release);
+        self.inner
+            .size
+            .store(size, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use super::super::Image;
 use crate::alloc::Kinds;
 use crate::error::Result;
 use crate::format::l1::{self, L1Entry};
-use crate::format::l2::{self, L2Entry, L2E_COPIED};
+use crate::format::l2::{self, L2E_COPIED, L2Entry};
 
 impl Image {
     /// Make the COPIED flags of `l1` and its L2 tables agree with the refcounts (as they are
@@ -50,7 +50,11 @@ impl Image {
             };
             let want = self.refcount_of(host.0).await? == 1;
             if entry.copied() != want {
-                let raw = if want { raw | L2E_COPIED } else { raw & !L2E_COPIED };
+                let raw = if want {
+                    raw | L2E_COPIED
+                } else {
+                    raw & !L2E_COPIED
+                };
                 l2::write_raw(&mut buf, i, &geo, raw, bitmap);
                 changed = true;
             }
@@ -73,7 +77,9 @@ impl Image {
     pub(super) async fn refcount_of(&self, host: u64) -> Result<u64> {
         let w = self.write_state()?;
         let st = w.refcounts.lock().await;
-        w.refcounts.get(&st, host >> self.inner.geo.cluster_bits).await
+        w.refcounts
+            .get(&st, host >> self.inner.geo.cluster_bits)
+            .await
     }
 
     /// Write the whole active L1 table `l1` at the header's L1 offset, fsync, and make it

@@ -2,9 +2,9 @@
 //! order of the writes.
 
 use super::super::Image;
+use super::Snapshot;
 use super::table::{TablePlace, next_id};
 use super::tree::{Direction, Tree};
-use super::Snapshot;
 use crate::alloc::Kinds;
 use crate::error::Result;
 use crate::format::l1::{self, L1Entry};
@@ -97,7 +97,10 @@ impl Image {
         w.refcounts.map().insert(offset, len, Kinds::SNAPSHOT_L1);
         let copy: Vec<L1Entry> = l1
             .iter()
-            .map(|e| e.l2_offset().map_or(L1Entry::default(), |h| L1Entry::new(h, false)))
+            .map(|e| {
+                e.l2_offset()
+                    .map_or(L1Entry::default(), |h| L1Entry::new(h, false))
+            })
             .collect();
         let mut buf = vec![0u8; len as usize];
         l1::write_table(&copy, &mut buf);

@@ -2,9 +2,9 @@
 //! order of the writes.
 
 use super::super::Image;
+use super::Snapshot;
 use super::table::{find_by_id_or_name, not_found};
 use super::tree::{Direction, add_range};
-use super::Snapshot;
 use crate::alloc::Kinds;
 use crate::error::Result;
 

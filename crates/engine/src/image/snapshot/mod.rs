@@ -88,7 +88,11 @@ impl Image {
         let cs = self.inner.geo.cluster_size;
         for s in snaps {
             let l1 = self.read_l1_at(s.l1_table_offset, s.l1_size).await?;
-            map.insert(s.l1_table_offset, u64::from(s.l1_size) * 8, Kinds::SNAPSHOT_L1);
+            map.insert(
+                s.l1_table_offset,
+                u64::from(s.l1_size) * 8,
+                Kinds::SNAPSHOT_L1,
+            );
             for l2 in l1.iter().filter_map(|e| e.l2_offset()) {
                 map.insert(l2.0, cs, Kinds::SNAPSHOT_L2);
             }

@@ -49,13 +49,15 @@ impl Image {
         let at = start.checked_add(off).filter(|a| *a < file_len);
         let at = at.ok_or_else(|| Error::corrupt("entry beyond the end of the file"))?;
         let mut hdr = [0u8; ENTRY_HEADER_LEN];
-        self.read_meta(&mut hdr, at, "reading the snapshot table").await?;
+        self.read_meta(&mut hdr, at, "reading the snapshot table")
+            .await?;
         let len = snapshot::entry_len(&hdr)?;
         if off + len as u64 > snapshot::MAX_TABLE_SIZE as u64 {
             return Err(Error::corrupt("snapshot table larger than 64 MiB"));
         }
         let mut entry = vec![0u8; len];
-        self.read_meta(&mut entry, at, "reading the snapshot table").await?;
+        self.read_meta(&mut entry, at, "reading the snapshot table")
+            .await?;
         let (snap, len) = snapshot::parse_entry(&entry)?;
         Ok((snap, len as u64))
     }
@@ -102,10 +104,15 @@ impl Image {
                 TablePlace { offset, len }
             }
         };
-        let count = u32::try_from(snaps.len()).map_err(|_| Error::invalid_arg("too many snapshots"))?;
+        let count =
+            u32::try_from(snaps.len()).map_err(|_| Error::invalid_arg("too many snapshots"))?;
         let patch = HeaderPatch::snapshot_table(count, place.offset);
         w.meta
-            .write(patch.bytes(), patch.offset(), "switching the snapshot table")
+            .write(
+                patch.bytes(),
+                patch.offset(),
+                "switching the snapshot table",
+            )
             .await?;
         self.sync_file().await?;
         let mut ih = self.inner.header.lock().unwrap();

@@ -41,8 +41,14 @@ impl Tree {
         };
         let up = net(&new, &old);
         let down = net(&old, &new);
-        let up = Tree { l2_tables: new.l2_tables, refs: up };
-        let down = Tree { l2_tables: old.l2_tables, refs: down };
+        let up = Tree {
+            l2_tables: new.l2_tables,
+            refs: up,
+        };
+        let down = Tree {
+            l2_tables: old.l2_tables,
+            refs: down,
+        };
         (up, down)
     }
 }
@@ -117,7 +123,9 @@ impl Image {
                 L2Entry::Compressed(d) => {
                     let (first, last) = d.host_clusters(cb);
                     if last >= file_len.div_ceil(1 << cb) {
-                        return Err(Error::corrupt("compressed cluster beyond the end of the file"));
+                        return Err(Error::corrupt(
+                            "compressed cluster beyond the end of the file",
+                        ));
                     }
                     (first..=last).for_each(|c| tree.add(c, 1));
                 }

@@ -22,9 +22,15 @@ impl Image {
     /// snap.read_at(&mut buf, 0).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn open_snapshot(path: impl AsRef<Path>, opts: &OpenOptions, key: &str) -> Result<Image> {
+    pub async fn open_snapshot(
+        path: impl AsRef<Path>,
+        opts: &OpenOptions,
+        key: &str,
+    ) -> Result<Image> {
         if opts.writable {
-            return Err(Error::invalid_arg("a snapshot can only be opened read-only"));
+            return Err(Error::invalid_arg(
+                "a snapshot can only be opened read-only",
+            ));
         }
         let img = Image::open(path, opts).await?;
         img.select_snapshot(key).await?;
@@ -47,7 +53,9 @@ impl Image {
         }
         self.inner.l2_cache.invalidate_range(0, u64::MAX);
         *self.inner.l1.write().unwrap() = l1;
-        self.inner.size.store(size, std::sync::atomic::Ordering::Release);
+        self.inner
+            .size
+            .store(size, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }
