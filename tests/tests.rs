@@ -55,6 +55,7 @@ mod sigkill;
 mod smoke;
 mod snapshot_crash;
 mod snapshot_interop;
+mod snapshot_model;
 mod storage_conformance;
 mod write_model;
 mod write_scenarios;
