@@ -53,6 +53,7 @@ mod resize;
 mod runtimes;
 mod sigkill;
 mod smoke;
+mod snapshot_cli;
 mod snapshot_crash;
 mod snapshot_interop;
 mod snapshot_model;

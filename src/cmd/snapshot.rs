@@ -128,3 +128,93 @@ async fn run_op(img: &Image, op: Op) -> Result<()> {
 fn reason(e: &qcow2_engine::Error) -> String {
     format!("{e:#}")
 }
+
+/// Which snapshot a `-l` argument names: qemu-img's `snapshot.id=ID,snapshot.name=NAME`
+/// (either or both), or a bare ID-or-name.
+#[derive(Debug, PartialEq, Eq)]
+struct SnapshotSpec {
+    id: Option<String>,
+    name: Option<String>,
+}
+
+fn parse_spec(arg: &str) -> Result<SnapshotSpec> {
+    if !arg.starts_with("snapshot.") {
+        return Ok(SnapshotSpec {
+            id: None,
+            name: Some(arg.to_string()),
+        });
+    }
+    let mut spec = SnapshotSpec {
+        id: None,
+        name: None,
+    };
+    for part in arg.split(',') {
+        match part.split_once('=') {
+            Some(("snapshot.id", v)) => spec.id = Some(v.to_string()),
+            Some(("snapshot.name", v)) => spec.name = Some(v.to_string()),
+            _ => bail!("Invalid parameter '{part}'"),
+        }
+    }
+    Ok(spec)
+}
+
+impl SnapshotSpec {
+    /// The ID of the snapshot this names: both fields must match when both are given; a
+    /// bare argument is an ID first, then a name (qemu-img's order).
+    fn resolve(&self, snaps: &[qcow2_engine::image::Snapshot], bare: bool) -> Option<String> {
+        if bare {
+            let key = self.name.as_deref()?;
+            let i = qcow2_engine::image::find_by_id_or_name(snaps, key)?;
+            return Some(snaps[i].id.clone());
+        }
+        snaps
+            .iter()
+            .find(|s| {
+                self.id.as_ref().is_none_or(|id| *id == s.id)
+                    && self.name.as_ref().is_none_or(|n| *n == s.name)
+            })
+            .map(|s| s.id.clone())
+    }
+}
+
+/// Open the internal snapshot `arg` (a `-l` argument) of the qcow2 image at `path`,
+/// read-only: what `convert -l`, `measure -l` and `serve -l` read.
+pub async fn open_source(
+    path: &std::path::Path,
+    format: Option<&str>,
+    access: &Access,
+    arg: &str,
+) -> Result<crate::disk::Disk> {
+    let spec = parse_spec(arg)?;
+    let not_found = || anyhow!("Failed to load snapshot: Can't find snapshot");
+    if detect_format(path, format).await? != "qcow2" {
+        return Err(not_found());
+    }
+    let opts = access.options(false);
+    let img = Image::open(path, &opts).await?;
+    let snaps = img.snapshots().await?;
+    drop(img);
+    let id = spec
+        .resolve(&snaps, !arg.starts_with("snapshot."))
+        .ok_or_else(not_found)?;
+    Ok(crate::disk::Disk::Qcow2(
+        Image::open_snapshot(path, &opts, &id).await?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_specs() {
+        let bare = parse_spec("s1").unwrap();
+        assert_eq!(bare.name.as_deref(), Some("s1"));
+        let both = parse_spec("snapshot.id=3,snapshot.name=x").unwrap();
+        assert_eq!(
+            (both.id.as_deref(), both.name.as_deref()),
+            (Some("3"), Some("x"))
+        );
+        assert!(parse_spec("snapshot.foo=1").is_err());
+    }
+}

@@ -9,10 +9,12 @@ use crate::error::{Error, Result};
 
 impl Image {
     /// Open the image at `path` read-only, showing the snapshot whose ID is `key` (or else
-    /// the first whose name is `key`) instead of the active disk: reads, `map` and the
-    /// virtual size are the snapshot's. The backing file is the image's current one, as in
-    /// QEMU. `opts` must not be writable (`InvalidArgument`); `NotFound` when there is no
-    /// such snapshot.
+    /// the first whose name is `key`) instead of the active disk: reads and `map` are the
+    /// snapshot's. As in QEMU (`qemu-img convert -l`, `qemu-nbd -l`), the virtual size and the
+    /// backing file stay the image's current ones: past the snapshot's own size it reads
+    /// zeros (or the backing file), and a snapshot larger than the image now is cut at the
+    /// current size. `opts` must not be writable (`InvalidArgument`); `NotFound` when there
+    /// is no such snapshot.
     ///
     /// ```no_run
     /// # async fn demo() -> qcow2_engine::Result<()> {
@@ -44,7 +46,7 @@ impl Image {
         let snap = &snaps[idx];
         snap.validate(self.inner.geo.cluster_size)?;
         let mut l1 = self.read_l1_at(snap.l1_table_offset, snap.l1_size).await?;
-        let size = snap.disk_size.unwrap_or(self.virtual_size());
+        let size = self.virtual_size();
         let geo = self.inner.geo;
         let need = crate::format::header::l1_entries_for(size, geo.cluster_bits, geo.l2.extended);
         // Reads look up every guest cluster below the size: pad a short table with holes.
