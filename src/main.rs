@@ -79,6 +79,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Export an image over NBD until SIGINT/SIGTERM.
     Serve(cmd::serve::Args),
+    /// List, create, apply or delete internal snapshots (qemu-img snapshot).
+    Snapshot(cmd::snapshot::Args),
 }
 
 impl Command {
@@ -98,6 +100,7 @@ impl Command {
             Command::Io(a) => cmd::io::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,
             Command::Serve(a) => cmd::serve::run(a).await,
+            Command::Snapshot(a) => cmd::snapshot::run(a).await,
         }
     }
 }

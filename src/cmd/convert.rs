@@ -57,6 +57,10 @@ pub struct Args {
     /// Format of the `-B` backing file (required with `-B`).
     #[arg(short = 'F')]
     backing_format: Option<String>,
+    /// Read this internal snapshot of the source instead of its active disk: a name or ID,
+    /// or `snapshot.id=ID,snapshot.name=NAME`.
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAMS")]
+    snapshot: Option<String>,
     /// Quiet (the default; accepted for qemu-img compatibility).
     #[arg(short = 'q')]
     quiet: bool,
@@ -100,7 +104,10 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.options.is_some() && a.output_format != "qcow2" {
         bail!("-o is only supported with -O qcow2");
     }
-    let src = Disk::open(&a.src, a.format.as_deref(), false, &a.access).await?;
+    let src = match &a.snapshot {
+        Some(l) => super::snapshot::open_source(&a.src, a.format.as_deref(), &a.access, l).await?,
+        None => Disk::open(&a.src, a.format.as_deref(), false, &a.access).await?,
+    };
     let size = src.size();
     let dst = if a.no_create {
         open_existing(&a, size).await?

@@ -57,7 +57,8 @@ pub struct Args {
     /// Format of the source image (qcow2 or raw); probed when omitted.
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Measure an internal snapshot of the source (not supported yet).
+    /// Measure an internal snapshot of the source: a name or ID, or
+    /// `snapshot.id=ID,snapshot.name=NAME`.
     #[arg(short = 'l')]
     snapshot: Option<String>,
     #[command(flatten)]
@@ -84,9 +85,6 @@ pub async fn run(a: Args) -> Result<u8> {
         (Some(s), None) => Some(parse_size_arg(s)?),
         (None, Some(_)) => None,
     };
-    if a.snapshot.is_some() {
-        bail!("measuring an internal snapshot (-l) is not supported yet");
-    }
     let m = match a.out_format.as_str() {
         "raw" => measure_raw(&a, size).await?,
         "qcow2" => measure_qcow2(&a, size).await?,
@@ -172,6 +170,9 @@ async fn open_source(a: &Args) -> Result<Disk> {
     let Some(path) = &a.file else {
         bail!("Either --size N or one filename must be specified.");
     };
+    if let Some(snap) = &a.snapshot {
+        return super::snapshot::open_source(path, a.format.as_deref(), &a.access, snap).await;
+    }
     Disk::open(path, a.format.as_deref(), false, &a.access).await
 }
 

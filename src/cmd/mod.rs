@@ -18,6 +18,7 @@ pub mod map;
 pub mod measure;
 pub mod resize;
 pub mod serve;
+pub mod snapshot;
 mod snapshots;
 
 /// `--output=human|json`, shared by info, map and check.

@@ -21,6 +21,10 @@ pub struct Args {
     /// Export read-only (writes fail with EPERM).
     #[arg(short = 'r', long)]
     read_only: bool,
+    /// Export this internal snapshot of the image, read-only (qemu-nbd's -l): a name or ID,
+    /// or `snapshot.id=ID,snapshot.name=NAME`.
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
+    load_snapshot: Option<String>,
     /// The export's name (clients use nbd://HOST/NAME); the empty name also selects it.
     #[arg(short = 'x', long, default_value = "")]
     export_name: String,
@@ -168,6 +172,10 @@ async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
     let access = a.access.clone().untrusted_by_default();
     if writable && access.force_share {
         bail!("--force-share (-U) can only be used with read-only exports (-r)");
+    }
+    if let Some(snap) = &a.load_snapshot {
+        let disk = super::snapshot::open_source(&a.file, a.format.as_deref(), &access, snap);
+        return Ok(disk.await?.into_device());
     }
     let disk = Disk::open(&a.file, a.format.as_deref(), writable, &access).await?;
     Ok(disk.into_device())

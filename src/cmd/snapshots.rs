@@ -117,7 +117,7 @@ fn vm_clock(nsec: u64) -> String {
 }
 
 /// The snapshot list in qemu-img's human layout.
-pub fn print_human(snaps: &[Snapshot]) {
+pub(crate) fn print_human(snaps: &[Snapshot]) {
     outln!("Snapshot list:");
     outln!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",

@@ -36,6 +36,8 @@ pub enum ErrorKind {
     Locked,
     /// The image names a file (backing or data file) that the reference policy does not allow.
     Refused,
+    /// A named object (an internal snapshot) does not exist.
+    NotFound,
 }
 
 impl ErrorKind {
@@ -53,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Poisoned => "image poisoned by an earlier metadata write failure",
             ErrorKind::Locked => "image is locked",
             ErrorKind::Refused => "reference refused",
+            ErrorKind::NotFound => "not found",
         }
     }
 }
@@ -266,6 +269,7 @@ impl From<Error> for std::io::Error {
             ErrorKind::Locked => std::io::ErrorKind::ResourceBusy,
             ErrorKind::Unsupported => std::io::ErrorKind::Unsupported,
             ErrorKind::NoSpace => std::io::ErrorKind::StorageFull,
+            ErrorKind::NotFound => std::io::ErrorKind::NotFound,
             _ => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, e)

@@ -136,6 +136,24 @@ impl MetadataMap {
         map.remove(&c);
     }
 
+    /// Forget that `[host, host + len)` holds metadata of the kinds in `kinds` (a snapshot
+    /// being deleted lets go of its tables; other kinds stay).
+    pub fn remove_kinds(&self, host: u64, len: u64, kinds: Kinds) {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = self.cluster_span(host, len);
+        let mut map = self.clusters.write().unwrap_or_else(|p| p.into_inner());
+        for c in first..=last {
+            if let Some(k) = map.get_mut(&c) {
+                *k &= !kinds.0;
+                if *k == 0 {
+                    map.remove(&c);
+                }
+            }
+        }
+    }
+
     /// The kinds other than `ignore` held in `[host, host + len)`, if any.
     pub fn find(&self, host: u64, len: u64, ignore: Kinds) -> Option<Kinds> {
         let (first, last) = self.cluster_span(host, len);

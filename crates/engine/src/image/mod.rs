@@ -40,6 +40,7 @@ mod probe_guard;
 mod read;
 mod references;
 mod resize;
+mod snapshot;
 mod state;
 mod write;
 mod zero;
@@ -53,6 +54,7 @@ pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
 pub use probe_guard::check_probed_raw_write;
 pub use references::ReferencePolicy;
+pub use snapshot::{Snapshot, find_by_id_or_name};
 pub use zero::ZeroFlags;
 
 use std::path::{Path, PathBuf};

@@ -10,17 +10,19 @@
 #![deny(clippy::cast_possible_truncation)]
 
 use super::{
-    AUTOCLEAR_FEATURES_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, L1_SIZE_OFFSET,
-    L1_TABLE_OFFSET_OFFSET, REFCOUNT_TABLE_CLUSTERS_OFFSET, REFCOUNT_TABLE_OFFSET_OFFSET,
-    SIZE_OFFSET,
+    AUTOCLEAR_FEATURES_OFFSET, CRYPT_METHOD_OFFSET, INCOMPATIBLE_FEATURES_OFFSET, L1_SIZE_OFFSET,
+    L1_TABLE_OFFSET_OFFSET, NB_SNAPSHOTS_OFFSET, REFCOUNT_TABLE_CLUSTERS_OFFSET,
+    REFCOUNT_TABLE_OFFSET_OFFSET, SIZE_OFFSET, SNAPSHOTS_OFFSET_OFFSET,
 };
 
 // The grouped fields must be adjacent for their patch to be one contiguous write.
 const _: () = assert!(L1_TABLE_OFFSET_OFFSET == L1_SIZE_OFFSET + 4);
 const _: () = assert!(REFCOUNT_TABLE_CLUSTERS_OFFSET == REFCOUNT_TABLE_OFFSET_OFFSET + 8);
+const _: () = assert!(SNAPSHOTS_OFFSET_OFFSET == NB_SNAPSHOTS_OFFSET + 4);
+const _: () = assert!(CRYPT_METHOD_OFFSET == SIZE_OFFSET + 8 && L1_SIZE_OFFSET == SIZE_OFFSET + 12);
 
-/// The largest field group: 12 bytes (a u64 and a u32).
-const MAX_PATCH: usize = 12;
+/// The largest field group: 24 bytes (size, crypt method, L1 size and offset).
+const MAX_PATCH: usize = 24;
 
 /// A few header bytes to write over the old ones at [`HeaderPatch::offset`].
 ///
@@ -56,6 +58,32 @@ impl HeaderPatch {
         let mut p = Self::empty(REFCOUNT_TABLE_OFFSET_OFFSET, 12);
         p.bytes[..8].copy_from_slice(&offset.to_be_bytes());
         p.bytes[8..12].copy_from_slice(&clusters.to_be_bytes());
+        p
+    }
+
+    /// `nb_snapshots` and `snapshots_offset` together (bytes 60..72): switches the snapshot
+    /// table.
+    pub fn snapshot_table(count: u32, offset: u64) -> HeaderPatch {
+        let mut p = Self::empty(NB_SNAPSHOTS_OFFSET, 12);
+        p.bytes[..4].copy_from_slice(&count.to_be_bytes());
+        p.bytes[4..12].copy_from_slice(&offset.to_be_bytes());
+        p
+    }
+
+    /// `size`, `crypt_method` (rewritten unchanged), `l1_size` and `l1_table_offset` together
+    /// (bytes 24..48): switches the L1 table and the virtual size in one write, as applying a
+    /// snapshot needs.
+    pub fn size_and_l1_table(
+        size: u64,
+        crypt_method: u32,
+        entries: u32,
+        offset: u64,
+    ) -> HeaderPatch {
+        let mut p = Self::empty(SIZE_OFFSET, 24);
+        p.bytes[..8].copy_from_slice(&size.to_be_bytes());
+        p.bytes[8..12].copy_from_slice(&crypt_method.to_be_bytes());
+        p.bytes[12..16].copy_from_slice(&entries.to_be_bytes());
+        p.bytes[16..24].copy_from_slice(&offset.to_be_bytes());
         p
     }
 
@@ -131,6 +159,18 @@ mod tests {
             h.refcount_table_offset = 0xbeef_0000;
             h.refcount_table_clusters = 7;
         });
+        assert_patch_encodes(HeaderPatch::snapshot_table(3, 0xabc_0000), |h| {
+            h.nb_snapshots = 3;
+            h.snapshots_offset = 0xabc_0000;
+        });
+        assert_patch_encodes(
+            HeaderPatch::size_and_l1_table(7 << 30, 0, 9, 0x5_0000),
+            |h| {
+                h.size = 7 << 30;
+                h.l1_size = 9;
+                h.l1_table_offset = 0x5_0000;
+            },
+        );
         assert_patch_encodes(HeaderPatch::incompatible_features(2), |h| {
             h.incompatible_features = 2
         });

@@ -1,0 +1,110 @@
+//! Reading a snapshot without applying it: `qcow2 convert -l`, `measure -l` and `serve -l`
+//! give what qemu-img's `convert -l` and `measure -l` give, in each `-l` form.
+
+use std::path::Path;
+
+use crate::common::bg::Bg;
+use crate::common::{qcow2, qcow2_ok, qemu_create, qemu_io, run, status};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// An image with two snapshots ("one" = ID 1, "two" = ID 2) that differ from each other and
+/// from the active disk, and a larger virtual size after "one".
+fn image(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("img.qcow2");
+    qemu_create(&img, "", "2M");
+    qemu_io(&img, &["write -P 1 0 256k"]);
+    run("qemu-img", &["snapshot", "-c", "one", s(&img)]);
+    run("qemu-img", &["resize", s(&img), "4M"]);
+    qemu_io(&img, &["write -P 2 64k 64k", "write -P 3 3M 64k"]);
+    qcow2_ok(&["snapshot", "-c", "two", s(&img)]);
+    qemu_io(&img, &["write -P 4 0 1M"]);
+    img
+}
+
+#[test]
+fn convert_l_matches_qemu_img_in_every_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let (ours, theirs) = (dir.path().join("ours.raw"), dir.path().join("theirs.raw"));
+    for spec in [
+        "one",
+        "2",
+        "snapshot.name=two",
+        "snapshot.id=1",
+        "snapshot.id=2,snapshot.name=two",
+    ] {
+        qcow2_ok(&["convert", "-l", spec, "-O", "raw", s(&img), s(&ours)]);
+        run(
+            "qemu-img",
+            &["convert", "-l", spec, "-O", "raw", s(&img), s(&theirs)],
+        );
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "{spec}"
+        );
+    }
+    // To qcow2 as well: qemu-img compare judges.
+    let q = dir.path().join("one.qcow2");
+    qcow2_ok(&["convert", "-l", "one", "-O", "qcow2", s(&img), s(&q)]);
+    run(
+        "qemu-img",
+        &["convert", "-l", "one", "-O", "raw", s(&img), s(&theirs)],
+    );
+    run("qemu-img", &["compare", "-F", "raw", s(&q), s(&theirs)]);
+    for bad in ["nope", "snapshot.id=1,snapshot.name=two"] {
+        let r = qcow2(&["convert", "-l", bad, "-O", "raw", s(&img), s(&ours)]);
+        assert_eq!(r.code, 1, "{bad}");
+        assert!(
+            r.stderr
+                .contains("Failed to load snapshot: Can't find snapshot"),
+            "{}",
+            r.stderr
+        );
+        let (code, _) = status(
+            "qemu-img",
+            &["convert", "-l", bad, "-O", "raw", s(&img), s(&theirs)],
+        );
+        assert_eq!(code, 1, "qemu-img {bad}");
+    }
+}
+
+#[test]
+fn measure_l_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    for spec in ["one", "two"] {
+        let ours = qcow2_ok(&["measure", "-l", spec, "-O", "qcow2", s(&img)]);
+        let theirs = run("qemu-img", &["measure", "-l", spec, "-O", "qcow2", s(&img)]);
+        assert_eq!(ours, theirs, "{spec}");
+    }
+}
+
+#[test]
+fn serve_l_exports_the_snapshot_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("nbd.sock");
+    let _server = Bg::serving(
+        env!("CARGO_BIN_EXE_qcow2"),
+        &["serve", "-t", "-l", "one", "-k", s(&sock), s(&img)],
+        &sock,
+    );
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let theirs = dir.path().join("one.raw");
+    run(
+        "qemu-img",
+        &["convert", "-l", "one", "-O", "raw", s(&img), s(&theirs)],
+    );
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &uri, s(&theirs)],
+    );
+    let (code, out) = status("qemu-io", &["-f", "raw", "-c", "write 0 4k", &uri]);
+    assert!(
+        code != 0 || out.contains("failed"),
+        "a write to a snapshot export: {out}"
+    );
+}
