@@ -70,7 +70,11 @@ pub fn open_file(path: &Path, writable: bool, lock: Option<LockRequest>) -> Resu
 
 /// Open a qcow2 image with its backing chain, as `access` allows.
 pub async fn open_qcow2(path: &Path, writable: bool, access: &Access) -> Result<Image> {
-    Ok(Image::open(path, &access.options(writable)).await?)
+    let mut opts = access.options(writable);
+    if let Some(secret) = crate::secrets::for_path(path)? {
+        opts = opts.key_secret(secret);
+    }
+    Ok(Image::open(path, &opts).await?)
 }
 
 impl Disk {

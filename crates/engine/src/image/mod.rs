@@ -23,6 +23,7 @@ mod backing;
 mod cluster0;
 mod compress;
 pub mod create;
+mod encryption;
 mod flush;
 mod flusher;
 mod frees;
@@ -93,8 +94,10 @@ pub(crate) struct Inner {
     geo: Geometry,
     /// Codec of compressed clusters (header byte 104).
     compression: CompressionType,
-    /// The image is encrypted: data access is refused (issue 14).
+    /// The image is encrypted (`crypt_method` 1 or 2).
     encrypted: bool,
+    /// Its unlocked data cipher; without one, data access is refused.
+    crypto: encryption::Crypto,
     /// The in-memory header and extensions (lock 6 in LOCKS.md); written to disk only
     /// through `format::header::HeaderPatch`.
     header: Mutex<ImageHeader>,
@@ -197,7 +200,7 @@ impl Image {
         self.inner.writable
     }
 
-    /// Whether the image's data is encrypted (data access is refused).
+    /// Whether the image's data is encrypted (data access needs [`OpenOptions::key_secret`]).
     pub fn is_encrypted(&self) -> bool {
         self.inner.encrypted
     }
@@ -241,14 +244,5 @@ impl Image {
             )
             .at(offset)),
         }
-    }
-
-    fn check_data_access(&self) -> Result<()> {
-        if self.inner.encrypted {
-            return Err(Error::unsupported(
-                "encrypted images: data access is not implemented",
-            ));
-        }
-        Ok(())
     }
 }
