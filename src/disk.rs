@@ -228,7 +228,7 @@ impl Disk {
 }
 
 /// Read and validate cluster 0 of a qcow2 file without opening the image: works for
-/// encrypted images (whose data the engine refuses) and without backing or data files.
+/// encrypted images without their secret, and without backing or data files.
 pub async fn read_image_header(file: &dyn Storage) -> Result<ImageHeader> {
     let file_len = file.len().await.context("sizing the image")?;
     let ih = qcow2_engine::image::read_cluster0(file).await?;

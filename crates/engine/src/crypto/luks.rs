@@ -124,6 +124,17 @@ fn digest_matches(h: &LuksHeader, hash: HashAlg, master: &[u8]) -> bool {
     d == h.mk_digest
 }
 
+/// QEMU en/decrypts key material in whole 512-byte sectors and aborts on a short last one
+/// (aes-192-cbc: 24-byte keys × 4000 stripes), so such an area is never created.
+pub(crate) fn check_creatable(key_len: usize) -> Result<()> {
+    if (key_len * STRIPES as usize) % SECTOR != 0 {
+        return Err(Error::unsupported(format!(
+            "a {key_len}-byte LUKS key (its key material is not whole sectors: QEMU cannot open it)"
+        )));
+    }
+    Ok(())
+}
+
 /// Fill `buf` from the OS's random source.
 pub(crate) fn random(buf: &mut [u8]) -> Result<()> {
     getrandom::fill(buf).map_err(|e| {
@@ -181,6 +192,7 @@ fn new_uuid() -> Result<String> {
 /// area's bytes (its length is the payload offset) and the master key.
 pub(crate) fn build(p: &LuksParams, secret: &[u8]) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>)> {
     let key_len = p.spec.key_len();
+    check_creatable(key_len)?;
     let mut master = Zeroizing::new(vec![0u8; key_len]);
     random(&mut master)?;
     let per_slot = slot_sectors(key_len as u64);

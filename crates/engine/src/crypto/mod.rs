@@ -12,6 +12,7 @@
 //! opaque).
 
 mod af;
+pub mod amend;
 pub mod cipher;
 pub mod hash;
 pub mod luks;

@@ -71,6 +71,16 @@ pub(crate) async fn unlock_luks(
     secret: &Secret,
 ) -> Result<super::luks::Unlocked> {
     let h = read_luks_header(file, ih).await?;
+    unlock_with_header(file, ih, h, secret).await
+}
+
+/// Unlock with the key slots of `h` (the image's header, or a copy with some slots off).
+pub(crate) async fn unlock_with_header(
+    file: &dyn Storage,
+    ih: &ImageHeader,
+    h: LuksHeader,
+    secret: &Secret,
+) -> Result<super::luks::Unlocked> {
     let (offset, _) = luks_area(ih)?;
     let material = read_material(file, offset, &h).await?;
     let secret = secret.clone();

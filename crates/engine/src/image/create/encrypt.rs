@@ -88,6 +88,7 @@ impl EncryptOptions {
                 None => d.spec.ivgen,
             },
         };
+        crate::crypto::luks::check_creatable(spec.key_len())?;
         Ok(LuksParams {
             spec,
             hash: hash(&self.hash_alg)?.unwrap_or(d.hash),
