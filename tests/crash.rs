@@ -463,7 +463,7 @@ async fn run_setup(
             checked += 1;
             // qemu-img check is slow next to our in-memory checks: run it on a sample.
             if checked % 41 == 0 || (p + 1 == points && k == 0) {
-                qemu_check_no_corruption(dir, &bytes, &setup).unwrap_or_else(|e| {
+                qemu_check_no_corruption(dir, &bytes, setup).unwrap_or_else(|e| {
                     panic!("{name} QCOW2_TEST_SEED={seed}: crash point {p} {policy:?}: {e}")
                 });
             }

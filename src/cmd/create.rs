@@ -110,6 +110,46 @@ fn print_option_help(format: &str) -> Result<u8> {
             ),
             ("data_file", "<str>", "File name of an external data file"),
             (
+                "encrypt.cipher-alg",
+                "<str>",
+                "Name of encryption cipher algorithm",
+            ),
+            (
+                "encrypt.cipher-mode",
+                "<str>",
+                "Name of encryption cipher mode",
+            ),
+            (
+                "encrypt.format",
+                "<str>",
+                "Encrypt the image, format choices: 'aes', 'luks'",
+            ),
+            (
+                "encrypt.hash-alg",
+                "<str>",
+                "Name of encryption hash algorithm",
+            ),
+            (
+                "encrypt.iter-time",
+                "<num>",
+                "Time to spend in PBKDF in milliseconds",
+            ),
+            (
+                "encrypt.ivgen-alg",
+                "<str>",
+                "Name of IV generator algorithm",
+            ),
+            (
+                "encrypt.ivgen-hash-alg",
+                "<str>",
+                "Name of IV generator hash algorithm",
+            ),
+            (
+                "encrypt.key-secret",
+                "<str>",
+                "ID of secret providing qcow AES key or LUKS passphrase",
+            ),
+            (
                 "data_file_raw",
                 "<bool (on/off)>",
                 "The external data file must stay valid as a raw image",

@@ -12,7 +12,7 @@ use super::hash::HashAlg;
 
 /// Diffuse `buf` in place.
 fn diffuse(hash: HashAlg, buf: &mut [u8]) {
-    let ds = hash.len();
+    let ds = hash.digest_len();
     for (j, piece) in buf.chunks_mut(ds).enumerate() {
         // The piece index as a big-endian u32, as LUKS1 specifies (a key has few pieces).
         let iv = u32::try_from(j).unwrap_or(u32::MAX).to_be_bytes();

@@ -242,19 +242,20 @@ impl Aes {
 }
 
 /// An XTS instance of any AES key size.
+// Boxed: the key schedules are large and of different sizes.
 enum Xts {
-    X128(Xts128<Aes128>),
-    X192(Xts128<Aes192>),
-    X256(Xts128<Aes256>),
+    X128(Box<Xts128<Aes128>>),
+    X192(Box<Xts128<Aes192>>),
+    X256(Box<Xts128<Aes256>>),
 }
 
 impl Xts {
     fn new(key: &[u8]) -> Result<Xts> {
         let (k1, k2) = key.split_at(key.len() / 2);
         Ok(match (Aes::new(k1)?, Aes::new(k2)?) {
-            (Aes::A128(a), Aes::A128(b)) => Xts::X128(Xts128::new(a, b)),
-            (Aes::A192(a), Aes::A192(b)) => Xts::X192(Xts128::new(a, b)),
-            (Aes::A256(a), Aes::A256(b)) => Xts::X256(Xts128::new(a, b)),
+            (Aes::A128(a), Aes::A128(b)) => Xts::X128(Box::new(Xts128::new(a, b))),
+            (Aes::A192(a), Aes::A192(b)) => Xts::X192(Box::new(Xts128::new(a, b))),
+            (Aes::A256(a), Aes::A256(b)) => Xts::X256(Box::new(Xts128::new(a, b))),
             _ => return Err(Error::invalid_arg("XTS key halves of different sizes")),
         })
     }
@@ -281,7 +282,7 @@ pub struct SectorCipher {
 
 enum ModeImpl {
     Xts(Xts),
-    Cbc(Aes),
+    Cbc(Box<Aes>),
 }
 
 impl std::fmt::Debug for SectorCipher {
@@ -299,7 +300,7 @@ impl SectorCipher {
         }
         let mode = match spec.mode {
             CipherMode::Xts => ModeImpl::Xts(Xts::new(key)?),
-            CipherMode::Cbc => ModeImpl::Cbc(Aes::new(key)?),
+            CipherMode::Cbc => ModeImpl::Cbc(Box::new(Aes::new(key)?)),
         };
         let essiv = match spec.ivgen {
             IvGen::Essiv(h) => {
@@ -322,6 +323,8 @@ impl SectorCipher {
         })
     }
 
+    // IVs are little-endian sector numbers by definition (dm-crypt's plain/plain64/essiv).
+    #[allow(clippy::little_endian_bytes)]
     fn iv(&self, sector: u64) -> [u8; 16] {
         let mut iv = [0u8; 16];
         match self.ivgen {

@@ -46,7 +46,7 @@ impl HashAlg {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             HashAlg::Sha1 => 20,
             HashAlg::Sha224 => 28,
@@ -113,7 +113,7 @@ mod tests {
             HashAlg::Sha512,
         ] {
             assert_eq!(HashAlg::parse(h.name()).unwrap(), h);
-            assert_eq!(h.digest(&[b"x"]).len(), h.len());
+            assert_eq!(h.digest(&[b"x"]).len(), h.digest_len());
         }
         assert!(HashAlg::parse("md5").is_err());
     }

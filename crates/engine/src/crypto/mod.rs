@@ -5,7 +5,7 @@
 //! the sector's **host** offset / 512 for LUKS (the qcow2 spec: "the data is encrypted with
 //! the sector number of the host cluster offset") and its **guest** offset / 512 for legacy
 //! AES, as QEMU does (`crypt_physical_offset`). LUKS data therefore goes through
-//! [`CryptStorage`], a storage wrapper that encrypts on the way out and decrypts on the way
+//! `CryptStorage`, a storage wrapper that encrypts on the way out and decrypts on the way
 //! in; legacy AES is decrypted in the read path, where the guest offset is known.
 //!
 //! Keys live in zeroizing memory and are never printed (`Debug` of every key holder is

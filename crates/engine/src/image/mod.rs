@@ -97,6 +97,7 @@ pub(crate) struct Inner {
     /// The image is encrypted (`crypt_method` 1 or 2).
     encrypted: bool,
     /// Its unlocked data cipher; without one, data access is refused.
+    #[cfg_attr(not(feature = "luks"), allow(dead_code))]
     crypto: encryption::Crypto,
     /// The in-memory header and extensions (lock 6 in LOCKS.md); written to disk only
     /// through `format::header::HeaderPatch`.

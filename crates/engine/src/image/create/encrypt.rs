@@ -97,7 +97,7 @@ impl EncryptOptions {
     }
 
     /// The secret, or QEMU's error when there is none.
-    pub(crate) fn secret(&self) -> Result<&Secret> {
+    pub(crate) fn require_secret(&self) -> Result<&Secret> {
         self.secret.as_ref().ok_or_else(|| {
             Error::invalid_arg("Parameter 'encrypt.key-secret' is required for cipher")
         })
@@ -108,7 +108,7 @@ impl EncryptOptions {
 /// runs for `iter-time`.
 pub(crate) async fn luks_area(opts: &EncryptOptions) -> Result<Vec<u8>> {
     let params = opts.luks_params()?;
-    let secret = opts.secret()?.clone();
+    let secret = opts.require_secret()?.clone();
     let (area, _master) =
         blocking::unblock(move || crate::crypto::luks::build(&params, secret.expose())).await?;
     Ok(area)
