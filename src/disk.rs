@@ -70,7 +70,11 @@ pub fn open_file(path: &Path, writable: bool, lock: Option<LockRequest>) -> Resu
 
 /// Open a qcow2 image with its backing chain, as `access` allows.
 pub async fn open_qcow2(path: &Path, writable: bool, access: &Access) -> Result<Image> {
-    Ok(Image::open(path, &access.options(writable)).await?)
+    let mut opts = access.options(writable);
+    if let Some(secret) = crate::secrets::for_path(path)? {
+        opts = opts.key_secret(secret);
+    }
+    Ok(Image::open(path, &opts).await?)
 }
 
 impl Disk {
@@ -224,7 +228,7 @@ impl Disk {
 }
 
 /// Read and validate cluster 0 of a qcow2 file without opening the image: works for
-/// encrypted images (whose data the engine refuses) and without backing or data files.
+/// encrypted images without their secret, and without backing or data files.
 pub async fn read_image_header(file: &dyn Storage) -> Result<ImageHeader> {
     let file_len = file.len().await.context("sizing the image")?;
     let ih = qcow2_engine::image::read_cluster0(file).await?;

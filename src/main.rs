@@ -38,6 +38,7 @@ mod args;
 mod cmd;
 mod disk;
 mod fork;
+mod secrets;
 
 use std::process::ExitCode;
 
@@ -113,7 +114,12 @@ fn report(msg: impl std::fmt::Display) {
 
 /// Parse the command line; usage errors become one line and status 1.
 fn parse() -> Result<Cli, ExitCode> {
-    Cli::try_parse().map_err(|e| {
+    // `--object secret`, `--image-opts`, `--key-file`: taken out before clap (see `secrets`).
+    let args = secrets::take_args(std::env::args_os()).map_err(|e| {
+        report(format!("{e:#}"));
+        ExitCode::from(1)
+    })?;
+    Cli::try_parse_from(args).map_err(|e| {
         use clap::error::ErrorKind::{
             DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion,
         };

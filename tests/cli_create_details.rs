@@ -112,7 +112,7 @@ fn option_help_lists_what_we_support() {
         );
         let (_, theirs) = create("qemu-img", &["-f", format, "-o", "help"], &img);
         assert_eq!(code, 0);
-        // Every line we print is one of qemu-img's (we leave out the encryption options).
+        // Every line we print is one of qemu-img's (we leave out the deprecated `encryption`).
         for line in ours.lines() {
             assert!(theirs.lines().any(|l| l == line), "{format}: {line:?}");
         }

@@ -41,6 +41,8 @@ mod format_oracle;
 mod fuzz_regressions;
 mod hostile_images;
 mod lazy_refcounts;
+mod luks;
+mod luks_amend;
 mod nbd_garbage;
 mod nbd_handshake;
 mod nbd_probe;

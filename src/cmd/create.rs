@@ -110,6 +110,46 @@ fn print_option_help(format: &str) -> Result<u8> {
             ),
             ("data_file", "<str>", "File name of an external data file"),
             (
+                "encrypt.cipher-alg",
+                "<str>",
+                "Name of encryption cipher algorithm",
+            ),
+            (
+                "encrypt.cipher-mode",
+                "<str>",
+                "Name of encryption cipher mode",
+            ),
+            (
+                "encrypt.format",
+                "<str>",
+                "Encrypt the image, format choices: 'aes', 'luks'",
+            ),
+            (
+                "encrypt.hash-alg",
+                "<str>",
+                "Name of encryption hash algorithm",
+            ),
+            (
+                "encrypt.iter-time",
+                "<num>",
+                "Time to spend in PBKDF in milliseconds",
+            ),
+            (
+                "encrypt.ivgen-alg",
+                "<str>",
+                "Name of IV generator algorithm",
+            ),
+            (
+                "encrypt.ivgen-hash-alg",
+                "<str>",
+                "Name of IV generator hash algorithm",
+            ),
+            (
+                "encrypt.key-secret",
+                "<str>",
+                "ID of secret providing qcow AES key or LUKS passphrase",
+            ),
+            (
                 "data_file_raw",
                 "<bool (on/off)>",
                 "The external data file must stay valid as a raw image",
@@ -180,6 +220,7 @@ async fn create_with(
             disk.close().await?;
         }
     }
+    attach_secret(path, opts)?;
     // qemu-img prints the size as given, and creates it rounded up to whole sectors.
     let shown = opts.clone();
     opts.size = Some(opts.size_or(None)?);
@@ -206,6 +247,20 @@ async fn create_with(
     Ok(())
 }
 
+/// An encrypted image: look up the secret `encrypt.key-secret` names, and remember it for
+/// opening the new image later in this command (convert writes into it).
+fn attach_secret(path: &Path, opts: &mut CreateOptions) -> Result<()> {
+    if !opts.encrypted() {
+        return Ok(());
+    }
+    let Some(id) = opts.encrypt.key_secret.clone() else {
+        bail!("Parameter 'encrypt.key-secret' is required for cipher");
+    };
+    opts.encrypt.secret = Some(crate::secrets::by_id(&id)?);
+    crate::secrets::register(path, &id);
+    Ok(())
+}
+
 /// Create a raw image: a sparse file of the given size.
 async fn create_raw(path: &Path, opts: &CreateOptions, quiet: bool) -> Result<()> {
     if opts.backing_file.is_some() {
@@ -228,10 +283,27 @@ async fn create_raw(path: &Path, opts: &CreateOptions, quiet: bool) -> Result<()
 /// The option list of qemu-img's `Formatting ...` line, in its order.
 fn describe(o: &CreateOptions) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
-    let mut parts = vec![
+    let e = &o.encrypt;
+    let encrypt = [
+        ("format", &e.format),
+        ("key-secret", &e.key_secret),
+        ("cipher-alg", &e.cipher_alg),
+        ("cipher-mode", &e.cipher_mode),
+        ("ivgen-alg", &e.ivgen_alg),
+        ("ivgen-hash-alg", &e.ivgen_hash_alg),
+        ("hash-alg", &e.hash_alg),
+    ];
+    let mut parts: Vec<String> = encrypt
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("encrypt.{k}={v}")))
+        .collect();
+    if let Some(t) = e.iter_time {
+        parts.push(format!("encrypt.iter-time={t}"));
+    }
+    parts.extend([
         format!("cluster_size={}", o.cluster_size),
         format!("extended_l2={}", onoff(o.extended_l2)),
-    ];
+    ]);
     let prealloc = match o.preallocation {
         Preallocation::Off => None,
         Preallocation::Metadata => Some("metadata"),

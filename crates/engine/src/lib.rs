@@ -72,6 +72,8 @@ pub(crate) mod alloc;
 pub mod blocking;
 pub(crate) mod cache;
 pub mod check;
+#[cfg(feature = "luks")]
+pub mod crypto;
 mod detach;
 pub mod error;
 pub mod format;

@@ -34,6 +34,11 @@ impl Image {
     async fn write_compressed_now(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.write_state()?;
         self.check_data_access()?;
+        if self.inner.encrypted {
+            return Err(Error::unsupported(
+                "compressed writes to an encrypted image (QEMU refuses them too)",
+            ));
+        }
         if self.inner.data_file_path.is_some() {
             return Err(Error::unsupported(
                 "compressed writes to an image with an external data file",

@@ -17,6 +17,8 @@
 //! Everything but the header is written first, then the header, then both files are flushed:
 //! an interrupted create leaves a file without a valid header rather than a broken image.
 
+#[cfg(feature = "luks")]
+mod encrypt;
 mod layout;
 mod measure;
 mod options;
@@ -27,6 +29,8 @@ use crate::format::features::{self, standard_feature_table};
 use crate::format::header::{self, Header};
 use crate::storage::Storage;
 
+#[cfg(feature = "luks")]
+pub use encrypt::EncryptOptions;
 pub(crate) use layout::Layout;
 pub use measure::{
     BitmapShape, Measure, Measurement, bitmaps_size, source_bitmaps, target_has_bitmaps,
@@ -67,16 +71,34 @@ pub async fn create(
         (None, None) => None,
     };
     let prealloc = opts.effective_preallocation();
-    let layout = Layout::compute(opts, size, prealloc, data_file.is_some())?;
+    let luks = luks_area(opts).await?;
+    let layout =
+        Layout::compute_with_luks(opts, size, prealloc, data_file.is_some(), luks.len() as u64)?;
     let cluster0 = image_header(opts, size, &layout).to_cluster0()?;
     io(image.set_len(0).await, "truncating the image")?;
     layout.write_metadata(image, opts.extended_l2).await?;
+    if !luks.is_empty() {
+        io(
+            image.write_at(&luks, layout.luks_offset).await,
+            "writing the LUKS header",
+        )?;
+    }
     layout.write_data(image, data_file, prealloc, size).await?;
     io(image.write_at(&cluster0, 0).await, "writing the header")?;
     if let Some(d) = data_file {
         io(d.flush().await, "flushing the data file")?;
     }
     io(image.flush().await, "flushing the image")
+}
+
+/// The new image's LUKS area (empty without encryption).
+async fn luks_area(opts: &CreateOptions) -> Result<Vec<u8>> {
+    #[cfg(feature = "luks")]
+    if opts.encrypted() {
+        return encrypt::luks_area(&opts.encrypt).await;
+    }
+    let _ = opts;
+    Ok(Vec::new())
 }
 
 /// Map a storage error to the library error with what was being done.
@@ -93,6 +115,12 @@ fn image_header(opts: &CreateOptions, size: u64, layout: &Layout) -> ImageHeader
     }
     if let Some(d) = &opts.data_file {
         extensions.push(Extension::ExternalDataFile(d.clone()));
+    }
+    if layout.luks_clusters > 0 {
+        extensions.push(Extension::FullDiskEncryption {
+            offset: layout.luks_offset,
+            length: layout.luks_len,
+        });
     }
     // Like QEMU: 8 names take 392 bytes, too much for clusters of 4 KiB and less.
     if v3 && opts.cluster_size > 4096 {
@@ -115,7 +143,11 @@ fn header_fields(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
         backing_file_size: 0,
         cluster_bits: opts.cluster_size.trailing_zeros(),
         size,
-        crypt_method: header::CRYPT_NONE,
+        crypt_method: if layout.luks_clusters > 0 {
+            header::CRYPT_LUKS
+        } else {
+            header::CRYPT_NONE
+        },
         l1_size: layout.l1_size,
         l1_table_offset: layout.l1_offset,
         refcount_table_offset: layout.reftable_offset,

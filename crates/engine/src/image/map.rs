@@ -49,8 +49,13 @@ impl Image {
         let mut out: Vec<Extent> = Vec::new();
         let mut off = offset;
         while off < offset + len {
-            let e = self.status_at(off, offset + len - off, 0).await?;
+            let mut e = self.status_at(off, offset + len - off, 0).await?;
             off += e.length;
+            if self.inner.encrypted {
+                // Like QEMU: host offsets of encrypted data are not reported (the bytes
+                // there are ciphertext), so allocated runs merge regardless of placement.
+                e.offset = None;
+            }
             match out.last_mut() {
                 Some(last) if mergeable(last, &e) => last.length += e.length,
                 _ => out.push(e),

@@ -23,6 +23,7 @@ mod backing;
 mod cluster0;
 mod compress;
 pub mod create;
+mod encryption;
 mod flush;
 mod flusher;
 mod frees;
@@ -96,8 +97,11 @@ pub(crate) struct Inner {
     geo: Geometry,
     /// Codec of compressed clusters (header byte 104).
     compression: CompressionType,
-    /// The image is encrypted: data access is refused (issue 14).
+    /// The image is encrypted (`crypt_method` 1 or 2).
     encrypted: bool,
+    /// Its unlocked data cipher; without one, data access is refused.
+    #[cfg_attr(not(feature = "luks"), allow(dead_code))]
+    crypto: encryption::Crypto,
     /// The in-memory header and extensions (lock 6 in LOCKS.md); written to disk only
     /// through `format::header::HeaderPatch`.
     header: Mutex<ImageHeader>,
@@ -200,7 +204,7 @@ impl Image {
         self.inner.writable
     }
 
-    /// Whether the image's data is encrypted (data access is refused).
+    /// Whether the image's data is encrypted (data access needs [`OpenOptions::key_secret`]).
     pub fn is_encrypted(&self) -> bool {
         self.inner.encrypted
     }
@@ -244,14 +248,5 @@ impl Image {
             )
             .at_guest(GuestOffset(offset))),
         }
-    }
-
-    fn check_data_access(&self) -> Result<()> {
-        if self.inner.encrypted {
-            return Err(Error::unsupported(
-                "encrypted images: data access is not implemented",
-            ));
-        }
-        Ok(())
     }
 }

@@ -41,6 +41,7 @@ impl Image {
         let path = file.path().map(PathBuf::from);
         let backing = open_chain_backing(&ih, path.as_deref(), opts, &chain).await?;
         let (data, data_file_path) = open_data_file(&ih, &file, path.as_deref(), opts).await?;
+        let (data, crypto) = super::encryption::setup(file.as_ref(), &ih, data, opts).await?;
         let new = Arc::new(NewClusters::new());
         let write = match opts.writable {
             true => Some(open_write_state(&file, &ih, file_len, opts, (&new, &l1)).await?),
@@ -59,6 +60,7 @@ impl Image {
             geo,
             compression,
             encrypted: h.crypt_method != 0,
+            crypto,
             size: AtomicU64::new(h.size),
             l1: super::l1_table::L1Table::new(l1, HostOffset(h.l1_table_offset)),
             l2_cache: SliceCache::new("l2", to_usize(geo.slice_size), opts.l2_cache_bytes),
@@ -110,11 +112,6 @@ async fn open_write_state(
     (new, l1): (&Arc<NewClusters>, &[l1::L1Entry]),
 ) -> Result<WriteState> {
     let h = &ih.header;
-    if h.crypt_method != 0 {
-        return Err(Error::unsupported(
-            "encrypted images can only be opened read-only (for info and map)",
-        ));
-    }
     if h.is_corrupt() {
         // QEMU's words: a corrupt-marked image opens read-only until `check -r` clears it.
         return Err(Error::corrupt(

@@ -36,6 +36,8 @@ pub struct OpenOptions {
     pub(crate) max_chain_depth: usize,
     pub(crate) direct: bool,
     pub(crate) io_backend: IoBackend,
+    #[cfg(feature = "luks")]
+    pub(crate) key_secret: Option<crate::crypto::Secret>,
 }
 
 /// Replaces the backing file named in the header.
@@ -66,6 +68,8 @@ impl Default for OpenOptions {
             max_chain_depth: 64,
             direct: false,
             io_backend: IoBackend::Auto,
+            #[cfg(feature = "luks")]
+            key_secret: None,
         }
     }
 }
@@ -193,6 +197,16 @@ impl OpenOptions {
     /// The longest backing chain accepted.
     pub fn max_chain_depth(mut self, n: usize) -> Self {
         self.max_chain_depth = n;
+        self
+    }
+
+    /// The passphrase of an encrypted image (QEMU's `encrypt.key-secret`): LUKS images
+    /// open read-write with it, legacy AES images read-only. Without it an encrypted image
+    /// opens read-only for `info`/`map`, and data access is refused. A wrong one fails the
+    /// open with "Invalid password, cannot unlock any keyslot".
+    #[cfg(feature = "luks")]
+    pub fn key_secret(mut self, secret: crate::crypto::Secret) -> Self {
+        self.key_secret = Some(secret);
         self
     }
 

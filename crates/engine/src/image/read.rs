@@ -79,12 +79,7 @@ impl Image {
                 buf.fill(0);
                 Ok(())
             }
-            Source::Data(host) => self
-                .inner
-                .data
-                .read_at(buf, host)
-                .await
-                .map_err(|e| Error::io("reading guest data", e).at_host(HostOffset(host))),
+            Source::Data(host) => self.read_data(buf, host, off).await,
             Source::Backing => match &self.inner.backing {
                 Some(b) => b.read_at(buf, off).await,
                 None => {

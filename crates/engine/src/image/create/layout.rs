@@ -35,6 +35,12 @@ pub struct Layout {
     pub l1_size: u32,
     /// Clusters of the L1 table.
     pub l1_clusters: u64,
+    /// Offset of the LUKS area (0 without encryption), right after the L1 table as in QEMU.
+    pub luks_offset: u64,
+    /// Clusters of the LUKS area (0 without encryption).
+    pub luks_clusters: u64,
+    /// Bytes of the LUKS area (the header extension's length).
+    pub luks_len: u64,
     /// Offset of the first L2 table; the others follow (preallocation only).
     pub l2_offset: u64,
     /// Number of L2 tables (0 without preallocation).
@@ -63,21 +69,34 @@ pub(super) fn refcount_clusters(fixed: u64, per_block: u64, per_table_cluster: u
 }
 
 impl Layout {
-    /// Lay out an image of `size` bytes (already validated against `opts`).
+    /// Lay out an image of `size` bytes (already validated against `opts`), unencrypted.
+    #[cfg(test)]
     pub fn compute(
         opts: &CreateOptions,
         size: u64,
         prealloc: Preallocation,
         external_data: bool,
     ) -> Result<Layout> {
+        Self::compute_with_luks(opts, size, prealloc, external_data, 0)
+    }
+
+    /// [`Layout::compute`] with a LUKS area of `luks_len` bytes after the L1 table.
+    pub fn compute_with_luks(
+        opts: &CreateOptions,
+        size: u64,
+        prealloc: Preallocation,
+        external_data: bool,
+        luks_len: u64,
+    ) -> Result<Layout> {
         let cs = opts.cluster_size;
+        let luks_clusters = luks_len.div_ceil(cs);
         let l1_size = l1_entries_for(size, cs.trailing_zeros(), opts.extended_l2);
         let l1_clusters = (l1_size * header::L1_ENTRY_SIZE).div_ceil(cs);
         let mapped = prealloc != Preallocation::Off;
         let l2_tables = if mapped { l1_size } else { 0 };
         let data_clusters = if mapped { size.div_ceil(cs) } else { 0 };
         let in_image = if external_data { 0 } else { data_clusters };
-        let fixed = 1 + l1_clusters + l2_tables + in_image;
+        let fixed = 1 + l1_clusters + luks_clusters + l2_tables + in_image;
         let per_block = cs * 8 / u64::from(opts.refcount_bits);
         let (refblocks, rt) = refcount_clusters(fixed, per_block, cs / REFTABLE_ENTRY_SIZE);
         if rt * cs > header::MAX_REFCOUNT_TABLE_BYTES {
@@ -90,7 +109,8 @@ impl Layout {
         let l1_size_field = u32::try_from(l1_size).map_err(|_| too_big())?;
         let refblock_offset = cs * (1 + rt);
         let l1_at = refblock_offset + refblocks * cs;
-        let l2_offset = l1_at + l1_clusters * cs;
+        let luks_at = l1_at + l1_clusters * cs;
+        let l2_offset = luks_at + luks_clusters * cs;
         Ok(Layout {
             cluster_size: cs,
             refcount_bits: opts.refcount_bits,
@@ -101,6 +121,9 @@ impl Layout {
             l1_offset: if l1_size == 0 { 0 } else { l1_at },
             l1_size: l1_size_field,
             l1_clusters,
+            luks_offset: if luks_clusters > 0 { luks_at } else { 0 },
+            luks_clusters,
+            luks_len,
             l2_offset,
             l2_tables,
             data_offset: if external_data {
@@ -251,7 +274,8 @@ impl Layout {
     /// without preallocated L2 tables that is the last L1 entry, not a whole cluster.
     fn image_len(&self) -> u64 {
         let whole = self.total_clusters * self.cluster_size;
-        if self.l2_tables == 0 && self.l1_size > 0 {
+        // The LUKS area is zero-filled to whole clusters, as QEMU does.
+        if self.l2_tables == 0 && self.l1_size > 0 && self.luks_clusters == 0 {
             self.l1_offset + u64::from(self.l1_size) * header::L1_ENTRY_SIZE
         } else {
             whole

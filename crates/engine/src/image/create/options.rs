@@ -58,6 +58,9 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// Backing file format to record.
     pub backing_fmt: Option<String>,
+    /// `encrypt.*`: LUKS encryption (feature `luks`).
+    #[cfg(feature = "luks")]
+    pub encrypt: super::encrypt::EncryptOptions,
 }
 
 impl Default for CreateOptions {
@@ -75,6 +78,8 @@ impl Default for CreateOptions {
             preallocation: Preallocation::Off,
             backing_file: None,
             backing_fmt: None,
+            #[cfg(feature = "luks")]
+            encrypt: super::encrypt::EncryptOptions::default(),
         }
     }
 }
@@ -215,12 +220,43 @@ impl CreateOptions {
             "preallocation" => self.preallocation = parse_preallocation(value)?,
             "backing_file" => self.backing_file = Some(value.to_string()),
             "backing_fmt" => self.backing_fmt = Some(value.to_string()),
-            "encryption" | "encrypt.format" => {
-                return Err(Error::unsupported("creating encrypted images"));
-            }
-            _ => return Err(Error::invalid_arg(format!("invalid parameter '{key}'"))),
+            _ => return self.apply_encrypt_option(key, value),
         }
         Ok(())
+    }
+
+    /// `encryption=on` (QEMU's old name for legacy AES) and `encrypt.*`.
+    #[cfg(feature = "luks")]
+    fn apply_encrypt_option(&mut self, key: &str, value: &str) -> Result<()> {
+        let known = match (key, key.strip_prefix("encrypt.")) {
+            ("encryption", _) if parse_bool(key, value)? => self.encrypt.apply("format", "aes")?,
+            ("encryption", _) => true,
+            (_, Some(k)) => self.encrypt.apply(k, value)?,
+            _ => false,
+        };
+        match known {
+            true => Ok(()),
+            false => Err(Error::invalid_arg(format!("invalid parameter '{key}'"))),
+        }
+    }
+
+    /// Without the `luks` feature, encryption options are refused.
+    #[cfg(not(feature = "luks"))]
+    fn apply_encrypt_option(&mut self, key: &str, _value: &str) -> Result<()> {
+        match key == "encryption" || key.starts_with("encrypt.") {
+            true => Err(Error::unsupported(
+                "creating encrypted images (feature luks is off)",
+            )),
+            false => Err(Error::invalid_arg(format!("invalid parameter '{key}'"))),
+        }
+    }
+
+    /// Whether the options ask for an encrypted image.
+    pub fn encrypted(&self) -> bool {
+        #[cfg(feature = "luks")]
+        return self.encrypt.wanted();
+        #[cfg(not(feature = "luks"))]
+        false
     }
 
     /// The size to create: `size`, else `backing_size` (the backing file's virtual size, which
@@ -252,7 +288,27 @@ impl CreateOptions {
         self.check_refcount_bits()?;
         self.check_backing()?;
         self.check_data_file()?;
+        self.check_encryption()?;
         self.check_size(size)
+    }
+
+    /// LUKS needs v3 here, and no preallocation (preallocated clusters would read as the
+    /// decryption of whatever the file holds).
+    fn check_encryption(&self) -> Result<()> {
+        if !self.encrypted() {
+            return Ok(());
+        }
+        if self.compat != Compat::V3 {
+            return Err(Error::unsupported("encryption with compat=0.10"));
+        }
+        if self.effective_preallocation() != Preallocation::Off || self.data_file.is_some() {
+            return Err(Error::unsupported(
+                "encryption with preallocation or an external data file",
+            ));
+        }
+        #[cfg(feature = "luks")]
+        self.encrypt.luks_params()?;
+        Ok(())
     }
 
     /// Features that need compat=1.1.

@@ -102,10 +102,12 @@ fn apply_option_names_and_values() {
             "{bad}"
         );
     }
-    assert_eq!(
-        c.apply_o("encryption=on").unwrap_err().kind(),
-        ErrorKind::Unsupported
-    );
+    // Legacy AES is read-only: refused when parsed (without `luks`) or validated.
+    let mut e = CreateOptions::default();
+    let r = e
+        .apply_o("encryption=on")
+        .and_then(|()| e.validate(1 << 20));
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Unsupported);
 }
 
 #[test]
