@@ -79,6 +79,10 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Export an image over NBD until SIGINT/SIGTERM.
     Serve(cmd::serve::Args),
+    /// Write an overlay's data into its backing file (qemu-img commit).
+    Commit(cmd::commit::Args),
+    /// Change an image's backing file (qemu-img rebase).
+    Rebase(cmd::rebase::Args),
 }
 
 impl Command {
@@ -98,6 +102,8 @@ impl Command {
             Command::Io(a) => cmd::io::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,
             Command::Serve(a) => cmd::serve::run(a).await,
+            Command::Commit(a) => cmd::commit::run(a).await,
+            Command::Rebase(a) => cmd::rebase::run(a).await,
         }
     }
 }

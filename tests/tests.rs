@@ -56,3 +56,5 @@ mod smoke;
 mod storage_conformance;
 mod write_model;
 mod write_scenarios;
+mod cli_commit;
+mod cli_rebase;

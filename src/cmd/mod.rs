@@ -19,6 +19,9 @@ pub mod measure;
 pub mod resize;
 pub mod serve;
 mod snapshots;
+pub mod commit;
+pub mod rebase;
+mod ops_common;
 
 /// `--output=human|json`, shared by info, map and check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
