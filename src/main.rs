@@ -83,6 +83,8 @@ enum Command {
     Commit(cmd::commit::Args),
     /// Change an image's backing file (qemu-img rebase).
     Rebase(cmd::rebase::Args),
+    /// Change an image's settings (qemu-img amend).
+    Amend(cmd::amend::Args),
 }
 
 impl Command {
@@ -104,6 +106,7 @@ impl Command {
             Command::Serve(a) => cmd::serve::run(a).await,
             Command::Commit(a) => cmd::commit::run(a).await,
             Command::Rebase(a) => cmd::rebase::run(a).await,
+            Command::Amend(a) => cmd::amend::run(a).await,
         }
     }
 }

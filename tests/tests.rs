@@ -58,3 +58,4 @@ mod write_model;
 mod write_scenarios;
 mod cli_commit;
 mod cli_rebase;
+mod cli_amend;

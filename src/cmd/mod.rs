@@ -19,6 +19,7 @@ pub mod measure;
 pub mod resize;
 pub mod serve;
 mod snapshots;
+pub mod amend;
 pub mod commit;
 pub mod rebase;
 mod ops_common;

@@ -81,6 +81,13 @@ fn plan(imrt: &Imrt, start: u64, cluster_size: u64) -> Layout {
 /// Write a new refcount structure holding exactly the counts of `imrt` (plus the new
 /// clusters themselves) and switch the header to it.
 pub(crate) async fn rebuild(ctx: &Ctx, imrt: &mut Imrt) -> Result<()> {
+    let (table_at, clusters) = write_structure(ctx, imrt).await?;
+    switch_header(ctx, table_at, clusters).await
+}
+
+/// Write the new blocks and table of [`rebuild`] past the end of the file and flush; returns
+/// the table's offset and cluster count, for the caller's header switch.
+pub(crate) async fn write_structure(ctx: &Ctx, imrt: &mut Imrt) -> Result<(u64, u32)> {
     let start = imrt.len().max(ctx.file_clusters());
     let layout = plan(imrt, start, ctx.cs);
     if layout.table_clusters * ctx.cs > MAX_REFCOUNT_TABLE_BYTES {
@@ -103,7 +110,7 @@ pub(crate) async fn rebuild(ctx: &Ctx, imrt: &mut Imrt) -> Result<()> {
     let table_at = layout.table_start() * ctx.cs;
     ctx.write(&table, table_at).await?;
     ctx.flush().await?;
-    switch_header(ctx, table_at, layout.table_clusters as u32).await
+    Ok((table_at, layout.table_clusters as u32))
 }
 
 /// Point the header at the new table (one write inside the first sector), durably.

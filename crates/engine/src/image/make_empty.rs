@@ -68,3 +68,21 @@ impl Image {
         Ok(())
     }
 }
+
+impl Image {
+    /// Make the whole clusters of `[off, off + len)` unallocated (cluster-aligned range),
+    /// releasing what they pointed at: `amend compat=0.10` turns zero clusters of an image
+    /// without a backing file into holes (version 2 has no zero flag).
+    pub(crate) async fn unmap_clusters(&self, off: u64, len: u64) -> Result<()> {
+        let w = self.write_state()?;
+        let geo = self.inner.geo;
+        let _epoch = w.epochs.enter();
+        let first = geo.guest_cluster(off);
+        let end = (off + len).div_ceil(geo.cluster_size);
+        for gc in first..end {
+            self.unmap_cluster(gc).await?;
+        }
+        self.after_metadata_change();
+        Ok(())
+    }
+}

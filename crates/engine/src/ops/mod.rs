@@ -7,6 +7,7 @@
 //! step and closes its images). Each keeps the crash-safety order its module documents.
 
 mod chain;
+pub mod amend;
 pub mod commit;
 pub mod rebase;
 mod progress;
