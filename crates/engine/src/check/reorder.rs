@@ -58,18 +58,37 @@ async fn change_now(storage: Arc<dyn Storage>, bits: u32) -> Result<()> {
             before.corruptions + before.check_errors
         )));
     }
+    if order < ctx.order {
+        check_fits(&ctx, bits).await?;
+    }
     ctx.order = order;
     let mut rep = CheckReport::new(String::new());
     let mut imrt = walk::calculate(&ctx, &mut rep).await?.imrt;
     if rep.corruptions > 0 {
-        return Err(Error::invalid_arg(format!(
-            "Cannot decrease refcount entry width to {bits} bits: a cluster has a higher \
-             refcount than that width holds"
-        )));
+        return Err(Error::corrupt(
+            "counting the references in the new width failed",
+        ));
     }
     free_old_structure(&ctx, &mut imrt)?;
     let (table_at, clusters) = rebuild::write_structure(&ctx, &mut imrt).await?;
     switch(&ctx, table_at, clusters, order).await
+}
+
+/// Refuse a narrower width when a cluster's count does not fit (qemu-img's message names
+/// the first such cluster). The image checked clean, so the walk's counts are its refcounts.
+async fn check_fits(ctx: &Ctx, bits: u32) -> Result<()> {
+    let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let mut rep = CheckReport::new(String::new());
+    let imrt = walk::calculate(ctx, &mut rep).await?.imrt;
+    match (0..imrt.len()).find(|&c| imrt.get(c) > max) {
+        Some(c) => Err(Error::invalid_arg(format!(
+            "Cannot decrease refcount entry width to {bits} bits: Cluster at offset {:#x} \
+             has a refcount of {}",
+            c << ctx.bits,
+            imrt.get(c)
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Count the clusters of the current refcount table and blocks as free.
