@@ -22,7 +22,11 @@ fn image(dir: &Path, opts: &str, backing: bool) {
     let mut top_opts = opts.to_string();
     if backing {
         let b = "backing_file=base.qcow2,backing_fmt=qcow2";
-        top_opts = if opts.is_empty() { b.into() } else { format!("{opts},{b}") };
+        top_opts = if opts.is_empty() {
+            b.into()
+        } else {
+            format!("{opts},{b}")
+        };
     }
     let layers = [
         LayerSpec {
@@ -49,7 +53,10 @@ fn image(dir: &Path, opts: &str, backing: bool) {
 
 /// The settings `qemu-img info` reports.
 fn settings(img: &Path) -> serde_json::Value {
-    let info = run("qemu-img", &["info", "--output=json", img.to_str().unwrap()]);
+    let info = run(
+        "qemu-img",
+        &["info", "--output=json", img.to_str().unwrap()],
+    );
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     let mut data = v["format-specific"]["data"].clone();
     data.as_object_mut().map(|o| o.remove("bitmaps"));
@@ -73,10 +80,27 @@ fn amend_both(opts: &str, backing: bool, amend: &str) -> i32 {
 #[test]
 fn amend_matches_qemu_img() {
     for (opts, amends) in [
-        ("", &["compat=0.10", "lazy_refcounts=on", "refcount_bits=1", "refcount_bits=64"][..]),
-        ("cluster_size=512", &["compat=0.10", "refcount_bits=8", "size=16M"]),
-        ("refcount_bits=1", &["refcount_bits=16", "refcount_bits=16,compat=0.10"]),
-        ("compat=0.10", &["compat=1.1", "compat=v3,lazy_refcounts=on", "size=4M"]),
+        (
+            "",
+            &[
+                "compat=0.10",
+                "lazy_refcounts=on",
+                "refcount_bits=1",
+                "refcount_bits=64",
+            ][..],
+        ),
+        (
+            "cluster_size=512",
+            &["compat=0.10", "refcount_bits=8", "size=16M"],
+        ),
+        (
+            "refcount_bits=1",
+            &["refcount_bits=16", "refcount_bits=16,compat=0.10"],
+        ),
+        (
+            "compat=0.10",
+            &["compat=1.1", "compat=v3,lazy_refcounts=on", "size=4M"],
+        ),
         ("extended_l2=on", &["refcount_bits=8", "lazy_refcounts=on"]),
         ("lazy_refcounts=on", &["lazy_refcounts=off", "compat=0.10"]),
     ] {
@@ -119,7 +143,10 @@ fn amend_refusals_match_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     image(dir.path(), "", false);
     let (theirs, ours) = twin(dir.path());
-    for args in [&["amend", "img.qcow2"][..], &["amend", "-f", "raw", "-o", "compat=0.10", "base.qcow2"]] {
+    for args in [
+        &["amend", "img.qcow2"][..],
+        &["amend", "-f", "raw", "-o", "compat=0.10", "base.qcow2"],
+    ] {
         let (code, o, t) = both(&theirs, &ours, args);
         assert_eq!(code, 1);
         assert_eq!(o.lines().next(), t.lines().next(), "{args:?}");
@@ -132,7 +159,10 @@ fn amend_refusals_match_qemu_img() {
 async fn refcount_width_change_is_crash_safe() {
     let dir = tempfile::tempdir().unwrap();
     // 16 compressed payloads share a host cluster: 8 bits hold their count, 1 would not.
-    for (opts, bits) in [("cluster_size=4096", 8u32), ("cluster_size=4096,refcount_bits=1", 64)] {
+    for (opts, bits) in [
+        ("cluster_size=4096", 8u32),
+        ("cluster_size=4096,refcount_bits=1", 64),
+    ] {
         image(dir.path(), opts, false);
         let path = dir.path().join("img.qcow2");
         let before = qemu_raw(&path);
@@ -141,17 +171,34 @@ async fn refcount_width_change_is_crash_safe() {
         let points = crash.crash_points();
         assert!(points > 2);
         for point in 0..points {
-            for policy in [CrashPolicy::None, CrashPolicy::All, CrashPolicy::SubsetTorn(point as u64)] {
+            for policy in [
+                CrashPolicy::None,
+                CrashPolicy::All,
+                CrashPolicy::SubsetTorn(point as u64),
+            ] {
                 let cut = crash.image_at(point, policy);
-                let r = check(Arc::new(MemoryStorage::from_vec(cut.clone())), &CheckOptions::default())
-                    .await
-                    .unwrap();
-                assert_eq!((r.corruptions, r.check_errors), (0, 0), "{opts} point {point} {policy:?}");
+                let r = check(
+                    Arc::new(MemoryStorage::from_vec(cut.clone())),
+                    &CheckOptions::default(),
+                )
+                .await
+                .unwrap();
+                assert_eq!(
+                    (r.corruptions, r.check_errors),
+                    (0, 0),
+                    "{opts} point {point} {policy:?}"
+                );
                 let order = u32::from_be_bytes(cut[96..100].try_into().unwrap());
-                assert!([0, 3, 4, 6].contains(&order), "point {point}: order {order}");
+                assert!(
+                    [0, 3, 4, 6].contains(&order),
+                    "point {point}: order {order}"
+                );
                 let probe = dir.path().join("probe.qcow2");
                 std::fs::write(&probe, &cut).unwrap();
-                assert!(qemu_raw(&probe) == before, "{opts} point {point} {policy:?}: content");
+                assert!(
+                    qemu_raw(&probe) == before,
+                    "{opts} point {point} {policy:?}: content"
+                );
             }
         }
         let done = crash.current_image();

@@ -23,7 +23,11 @@ fn io(cmds: &[&str]) -> Vec<String> {
 
 fn with_backing(opts: &str, backing: &str) -> String {
     let b = format!("backing_file={backing},backing_fmt=qcow2");
-    if opts.is_empty() { b } else { format!("{opts},{b}") }
+    if opts.is_empty() {
+        b
+    } else {
+        format!("{opts},{b}")
+    }
 }
 
 /// base ← mid ← top (8 MiB) and a standalone other.qcow2 with different data.
@@ -39,7 +43,11 @@ fn chain3(dir: &Path, opts: &str) {
             name: "mid.qcow2",
             format: "qcow2",
             opts: with_backing(opts, "base.qcow2"),
-            io: io(&["write -P 2 1M 1M", "write -z 2560k 256k", "write -P 6 7000 5000"]),
+            io: io(&[
+                "write -P 2 1M 1M",
+                "write -z 2560k 256k",
+                "write -P 6 7000 5000",
+            ]),
         },
         LayerSpec {
             name: "top.qcow2",
@@ -65,9 +73,15 @@ fn chain3(dir: &Path, opts: &str) {
 
 /// The backing file name and format `qemu-img info` reports.
 fn backing_of(img: &Path) -> (serde_json::Value, serde_json::Value) {
-    let info = run("qemu-img", &["info", "--output=json", img.to_str().unwrap()]);
+    let info = run(
+        "qemu-img",
+        &["info", "--output=json", img.to_str().unwrap()],
+    );
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
-    (v["backing-filename"].clone(), v["backing-filename-format"].clone())
+    (
+        v["backing-filename"].clone(),
+        v["backing-filename-format"].clone(),
+    )
 }
 
 /// Run `rebase ARGS ... top.qcow2` with both tools on copies of a fresh chain; the result
@@ -111,7 +125,18 @@ fn rebase_compressed_unsafe_and_flags_match_qemu_img() {
         &["-c", "-b", "other.qcow2", "-F", "qcow2"],
         &["-u", "-b", "base.qcow2", "-F", "qcow2"],
         &["-u"],
-        &["-t", "none", "-T", "writeback", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"],
+        &[
+            "-t",
+            "none",
+            "-T",
+            "writeback",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ],
         &["-b", "other.qcow2", "-F", "raw"],
     ] {
         for opts in ["", "cluster_size=512,refcount_bits=1"] {

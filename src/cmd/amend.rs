@@ -81,7 +81,10 @@ async fn amend_cmd(a: Args) -> Result<u8> {
         errln!("Try 'qcow2 amend --help' for more info");
         return Ok(1);
     }
-    if a.options.iter().any(|o| o.split(',').any(|p| p == "help" || p == "?")) {
+    if a.options
+        .iter()
+        .any(|o| o.split(',').any(|p| p == "help" || p == "?"))
+    {
         outln!("{HELP}");
         return Ok(0);
     }

@@ -1,7 +1,9 @@
 //! One module per command.
 
+pub mod amend;
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 mod convert_compress;
@@ -16,13 +18,11 @@ pub mod io;
 mod io_ops;
 pub mod map;
 pub mod measure;
+mod ops_common;
+pub mod rebase;
 pub mod resize;
 pub mod serve;
 mod snapshots;
-pub mod amend;
-pub mod commit;
-pub mod rebase;
-mod ops_common;
 
 /// `--output=human|json`, shared by info, map and check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

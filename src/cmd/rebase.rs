@@ -14,8 +14,21 @@ use crate::disk::detect_format;
 
 /// Format names qemu-img knows (a name outside this list is "Invalid format name").
 const KNOWN_FORMATS: &[&str] = &[
-    "qcow2", "raw", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "parallels", "luks", "file",
-    "bochs", "cloop", "dmg", "nbd",
+    "qcow2",
+    "raw",
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "qed",
+    "qcow",
+    "parallels",
+    "luks",
+    "file",
+    "bochs",
+    "cloop",
+    "dmg",
+    "nbd",
 ];
 
 /// Arguments of `qcow2 rebase`.
@@ -102,8 +115,8 @@ fn new_backing(a: &Args) -> Result<Option<NewBacking>> {
             name: name.to_string(),
             format: f.clone(),
         })),
-        None => bail!(
-            "Could not change the backing file to '{name}': backing format must be specified"
-        ),
+        None => {
+            bail!("Could not change the backing file to '{name}': backing format must be specified")
+        }
     }
 }

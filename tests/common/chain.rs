@@ -16,7 +16,11 @@ pub struct LayerSpec<'a> {
 /// Make `layers` (bottom first) in `dir`, each `size` bytes (overlays take their backing's).
 pub fn make_chain(dir: &Path, layers: &[LayerSpec<'_>], size: &str) {
     for l in layers {
-        let size = if l.opts.contains("backing_file") { "" } else { size };
+        let size = if l.opts.contains("backing_file") {
+            ""
+        } else {
+            size
+        };
         let mut args = vec!["create", "-q", "-f", l.format];
         if !l.opts.is_empty() {
             args.extend(["-o", l.opts.as_str()]);
@@ -79,7 +83,10 @@ pub fn run_tool(program: &str, dir: &Path, args: &[&str]) -> (i32, String, Strin
 pub fn both(theirs: &Path, ours: &Path, args: &[&str]) -> (i32, String, String) {
     let (qc, qo, qe) = run_tool("qemu-img", theirs, args);
     let (oc, oo, oe) = run_tool(env!("CARGO_BIN_EXE_qcow2"), ours, args);
-    assert_eq!(oc, qc, "{args:?}: exit code; ours: {oo}{oe} theirs: {qo}{qe}");
+    assert_eq!(
+        oc, qc,
+        "{args:?}: exit code; ours: {oo}{oe} theirs: {qo}{qe}"
+    );
     assert_eq!(oo, qo, "{args:?}: stdout; our stderr: {oe}");
     (qc, oe, qe)
 }

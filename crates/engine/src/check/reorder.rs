@@ -77,7 +77,11 @@ async fn change_now(storage: Arc<dyn Storage>, bits: u32) -> Result<()> {
 /// Refuse a narrower width when a cluster's count does not fit (qemu-img's message names
 /// the first such cluster). The image checked clean, so the walk's counts are its refcounts.
 async fn check_fits(ctx: &Ctx, bits: u32) -> Result<()> {
-    let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let max = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     let mut rep = CheckReport::new(String::new());
     let imrt = walk::calculate(ctx, &mut rep).await?.imrt;
     match (0..imrt.len()).find(|&c| imrt.get(c) > max) {
@@ -116,6 +120,7 @@ async fn switch(ctx: &Ctx, table_at: u64, clusters: u32, order: u32) -> Result<(
     h.incompatible_features &= !features::DIRTY;
     let bytes = h.to_bytes();
     let fields = &bytes[REFCOUNT_TABLE_OFFSET_OFFSET..HEADER_LENGTH_OFFSET];
-    ctx.write(fields, REFCOUNT_TABLE_OFFSET_OFFSET as u64).await?;
+    ctx.write(fields, REFCOUNT_TABLE_OFFSET_OFFSET as u64)
+        .await?;
     ctx.flush().await
 }

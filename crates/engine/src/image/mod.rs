@@ -47,8 +47,8 @@ mod zero;
 
 pub use crate::cache::CacheStats;
 pub use crate::storage::IoBackend;
-pub use backing::{Backing, probe_format, resolve_relative};
 pub(crate) use backing::open_backing;
+pub use backing::{Backing, probe_format, resolve_relative};
 pub use cluster0::read_cluster0;
 pub use flusher::Flusher;
 pub use map::Extent;

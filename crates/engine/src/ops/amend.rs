@@ -70,7 +70,10 @@ pub async fn amend(path: impl AsRef<Path>, opts: &AmendOptions) -> Result<()> {
     let path = path.as_ref().to_path_buf();
     let opts = opts.clone();
     let progress = opts.progress.clone().unwrap_or_else(Progress::new);
-    Job::new(progress.clone(), async move { run(&path, &opts, &progress).await }).await
+    Job::new(progress.clone(), async move {
+        run(&path, &opts, &progress).await
+    })
+    .await
 }
 
 /// Blocking [`amend`], for callers without an async runtime.

@@ -117,7 +117,10 @@ impl Target {
 
     pub(crate) async fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
         match self {
-            Target::Qcow2(img) => img.write_zeroes(off, len, ZeroFlags { may_unmap: true }).await,
+            Target::Qcow2(img) => {
+                img.write_zeroes(off, len, ZeroFlags { may_unmap: true })
+                    .await
+            }
             Target::Raw(s) => s
                 .write_zeroes(off, len)
                 .await

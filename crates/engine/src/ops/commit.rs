@@ -77,7 +77,10 @@ pub async fn commit(overlay: impl AsRef<Path>, opts: &CommitOptions) -> Result<(
     let overlay = overlay.as_ref().to_path_buf();
     let opts = opts.clone();
     let progress = opts.progress.clone().unwrap_or_else(Progress::new);
-    Job::new(progress.clone(), async move { run(&overlay, &opts, &progress).await }).await
+    Job::new(progress.clone(), async move {
+        run(&overlay, &opts, &progress).await
+    })
+    .await
 }
 
 /// Blocking [`commit`], for callers without an async runtime (cancel through the progress).
@@ -219,7 +222,12 @@ async fn resolve(layers: &[Image], off: u64, len: u64) -> Result<Vec<(u64, u64, 
     Ok(out)
 }
 
-async fn write_piece(layers: &[Image], base: &Target, (off, len): (u64, u64), src: Source) -> Result<()> {
+async fn write_piece(
+    layers: &[Image],
+    base: &Target,
+    (off, len): (u64, u64),
+    src: Source,
+) -> Result<()> {
     match src {
         Source::Zero => base.write_zeroes(off, len).await,
         Source::Layer(i) => {

@@ -6,11 +6,11 @@
 //! through a shared [`Progress`]; dropping the future cancels too (the work stops at its next
 //! step and closes its images). Each keeps the crash-safety order its module documents.
 
-mod chain;
 pub mod amend;
+mod chain;
 pub mod commit;
-pub mod rebase;
 mod progress;
+pub mod rebase;
 mod throttle;
 
 pub use progress::Progress;

@@ -85,7 +85,10 @@ pub async fn rebase(path: impl AsRef<Path>, opts: &RebaseOptions) -> Result<()> 
     let path = path.as_ref().to_path_buf();
     let opts = opts.clone();
     let progress = opts.progress.clone().unwrap_or_else(Progress::new);
-    Job::new(progress.clone(), async move { run(&path, &opts, &progress).await }).await
+    Job::new(progress.clone(), async move {
+        run(&path, &opts, &progress).await
+    })
+    .await
 }
 
 /// Blocking [`rebase`], for callers without an async runtime (cancel through the progress).
@@ -145,10 +148,7 @@ async fn open_new_backing(path: &Path, b: &NewBacking, opts: &OpenOptions) -> Re
     crate::image::open_backing(&resolved, Some(&b.format), &opts, &[])
         .await
         .map_err(|e| {
-            Error::invalid_arg(format!(
-                "Could not open new backing file '{}': {e}",
-                b.name
-            ))
+            Error::invalid_arg(format!("Could not open new backing file '{}': {e}", b.name))
         })
 }
 
