@@ -59,3 +59,4 @@ mod smoke;
 mod storage_conformance;
 mod write_model;
 mod write_scenarios;
+mod cli_resize_prealloc;
