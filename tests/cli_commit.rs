@@ -263,7 +263,9 @@ async fn a_cancelled_commit_leaves_consistent_images() {
     me.set(progress.clone()).unwrap();
     let mut opts = CommitOptions::new(OpenOptions::new().references(ReferencePolicy::Any));
     opts.progress = Some(progress.clone());
-    let err = commit(&top, &opts).await.expect_err("the commit was cancelled");
+    let err = commit(&top, &opts)
+        .await
+        .expect_err("the commit was cancelled");
     assert_eq!(err.kind(), qcow2_engine::ErrorKind::Io, "{err:#}");
     assert!(progress.done() < progress.total(), "stopped early");
     assert!(crate::common::qemu_raw(&top) == before);

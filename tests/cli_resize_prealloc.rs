@@ -52,7 +52,11 @@ fn resize_preallocation_matches_qemu_img() {
             }
             assert_same_image(&theirs, &ours, name, fmt);
             if fmt == "qcow2" && mode != "off" {
-                assert_eq!(unallocated_tail(&ours.join(name)), 0, "{mode}: grown part mapped");
+                assert_eq!(
+                    unallocated_tail(&ours.join(name)),
+                    0,
+                    "{mode}: grown part mapped"
+                );
             }
             if fmt == "raw" && (mode == "falloc" || mode == "full") {
                 use std::os::unix::fs::MetadataExt;

@@ -114,7 +114,11 @@ fn check_prealloc(a: &Args, new: u64, old: u64) -> Result<()> {
 /// Allocate `[old, new)` of a qcow2 image as data clusters holding zeros. qemu-img's
 /// `metadata` and `falloc` map them to unwritten host space instead; the guest content is
 /// the same (zeros) and the clusters are allocated either way.
-async fn preallocate(img: &qcow2_engine::image::Image, old: u64, new: u64) -> qcow2_engine::Result<()> {
+async fn preallocate(
+    img: &qcow2_engine::image::Image,
+    old: u64,
+    new: u64,
+) -> qcow2_engine::Result<()> {
     let zeros = vec![0u8; 1 << 20];
     let mut off = old;
     while off < new {

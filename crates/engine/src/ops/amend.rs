@@ -69,7 +69,7 @@ pub struct AmendOptions {
 pub async fn amend(path: impl AsRef<Path>, opts: &AmendOptions) -> Result<()> {
     let path = path.as_ref().to_path_buf();
     let opts = opts.clone();
-    let progress = opts.progress.clone().unwrap_or_else(Progress::new);
+    let progress = opts.progress.clone().unwrap_or_default();
     Job::new(progress.clone(), async move {
         run(&path, &opts, &progress).await
     })

@@ -76,7 +76,7 @@ impl CommitOptions {
 pub async fn commit(overlay: impl AsRef<Path>, opts: &CommitOptions) -> Result<()> {
     let overlay = overlay.as_ref().to_path_buf();
     let opts = opts.clone();
-    let progress = opts.progress.clone().unwrap_or_else(Progress::new);
+    let progress = opts.progress.clone().unwrap_or_default();
     Job::new(progress.clone(), async move {
         run(&overlay, &opts, &progress).await
     })

@@ -84,7 +84,7 @@ impl RebaseOptions {
 pub async fn rebase(path: impl AsRef<Path>, opts: &RebaseOptions) -> Result<()> {
     let path = path.as_ref().to_path_buf();
     let opts = opts.clone();
-    let progress = opts.progress.clone().unwrap_or_else(Progress::new);
+    let progress = opts.progress.clone().unwrap_or_default();
     Job::new(progress.clone(), async move {
         run(&path, &opts, &progress).await
     })
