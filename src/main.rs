@@ -82,6 +82,12 @@ enum Command {
     Serve(cmd::serve::Args),
     /// List, create, apply or delete internal snapshots (qemu-img snapshot).
     Snapshot(cmd::snapshot::Args),
+    /// Write an overlay's data into its backing file (qemu-img commit).
+    Commit(cmd::commit::Args),
+    /// Change an image's backing file (qemu-img rebase).
+    Rebase(cmd::rebase::Args),
+    /// Change an image's settings (qemu-img amend).
+    Amend(cmd::amend::Args),
 }
 
 impl Command {
@@ -102,6 +108,9 @@ impl Command {
             Command::Bench(a) => cmd::bench::run(a).await,
             Command::Serve(a) => cmd::serve::run(a).await,
             Command::Snapshot(a) => cmd::snapshot::run(a).await,
+            Command::Commit(a) => cmd::commit::run(a).await,
+            Command::Rebase(a) => cmd::rebase::run(a).await,
+            Command::Amend(a) => cmd::amend::run(a).await,
         }
     }
 }

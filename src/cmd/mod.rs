@@ -1,7 +1,9 @@
 //! One module per command.
 
+pub mod amend;
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 mod convert_compress;
@@ -16,6 +18,8 @@ pub mod io;
 mod io_ops;
 pub mod map;
 pub mod measure;
+mod ops_common;
+pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;

@@ -1,6 +1,6 @@
 //! `qcow2 resize`: change an image's virtual size, with `qemu-img resize`'s syntax: an
 //! absolute size, or `+SIZE` / `-SIZE` relative to the current one. Shrinking needs
-//! `--shrink`. qcow2 images go through [`qcow2_engine::image::Image::resize_with`]; raw files
+//! `--shrink`; `--preallocation` allocates the grown part. qcow2 images go through [`qcow2_engine::image::Image::resize_with`]; raw files
 //! are truncated or extended.
 
 use std::path::PathBuf;
@@ -20,6 +20,9 @@ pub struct Args {
     /// Allow making the image smaller (deletes the data past the new end).
     #[arg(long)]
     shrink: bool,
+    /// Allocate the grown part: off (default), metadata, falloc or full (see `preallocate`).
+    #[arg(long)]
+    preallocation: Option<String>,
     /// Print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
@@ -34,13 +37,23 @@ pub struct Args {
 
 /// Run `qcow2 resize`.
 pub async fn run(a: Args) -> Result<u8> {
+    if let Some(m) = a.preallocation.as_deref()
+        && !["off", "metadata", "falloc", "full"].contains(&m)
+    {
+        bail!("Invalid preallocation mode '{m}'");
+    }
     let format = detect_format(&a.file, a.format.as_deref()).await?;
     match format {
         "qcow2" => {
             let img = open_qcow2(&a.file, true, &a.access).await?;
             let new = new_size(&a.size, img.virtual_size())?;
             check_shrink(&a, new, img.virtual_size())?;
-            let r = img.resize_with(new, a.shrink).await;
+            let old = img.virtual_size();
+            check_prealloc(&a, new, old)?;
+            let mut r = img.resize_with(new, a.shrink).await;
+            if r.is_ok() && a.preallocation.as_deref().is_some_and(|m| m != "off") {
+                r = preallocate(&img, old, new).await;
+            }
             // Close even after a failure, so metadata written so far is consistent.
             let closed = img.close().await;
             r?;
@@ -51,11 +64,18 @@ pub async fn run(a: Args) -> Result<u8> {
             let old = qcow2_engine::Storage::len(&file).await?;
             let new = new_size(&a.size, old)?;
             check_shrink(&a, new, old)?;
+            check_prealloc(&a, new, old)?;
+            if a.preallocation.as_deref() == Some("metadata") {
+                bail!("Unsupported preallocation mode: metadata");
+            }
             // `file` (and its lock) stays open until the resize is done.
             let f = std::fs::OpenOptions::new().write(true).open(&a.file)?;
             f.set_len(new)
                 .and_then(|()| f.sync_all())
                 .with_context(|| format!("could not resize '{}'", a.file.display()))?;
+            if new > old {
+                preallocate_raw(&file, a.preallocation.as_deref(), old, new).await?;
+            }
             drop(file);
         }
     }
@@ -80,6 +100,57 @@ fn new_size(arg: &str, old: u64) -> Result<u64> {
         };
     }
     parse_size(arg)
+}
+
+/// qemu-img's refusals of `--preallocation`.
+fn check_prealloc(a: &Args, new: u64, old: u64) -> Result<()> {
+    match a.preallocation.as_deref() {
+        None | Some("off") => Ok(()),
+        Some(_) if new < old => bail!("Preallocation can only be used for growing images"),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Allocate `[old, new)` of a qcow2 image as data clusters holding zeros. qemu-img's
+/// `metadata` and `falloc` map them to unwritten host space instead; the guest content is
+/// the same (zeros) and the clusters are allocated either way.
+async fn preallocate(
+    img: &qcow2_engine::image::Image,
+    old: u64,
+    new: u64,
+) -> qcow2_engine::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = old;
+    while off < new {
+        let n = (new - off).min(zeros.len() as u64);
+        img.write_at(&zeros[..n as usize], off).await?;
+        off += n;
+    }
+    img.flush().await
+}
+
+/// Allocate `[old, new)` of a raw file: `falloc` reserves the space, `full` writes zeros.
+async fn preallocate_raw(
+    file: &qcow2_engine::storage::FileStorage,
+    mode: Option<&str>,
+    old: u64,
+    new: u64,
+) -> Result<()> {
+    use qcow2_engine::Storage;
+    match mode {
+        Some("falloc") => file.allocate(old, new - old).await?,
+        Some("full") => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut off = old;
+            while off < new {
+                let n = (new - off).min(zeros.len() as u64);
+                file.write_at(&zeros[..n as usize], off).await?;
+                off += n;
+            }
+        }
+        _ => return Ok(()),
+    }
+    Ok(file.flush().await?)
 }
 
 fn check_shrink(a: &Args, new: u64, old: u64) -> Result<()> {

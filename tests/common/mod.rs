@@ -3,6 +3,7 @@
 
 pub mod bg;
 pub mod bytes;
+pub mod chain;
 mod qemu;
 
 use std::path::Path;

@@ -95,7 +95,7 @@ impl BlockingImage {
 /// Inside a tokio task the future runs outside the task's cooperative budget: tokio's sync
 /// primitives (which the engine uses) return `Pending` once the budget is spent, and the
 /// budget is only refilled when the task yields — which it cannot while blocked here.
-fn run<T>(fut: impl Future<Output = T>) -> T {
+pub(crate) fn run<T>(fut: impl Future<Output = T>) -> T {
     futures_lite::future::block_on(tokio::task::coop::unconstrained(fut))
 }
 

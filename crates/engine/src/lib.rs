@@ -78,6 +78,7 @@ mod detach;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod ops;
 pub mod storage;
 pub mod units;
 

@@ -46,6 +46,7 @@ mod image;
 mod imrt;
 mod ondisk;
 mod rebuild;
+mod reorder;
 mod report;
 mod walk;
 
@@ -53,6 +54,7 @@ use std::sync::Arc;
 
 pub(crate) use bitmaps::parse_directory as bitmap_tables;
 pub use budget::Progress;
+pub use reorder::change_refcount_width;
 pub use report::{CheckReport, MAX_MESSAGES};
 
 use crate::error::Result;

@@ -82,6 +82,13 @@ fn plan(imrt: &Imrt, start: u64, cluster_size: u64) -> Layout {
 /// Write a new refcount structure holding exactly the counts of `imrt` (plus the new
 /// clusters themselves) and switch the header to it.
 pub(crate) async fn rebuild(ctx: &Ctx, imrt: &mut Imrt) -> Result<()> {
+    let (table_at, clusters) = write_structure(ctx, imrt).await?;
+    switch_header(ctx, table_at, clusters).await
+}
+
+/// Write the new blocks and table of [`rebuild`] past the end of the file and flush; returns
+/// the table's offset and cluster count, for the caller's header switch.
+pub(crate) async fn write_structure(ctx: &Ctx, imrt: &mut Imrt) -> Result<(u64, u32)> {
     let start = imrt.len().max(ctx.file_clusters());
     let layout = plan(imrt, start, ctx.cs);
     if layout.table_clusters * ctx.cs > MAX_REFCOUNT_TABLE_BYTES {
@@ -107,7 +114,7 @@ pub(crate) async fn rebuild(ctx: &Ctx, imrt: &mut Imrt) -> Result<()> {
     let clusters = layout.table_clusters;
     let clusters = u32::try_from(clusters)
         .map_err(|_| Error::unsupported(format!("a refcount table of {clusters} clusters")))?;
-    switch_header(ctx, table_at, clusters).await
+    Ok((table_at, clusters))
 }
 
 /// Point the header at the new table (one write inside the first sector), durably.

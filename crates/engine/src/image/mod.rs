@@ -29,8 +29,10 @@ mod flusher;
 mod frees;
 mod geometry;
 mod l1_table;
+mod header_update;
 mod l2_update;
 mod lookup;
+mod make_empty;
 mod map;
 mod open;
 mod options;
@@ -48,6 +50,7 @@ mod zero;
 
 pub use crate::cache::CacheStats;
 pub use crate::storage::IoBackend;
+pub(crate) use backing::open_backing;
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use cluster0::read_cluster0;
 pub use flusher::Flusher;
