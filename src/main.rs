@@ -38,6 +38,7 @@ mod args;
 mod cmd;
 mod disk;
 mod fork;
+mod object;
 
 use std::process::ExitCode;
 

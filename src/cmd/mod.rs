@@ -18,6 +18,9 @@ pub mod map;
 pub mod measure;
 pub mod resize;
 pub mod serve;
+mod serve_device;
+mod serve_opts;
+mod serve_snapshot;
 mod snapshots;
 
 /// `--output=human|json`, shared by info, map and check.

@@ -28,8 +28,29 @@ mod frame;
 pub mod fuzzing;
 mod handshake;
 pub mod listener;
+pub mod meta;
 mod proto;
+#[cfg(feature = "tls")]
+pub mod tls;
+/// Without the `tls` feature: no configuration can exist, STARTTLS is always refused.
+#[cfg(not(feature = "tls"))]
+mod tls {
+    use crate::connection::Stream;
+
+    /// Uninhabited: a server without the `tls` feature has no TLS configuration.
+    #[derive(Debug, Clone)]
+    pub enum TlsConfig {}
+
+    impl TlsConfig {
+        pub(crate) async fn upgrade(&self, _: Box<dyn Stream>) -> std::io::Result<Box<dyn Stream>> {
+            match *self {}
+        }
+    }
+}
 
 pub use device::{BlockDevice, DeviceFuture, RawDevice};
 pub use export::{Export, Exports};
 pub use listener::{Event, Listener, Server};
+pub use meta::MetaContext;
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
