@@ -5,6 +5,10 @@
 #
 #   scripts/iotests-nbd.sh ours|qemu [TEST...]       (no TEST: every test the check picks)
 #
+# IOTESTS_FMT=raw runs `-raw -nbd` instead: in QEMU 10.0.2, `-qcow2 -nbd` has qemu-io open the
+# export as qcow2 again (a qcow2 inside the NBD export), so nearly every test fails with
+# qemu-nbd too; `-raw -nbd` is the mode where the NBD tests pass with qemu-nbd.
+#
 # Needs QEMU 10.0.2's tests/qemu-iotests: set QEMU_SRC to an unpacked QEMU source tree, or
 # let the script download Debian's `qemu` source tarball (`apt-get source`, a deb-src line
 # for bookworm-backports kept in a private apt directory) into $WORK. qemu-img, qemu-io and
@@ -38,7 +42,8 @@ if [ -z "${QEMU_SRC:-}" ]; then
 fi
 
 # A build tree the way `check` expects one: build/tests/qemu-iotests, binaries in build/.
-build="$WORK/build-$who"
+fmt=${IOTESTS_FMT:-qcow2}
+build="$WORK/build-$who-$fmt"
 iot="$build/tests/qemu-iotests"
 mkdir -p "$iot" "$build/storage-daemon"
 cat >"$build/qemu-system-x86_64" <<'STUB'
@@ -70,4 +75,4 @@ export QSD_PROG="$build/storage-daemon/qemu-storage-daemon"
 export PYTHONPATH="$QEMU_SRC/python${PYTHONPATH:+:$PYTHONPATH}"
 cd "$iot"
 "$QEMU_SRC/tests/qemu-iotests/check" --source-dir "$QEMU_SRC/tests/qemu-iotests" \
-    --build-dir "$iot" -qcow2 -nbd "$@" 2>&1 | tee "$WORK/check-$who.log"
+    --build-dir "$iot" "-$fmt" -nbd "$@" 2>&1 | tee "$WORK/check-$who-$fmt.log"
