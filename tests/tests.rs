@@ -29,6 +29,7 @@ mod cli_pipe;
 mod cli_probe;
 mod cli_references;
 mod cli_serve_flags;
+mod cli_serve_qemu_flags;
 mod cluster_races;
 mod compressed_writes;
 mod conformance_create;
