@@ -43,10 +43,12 @@ async fn create_and_open(
         .with_context(|| format!("could not create the overlay '{}'", path.display()))?;
     let storage = FileStorage::create(path)
         .with_context(|| format!("could not create the overlay '{}'", path.display()))?;
-    let mut opts = CreateOptions::default();
-    opts.size = Some(size);
-    opts.backing_file = Some(base.display().to_string());
-    opts.backing_fmt = Some(fmt.to_string());
+    let opts = CreateOptions {
+        size: Some(size),
+        backing_file: Some(base.display().to_string()),
+        backing_fmt: Some(fmt.to_string()),
+        ..CreateOptions::default()
+    };
     create(&storage, None, &opts).await?;
     drop(storage);
     // The overlay names the image itself; the image's own references are held to the

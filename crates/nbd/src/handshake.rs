@@ -134,6 +134,9 @@ async fn read_option<R: AsyncRead + Unpin + ?Sized>(rd: &mut R) -> io::Result<(u
     Ok((h.option, data))
 }
 
+/// Metadata contexts selected, with their ids.
+type Selected = Vec<(u32, Kind)>;
+
 /// What happens after an option.
 enum Step {
     Continue,
@@ -154,7 +157,7 @@ struct Negotiation<'a> {
     /// The stream is already encrypted.
     tls_active: bool,
     /// The export the last `SET_META_CONTEXT` was for, and what it selected.
-    meta: Option<(Arc<Export>, Vec<(u32, Kind)>)>,
+    meta: Option<(Arc<Export>, Selected)>,
     out: Vec<u8>,
 }
 
