@@ -275,3 +275,18 @@ fn nbdinfo_json_matches_qemu_nbd() {
         assert_eq!(ours, theirs, "{args:?}");
     }
 }
+
+#[test]
+fn one_v_is_quiet_like_qemu_nbd_and_two_log_clients() {
+    // QEMU's iotests start the server with -v and compare its stderr with their expected
+    // output, in which qemu-nbd prints nothing per client.
+    let (_dir, img, sock) = setup();
+    for (v, logs) in [("-v", false), ("-vv", true)] {
+        let srv = serve(&sock, &[v], &img);
+        nbd_io(&sock, &["read -P 0x5a 0 4k"]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (code, err) = srv.stop_with_stderr();
+        assert_eq!(code, 0);
+        assert_eq!(err.contains("client 1 connected"), logs, "{v}: {err}");
+    }
+}

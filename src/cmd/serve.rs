@@ -53,9 +53,10 @@ pub struct Args {
     /// Write the server's pid to FILE once it listens (removed on exit).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
-    /// Log clients coming and going to stderr.
-    #[arg(short = 'v', long)]
-    verbose: bool,
+    /// Accepted for qemu-nbd's command line, which prints nothing more for a server with one
+    /// -v (QEMU's iotests compare stderr); -vv logs clients coming and going to stderr.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
+    verbose: u8,
     /// Run in the background: return once the socket is listening.
     #[arg(long)]
     pub fork: bool,
@@ -121,7 +122,7 @@ pub async fn run(mut a: Args) -> Result<u8> {
         .persistent(a.persistent)
         .handshake_timeout(seconds(a.handshake_limit))
         .idle_timeout(seconds(a.idle_timeout));
-    if a.verbose {
+    if a.verbose >= 2 {
         server = server.on_event(log_event);
     }
     if let Some(tls) = tls {
