@@ -2,7 +2,7 @@
 //!
 //! Every export offers `base:allocation`, plus the [`MetaContext`]s listed in
 //! [`Export::contexts`](crate::Export::contexts). Adding a context takes a variant here, its
-//! name in [`MetaContext::name`] and its status function in [`crate::cmd`]'s block status.
+//! name in [`MetaContext::name`] and its status flags in `cmd/block_status.rs`.
 //!
 //! Names are matched as qemu-nbd matches them: a query names a context exactly, or (when
 //! listing) names a namespace or a prefix ending in `:` (`base:`, `qemu:`,
