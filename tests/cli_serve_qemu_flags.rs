@@ -290,3 +290,27 @@ fn one_v_is_quiet_like_qemu_nbd_and_two_log_clients() {
         assert_eq!(err.contains("client 1 connected"), logs, "{v}: {err}");
     }
 }
+
+#[test]
+fn exiting_server_leaves_a_pid_file_that_names_another_server() {
+    // QEMU's iotests restart the server on the same pid file: `kill OLD; rm PIDFILE; start
+    // NEW`. The old server, finishing its shutdown, must not delete the new one's pid file
+    // (iotest 033 left a server running: its cleanup found no pid file to kill it by).
+    let (dir, img, sock) = setup();
+    let pid_file = dir.path().join("pid");
+    let pf = format!("--pid-file={}", pid_file.display());
+    let srv = serve(&sock, &[&pf], &img);
+    // The pid file is written right after the socket is bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(&pid_file).map_or(true, |t| !t.ends_with('\n')) {
+        assert!(std::time::Instant::now() < deadline, "no pid file");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(&pid_file, "999999\n").unwrap();
+    assert_eq!(srv.stop(), 0);
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), "999999\n");
+    // Its own pid file it removes.
+    let srv = serve(&sock, &[&pf], &img);
+    assert_eq!(srv.stop(), 0);
+    assert!(!pid_file.exists());
+}

@@ -172,8 +172,14 @@ impl PidFile {
 }
 
 impl Drop for PidFile {
+    /// Remove the file only while it still names this process: a script that restarts the
+    /// server on the same pid file (QEMU's iotests: kill, rm, start) may already have a new
+    /// server's pid in it, which the old server must not delete.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let ours = format!("{}\n", std::process::id());
+        if std::fs::read_to_string(&self.0).is_ok_and(|t| t == ours) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 /// Open the image as a device of its format (as every other command opens it: a raw file's
