@@ -35,6 +35,12 @@ pub struct Access {
     /// Distrust images unless --trusted is given (set by serve, not a flag).
     #[arg(skip)]
     pub untrusted_by_default: bool,
+    /// Open files with O_DIRECT (set by serve's --cache, not a flag here).
+    #[arg(skip)]
+    pub direct: bool,
+    /// The IO backend (set by serve's --aio, not a flag here).
+    #[arg(skip)]
+    pub io_backend: qcow2_engine::storage::IoBackend,
 }
 
 impl Access {
@@ -85,6 +91,15 @@ impl Access {
             .writable_data_file(self.trusts())
             .locking(!self.no_lock)
             .force_share(self.force_share)
+            .direct(self.direct)
+            .io_backend(self.io_backend)
+    }
+
+    /// [`Access::options`] with the reference policy tied to the directory of `top` rather
+    /// than of the image opened (for an overlay that names `top` as its backing file).
+    pub fn options_anchored(&self, writable: bool, top: &Path) -> OpenOptions {
+        self.options(writable)
+            .references(self.policy().anchored(Some(top)))
     }
 
     /// The lock to take on a raw image file (raw images share every permission, as with

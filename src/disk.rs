@@ -59,6 +59,11 @@ pub fn open_file(path: &Path, writable: bool, lock: Option<LockRequest>) -> Resu
         read_only: !writable,
         direct: false,
     };
+    open_file_with(path, flags, lock)
+}
+
+/// [`open_file`] with explicit open flags (O_DIRECT).
+fn open_file_with(path: &Path, flags: OpenFlags, lock: Option<LockRequest>) -> Result<FileStorage> {
     let f = FileStorage::open(path, flags)
         .with_context(|| format!("could not open '{}'", path.display()))?;
     if let Some(req) = lock {
@@ -95,7 +100,11 @@ impl Disk {
                 if probed {
                     errln!("{}", probed_raw_warning(path));
                 }
-                let storage = open_file(path, writable, access.raw_lock(writable))?;
+                let flags = OpenFlags {
+                    read_only: !writable,
+                    direct: access.direct,
+                };
+                let storage = open_file_with(path, flags, access.raw_lock(writable))?;
                 // Like QEMU, a raw image's size is its length rounded up to whole sectors.
                 let size = storage
                     .len()

@@ -39,6 +39,7 @@ mod cmd;
 mod disk;
 mod fork;
 mod secrets;
+mod object;
 
 use std::process::ExitCode;
 

@@ -23,6 +23,9 @@ pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;
+mod serve_device;
+mod serve_opts;
+mod serve_snapshot;
 mod snapshots;
 
 /// `--output=human|json`, shared by info, map and check.

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use qcow2_nbd::{BlockDevice, Event, Export, Listener, Server};
+use qcow2_nbd::{BlockDevice, Event, Export, Listener, MetaContext, Server};
 
+use super::serve_opts::QemuNbdFlags;
 use crate::access::Access;
 use crate::disk::Disk;
 
@@ -56,13 +57,17 @@ pub struct Args {
     /// Write the server's pid to FILE once it listens (removed on exit).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
-    /// Log clients coming and going to stderr.
-    #[arg(short = 'v', long)]
-    verbose: bool,
+    /// Accepted for qemu-nbd's command line, which prints nothing more for a server with one
+    /// -v (QEMU's iotests compare stderr); -vv logs clients coming and going to stderr.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
+    verbose: u8,
     /// Run in the background: return once the socket is listening.
     #[arg(long)]
     pub fork: bool,
-    /// The export's description (shown by NBD_OPT_LIST).
+    /// Export a temporary overlay over FILE: writes go there and vanish on exit.
+    #[arg(short = 's', long)]
+    snapshot: bool,
+    /// The export's description (shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION).
     #[arg(short = 'D', long, value_name = "TEXT", default_value = "")]
     description: String,
     /// Drop a client that has not finished the handshake after SECS seconds (0: no limit).
@@ -76,6 +81,8 @@ pub struct Args {
     /// (named relatively, without '..'), data files read-only, unless --trusted.
     #[command(flatten)]
     access: Access,
+    #[command(flatten)]
+    qemu: QemuNbdFlags,
     /// The image file.
     file: PathBuf,
     /// With --fork: the pipe to the waiting parent (see [`crate::fork`]).
@@ -96,7 +103,9 @@ fn seconds(secs: u64) -> Duration {
 
 /// Run `qcow2 serve`.
 pub async fn run(mut a: Args) -> Result<u8> {
-    let device = open_device(&a).await?;
+    a.qemu.check()?;
+    let tls = a.qemu.tls()?;
+    let device = a.qemu.policy().apply(open_device(&a).await?);
     let listener = listen(&a).await?;
     let _pid_file = match &a.pid_file {
         Some(p) => Some(PidFile::write(p)?),
@@ -105,17 +114,23 @@ pub async fn run(mut a: Args) -> Result<u8> {
     if let Some(fd) = a.ready.take() {
         crate::fork::ready(fd);
     }
-    let export = Export {
+    let mut export = Export {
         description: a.description.clone(),
         ..Export::new(a.export_name.clone(), device)
     };
+    if a.qemu.allocation_depth {
+        export.contexts.push(MetaContext::AllocationDepth);
+    }
     let mut server = Server::new(vec![export])
         .max_connections(a.max_connections)
         .persistent(a.persistent)
         .handshake_timeout(seconds(a.handshake_limit))
         .idle_timeout(seconds(a.idle_timeout));
-    if a.verbose {
+    if a.verbose >= 2 {
         server = server.on_event(log_event);
+    }
+    if let Some(tls) = tls {
+        server = server.tls(tls);
     }
     server
         .run(listener, stop_signal())
@@ -161,21 +176,34 @@ impl PidFile {
 }
 
 impl Drop for PidFile {
+    /// Remove the file only while it still names this process: a script that restarts the
+    /// server on the same pid file (QEMU's iotests: kill, rm, start) may already have a new
+    /// server's pid in it, which the old server must not delete.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let ours = format!("{}\n", std::process::id());
+        if std::fs::read_to_string(&self.0).is_ok_and(|t| t == ours) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 /// Open the image as a device of its format (as every other command opens it: a raw file's
 /// size rounded up to whole sectors, block 0 of a probed raw file guarded).
 async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
     let writable = !a.read_only;
-    let access = a.access.clone().untrusted_by_default();
+    let mut access = a.access.clone().untrusted_by_default();
+    let tuning = a.qemu.tuning();
+    (access.direct, access.io_backend) = (tuning.direct, tuning.io_backend);
     if writable && access.force_share {
         bail!("--force-share (-U) can only be used with read-only exports (-r)");
     }
     if let Some(snap) = &a.load_snapshot {
         let disk = super::snapshot::open_source(&a.file, a.format.as_deref(), &access, snap);
         return Ok(disk.await?.into_device());
+    }
+    // With -r there is nothing for an overlay to catch: the image itself is served read-only.
+    if a.snapshot && writable {
+        let img = super::serve_snapshot::open_overlay(&a.file, a.format.as_deref(), &access);
+        return Ok(Arc::new(img.await?));
     }
     let disk = Disk::open(&a.file, a.format.as_deref(), writable, &access).await?;
     Ok(disk.into_device())

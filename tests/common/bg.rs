@@ -24,6 +24,31 @@ impl Bg {
         Bg { child }
     }
 
+    /// [`Bg::spawn`] with extra environment variables.
+    pub fn spawn_env(cmd: &str, args: &[&str], env: &[(&str, &Path)]) -> Bg {
+        let child = Command::new(cmd)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        Bg { child }
+    }
+
+    /// Wait (up to 10 s) until `socket` exists; panic if the process exits first.
+    pub fn wait_for_socket(&mut self, socket: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some((code, err)) = self.exited_within(Duration::ZERO) {
+                panic!("exited with {code}: {err}");
+            }
+            assert!(Instant::now() < deadline, "did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Start `cmd args...` and wait (up to 10 s) until `socket` exists.
     pub fn serving(cmd: &str, args: &[&str], socket: &Path) -> Bg {
         let mut bg = Bg::spawn(cmd, args);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use qcow2_engine::image::create::{CreateOptions, create};
 use qcow2_engine::image::{Image, OpenOptions};
 use qcow2_engine::storage::FileStorage;
+pub mod pki;
 pub mod proto;
 
 use proto::*;

@@ -28,11 +28,14 @@ pub const FLAG_SEND_TRIM: u16 = 32;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 64;
 pub const FLAG_SEND_DF: u16 = 128;
 pub const FLAG_CAN_MULTI_CONN: u16 = 256;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -45,7 +48,9 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
 /// `NBD_INFO_*` types.
@@ -59,6 +64,7 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
@@ -66,6 +72,8 @@ pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
 pub const CMD_FLAG_DF: u16 = 4;
+pub const CMD_FLAG_REQ_ONE: u16 = 8;
+pub const CMD_FLAG_FAST_ZERO: u16 = 16;
 
 /// Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1;

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use super::cmd::{self, Ctx};
 use super::export::Exports;
 use super::frame::{Limits, REQUEST_LEN, Reply, Request};
-use super::handshake::{Session, negotiate};
+use super::handshake::{Session, Setup, negotiate};
 use super::proto::*;
 
 /// Bytes of request payload and read data one connection may have in flight.
@@ -52,27 +52,66 @@ pub struct Patience {
     pub slots: Arc<Semaphore>,
 }
 
+/// A byte stream to one client.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
 /// Serve one client until it disconnects, misbehaves, idles while its slot is wanted (see
-/// [`Patience`]), or `shutdown` turns true.
+/// [`Patience`]), or `shutdown` turns true. No TLS: `NBD_OPT_STARTTLS` is refused.
 pub async fn serve<S>(
     stream: S,
     exports: Exports,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     patience: Patience,
 ) -> io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(64 << 10, rd);
-    let handshake = tokio::time::timeout(patience.handshake, negotiate(&mut rd, &mut wr, &exports));
-    let session = tokio::select! {
+    let setup = Setup {
+        tls: None,
+        multi_conn: true,
+    };
+    serve_stream(Box::new(stream), exports, shutdown, patience, setup).await
+}
+
+/// [`serve`], with TLS required before anything else (`NBD_OPT_STARTTLS`, see
+/// [`TlsConfig`](crate::TlsConfig)).
+#[cfg(feature = "tls")]
+pub async fn serve_tls<S>(
+    stream: S,
+    exports: Exports,
+    shutdown: watch::Receiver<bool>,
+    patience: Patience,
+    tls: crate::TlsConfig,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let setup = Setup {
+        tls: Some(tls),
+        multi_conn: true,
+    };
+    serve_stream(Box::new(stream), exports, shutdown, patience, setup).await
+}
+
+/// The handshake (upgrading to TLS if asked), then the transmission phase.
+pub(crate) async fn serve_stream(
+    stream: Box<dyn Stream>,
+    exports: Exports,
+    mut shutdown: watch::Receiver<bool>,
+    patience: Patience,
+    setup: Setup,
+) -> io::Result<()> {
+    let handshake = tokio::time::timeout(patience.handshake, negotiate(stream, &exports, &setup));
+    let (stream, session) = tokio::select! {
         r = handshake => r.map_err(|_| protocol("handshake timed out"))??,
         _ = shutdown.wait_for(|&s| s) => return Ok(()),
     };
     let Some(session) = session else {
         return Ok(());
     };
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
     let mut t = Transmission::new(session, Box::new(wr), patience);
     let r = t.requests(&mut rd, &mut shutdown).await;
     // Whether the client said NBD_CMD_DISC, hung up, or we are shutting down: requests
@@ -98,10 +137,13 @@ impl Transmission {
             size: device.size(),
             writable: device.is_writable(),
             structured: s.structured,
-            block_status: s.block_status,
+            block_status: !s.contexts.is_empty(),
         };
         Transmission {
-            ctx: Ctx { device },
+            ctx: Ctx {
+                device,
+                contexts: s.contexts.into(),
+            },
             limits,
             replies: Arc::new(Replies {
                 writer: Mutex::new(Some(writer)),

@@ -36,6 +36,48 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug + 'static {
     fn close(&self) -> DeviceFuture<'_, ()>;
     /// Allocation status of a range, in `qemu-img map`'s terms.
     fn map(&self, offset: u64, len: u64) -> DeviceFuture<'_, Vec<Extent>>;
+    /// Whether [`BlockDevice::write_zeroes`] of the range would only change metadata (no data
+    /// written), for `NBD_CMD_FLAG_FAST_ZERO`. The default, `false`, makes fast zeroes fail
+    /// with `ENOTSUP`, which clients take as "write the zeros yourself".
+    fn zeroes_fast(&self, offset: u64, len: u64) -> DeviceFuture<'_, bool> {
+        let _ = (offset, len);
+        Box::pin(async { Ok(false) })
+    }
+    /// Prefetch a range (`NBD_CMD_CACHE`): a hint. The default maps it, which loads the
+    /// metadata the range needs into the device's caches.
+    fn prefetch(&self, offset: u64, len: u64) -> DeviceFuture<'_, ()> {
+        Box::pin(async move { self.map(offset, len).await.map(drop) })
+    }
+}
+
+/// Whether zeroing `[offset, offset + len)` of `img` changes metadata only: zero clusters are
+/// usable (v3, extended L2, or no backing file to hide) and the parts of clusters (or
+/// subclusters) at either end, which would be zeroed by writing zeros, already read as zeros.
+async fn image_zeroes_fast(img: &Image, offset: u64, len: u64) -> Result<bool> {
+    let h = img.header().header;
+    let extended = h.extended_l2();
+    if !(h.version >= 3 || extended || img.backing().is_none()) {
+        return Ok(false);
+    }
+    let grain = if extended {
+        img.cluster_size() / 32
+    } else {
+        img.cluster_size()
+    };
+    let end = offset + len;
+    let head_end = offset.next_multiple_of(grain).min(end);
+    // The last cluster of the disk may be short: zeroing it whole is still a metadata change.
+    let tail_start = if end == img.virtual_size() {
+        end
+    } else {
+        end - end % grain
+    };
+    for (from, to) in [(offset, head_end), (tail_start.max(head_end), end)] {
+        if from < to && !img.map(from, to - from).await?.iter().all(|e| e.zero) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl BlockDevice for Image {
@@ -70,6 +112,9 @@ impl BlockDevice for Image {
     }
     fn map(&self, offset: u64, len: u64) -> DeviceFuture<'_, Vec<Extent>> {
         Box::pin(Image::map(self, offset, len))
+    }
+    fn zeroes_fast(&self, offset: u64, len: u64) -> DeviceFuture<'_, bool> {
+        Box::pin(image_zeroes_fast(self, offset, len))
     }
 }
 

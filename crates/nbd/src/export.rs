@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::device::BlockDevice;
+use super::meta::MetaContext;
 
 /// One exported device under a name.
 #[derive(Debug, Clone)]
@@ -13,6 +14,9 @@ pub struct Export {
     pub description: String,
     /// The device.
     pub device: Arc<dyn BlockDevice>,
+    /// Metadata contexts offered besides `base:allocation` (say
+    /// [`MetaContext::AllocationDepth`] for qemu-nbd's `-A`).
+    pub contexts: Vec<MetaContext>,
 }
 
 impl Export {
@@ -22,6 +26,7 @@ impl Export {
             name: name.into(),
             description: String::new(),
             device,
+            contexts: Vec::new(),
         }
     }
 }

@@ -72,7 +72,7 @@ pub struct Limits {
     pub writable: bool,
     /// Whether structured replies were negotiated.
     pub structured: bool,
-    /// Whether `base:allocation` was selected (block status allowed).
+    /// Whether a metadata context was selected (block status allowed).
     pub block_status: bool,
 }
 
@@ -119,8 +119,8 @@ impl Request {
             CMD_READ => (0, Errno::EINVAL),
             CMD_WRITE => (0, Errno::ENOSPC),
             CMD_FLUSH | CMD_DISC => (0, Errno::EINVAL),
-            CMD_TRIM => (0, Errno::EINVAL),
-            CMD_WRITE_ZEROES => (CMD_FLAG_NO_HOLE, Errno::ENOSPC),
+            CMD_TRIM | CMD_CACHE => (0, Errno::EINVAL),
+            CMD_WRITE_ZEROES => (CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, Errno::ENOSPC),
             CMD_BLOCK_STATUS => (CMD_FLAG_REQ_ONE, Errno::EINVAL),
             _ => return Err(reject(Errno::EINVAL, "unknown command")),
         };
@@ -166,13 +166,8 @@ pub enum Reply {
         /// The bytes.
         data: Vec<u8>,
     },
-    /// Block status descriptors `(length, flags)` of one metadata context.
-    Extents {
-        /// The context id.
-        context: u32,
-        /// Consecutive extents from the request's offset.
-        descriptors: Vec<(u32, u32)>,
-    },
+    /// Block status: the descriptors of each selected metadata context, in order.
+    Extents(Vec<ContextStatus>),
     /// Failure.
     Error {
         /// The NBD error number.
@@ -180,6 +175,15 @@ pub enum Reply {
         /// A message (sent with structured replies only).
         message: String,
     },
+}
+
+/// Block status descriptors `(length, flags)` of one metadata context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextStatus {
+    /// The context id.
+    pub context: u32,
+    /// Consecutive extents from the request's offset.
+    pub descriptors: Vec<(u32, u32)>,
 }
 
 /// An encoded reply: a header, then the payload written as is (saves copying read data).
@@ -211,7 +215,7 @@ impl Reply {
             },
             (Reply::Error { errno, .. }, false) => head(simple_reply(cookie, errno).to_vec()),
             // Block status only exists with structured replies; validation ensures it.
-            (Reply::Extents { .. }, false) => head(simple_reply(cookie, Errno::EINVAL).to_vec()),
+            (Reply::Extents(_), false) => head(simple_reply(cookie, Errno::EINVAL).to_vec()),
             (Reply::Done, true) => head(none_chunk(cookie).to_vec()),
             (Reply::Data { data, .. }, true) if data.is_empty() => {
                 head(none_chunk(cookie).to_vec())
@@ -220,13 +224,7 @@ impl Reply {
                 head: offset_data_header(cookie, offset, data.len() as u32).to_vec(),
                 body: data,
             },
-            (
-                Reply::Extents {
-                    context,
-                    descriptors,
-                },
-                true,
-            ) => head(block_status_chunk(cookie, context, &descriptors)),
+            (Reply::Extents(contexts), true) => head(block_status_chunks(cookie, &contexts)),
             (Reply::Error { errno, message }, true) => head(error_chunk(cookie, errno, &message)),
         }
     }
@@ -279,20 +277,23 @@ pub fn offset_data_header(cookie: u64, offset: u64, data_len: u32) -> [u8; 28] {
     b
 }
 
-/// A final `BLOCK_STATUS` chunk.
-pub fn block_status_chunk(cookie: u64, context: u32, descriptors: &[(u32, u32)]) -> Vec<u8> {
-    let len = 4 + 8 * descriptors.len();
-    let mut b = Vec::with_capacity(20 + len);
-    b.extend_from_slice(&chunk_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_BLOCK_STATUS,
-        cookie,
-        len as u32,
-    ));
-    b.extend_from_slice(&context.to_be_bytes());
-    for (length, flags) in descriptors {
-        b.extend_from_slice(&length.to_be_bytes());
-        b.extend_from_slice(&flags.to_be_bytes());
+/// One `BLOCK_STATUS` chunk per context, the last one flagged DONE (none: a NONE chunk).
+pub fn block_status_chunks(cookie: u64, contexts: &[ContextStatus]) -> Vec<u8> {
+    let Some(last) = contexts.len().checked_sub(1) else {
+        return none_chunk(cookie).to_vec();
+    };
+    let mut b = Vec::new();
+    for (i, c) in contexts.iter().enumerate() {
+        let len = 4 + 8 * c.descriptors.len();
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        // Descriptors are capped at a few thousand per context: the length fits in a u32.
+        let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+        b.extend_from_slice(&chunk_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, len32));
+        b.extend_from_slice(&c.context.to_be_bytes());
+        for (length, flags) in &c.descriptors {
+            b.extend_from_slice(&length.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+        }
     }
     b
 }

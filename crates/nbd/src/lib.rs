@@ -9,11 +9,14 @@
 //! connection over any byte stream).
 //!
 //! What is negotiated: `OPT_EXPORT_NAME`, `OPT_GO`/`OPT_INFO` (export size and flags, block
-//! sizes 1 / 4096 / 32 MiB, name, description), `OPT_LIST`, `OPT_ABORT`,
+//! sizes 1 / 4096 / 32 MiB, name, description), `OPT_LIST`, `OPT_ABORT`, `OPT_STARTTLS`
+//! (feature `tls`: `TlsConfig`, required before anything else once configured),
 //! `OPT_STRUCTURED_REPLY`, and `OPT_LIST_META_CONTEXT`/`OPT_SET_META_CONTEXT` for
-//! `base:allocation`. Commands: read, write (FUA), flush, trim, write zeroes (NO_HOLE),
-//! block status (REQ_ONE), disconnect. Several requests of one connection run at once;
-//! every connection shares the one open image, so `NBD_FLAG_CAN_MULTI_CONN` is set.
+//! `base:allocation` and the export's [`MetaContext`]s (`qemu:allocation-depth`). Commands:
+//! read, write (FUA), flush, trim, write zeroes (NO_HOLE, FAST_ZERO), cache, block status
+//! (REQ_ONE), disconnect. Several requests of one connection run at once; every connection
+//! shares the one open image, so `NBD_FLAG_CAN_MULTI_CONN` is true, and sent when the server
+//! takes more than one client at a time. Not yet: `OPT_EXTENDED_HEADERS`.
 //!
 //! A client is untrusted: lengths are checked before anything is allocated, a bad magic
 //! closes the connection, and per-connection memory is bounded.
@@ -28,8 +31,29 @@ mod frame;
 pub mod fuzzing;
 mod handshake;
 pub mod listener;
+pub mod meta;
 mod proto;
+#[cfg(feature = "tls")]
+pub mod tls;
+/// Without the `tls` feature: no configuration can exist, STARTTLS is always refused.
+#[cfg(not(feature = "tls"))]
+mod tls {
+    use crate::connection::Stream;
+
+    /// Uninhabited: a server without the `tls` feature has no TLS configuration.
+    #[derive(Debug, Clone)]
+    pub enum TlsConfig {}
+
+    impl TlsConfig {
+        pub(crate) async fn upgrade(&self, _: Box<dyn Stream>) -> std::io::Result<Box<dyn Stream>> {
+            match *self {}
+        }
+    }
+}
 
 pub use device::{BlockDevice, DeviceFuture, RawDevice};
 pub use export::{Export, Exports};
 pub use listener::{Event, Listener, Server};
+pub use meta::MetaContext;
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;

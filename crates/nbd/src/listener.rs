@@ -10,14 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
-use super::connection::{self, Patience};
+use super::connection::{self, Patience, Stream};
 use super::device::BlockDevice;
 use super::export::{Export, Exports};
+use super::handshake::Setup;
+use super::tls::TlsConfig;
 use qcow2_engine::error::Result;
 
 /// A bound socket to serve on.
@@ -28,10 +29,6 @@ pub enum Listener {
     /// A Unix socket; its path is removed when the server stops.
     Unix(UnixListener, PathBuf),
 }
-
-/// A byte stream to one client.
-trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 impl Listener {
     /// Bind a TCP address (`"127.0.0.1:10809"`, `"[::]:0"`, ...).
@@ -91,6 +88,7 @@ pub struct Server {
     idle_timeout: Duration,
     persistent: bool,
     on_event: Option<EventHook>,
+    tls: Option<TlsConfig>,
 }
 
 /// A connection came or went: what [`Server::on_event`] hooks see.
@@ -127,7 +125,16 @@ impl Server {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             persistent: true,
             on_event: None,
+            tls: None,
         }
+    }
+
+    /// Require TLS: clients must upgrade with `NBD_OPT_STARTTLS` before anything else
+    /// (qemu-nbd's `--tls-creds`).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: crate::TlsConfig) -> Server {
+        self.tls = Some(config);
+        self
     }
 
     /// With `false`, stop by itself (as if `shutdown` completed) once at least one client
@@ -145,6 +152,7 @@ impl Server {
     }
 
     /// Serve at most `n` clients at once (default 16); more wait in the listen backlog.
+    /// `NBD_FLAG_CAN_MULTI_CONN` is advertised only when `n` > 1.
     pub fn max_connections(mut self, n: usize) -> Server {
         self.max_connections = n.max(1);
         self
@@ -234,8 +242,13 @@ impl Server {
     ) -> impl Future<Output = ()> + Send + 'static {
         let exports = self.exports.clone();
         let hook = self.on_event.clone();
+        let setup = Setup {
+            tls: self.tls.clone(),
+            multi_conn: self.max_connections > 1,
+        };
         async move {
-            if let Err(e) = connection::serve(stream, exports, stopped, patience).await {
+            let r = connection::serve_stream(stream, exports, stopped, patience, setup);
+            if let Err(e) = r.await {
                 // `{e:#}`: an engine error inside shows its cause too (see `qcow2_engine::Error`).
                 tracing::debug!("nbd: connection closed: {e:#}");
             }

@@ -45,6 +45,10 @@ pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const FLAG_SEND_DF: u16 = 1 << 7;
 /// Flush and FUA on one connection cover writes completed on every connection.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// `CMD_CACHE` is supported.
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+/// `CMD_FLAG_FAST_ZERO` is supported.
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Options.
 /// Choose an export and enter transmission (no error possible).
@@ -53,6 +57,8 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// List the exports.
 pub const OPT_LIST: u32 = 3;
+/// Upgrade the connection to TLS.
+pub const OPT_STARTTLS: u32 = 5;
 /// Describe an export.
 pub const OPT_INFO: u32 = 6;
 /// Describe an export and enter transmission.
@@ -75,8 +81,12 @@ pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 /// The option is unknown.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+/// The server's configuration forbids the option.
+pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// The option is malformed or not allowed in this state.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// The option needs TLS first.
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// The export does not exist.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
@@ -103,6 +113,8 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 /// Zero a range.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Prefetch a range.
+pub const CMD_CACHE: u16 = 5;
 /// Query metadata contexts for a range.
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
@@ -115,6 +127,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 /// Block status: one extent only.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// Write zeroes: fail with `ENOTSUP` rather than zero slowly.
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Structured reply flags and types.
 /// Last chunk of a reply.
@@ -134,10 +148,8 @@ pub const STATE_HOLE: u32 = 1 << 0;
 /// Reads as zeros.
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context this server knows.
+/// The metadata context every export offers.
 pub const BASE_ALLOCATION: &str = "base:allocation";
-/// The id it gets when selected (any nonzero value would do).
-pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Largest read or write payload (2^25, the size every client must accept).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -157,4 +169,6 @@ impl Errno {
     pub const EINVAL: Errno = Errno(22);
     /// No space left (also: write beyond the end).
     pub const ENOSPC: Errno = Errno(28);
+    /// Not supported (a fast zero that would be slow).
+    pub const ENOTSUP: Errno = Errno(95);
 }

@@ -1,12 +1,16 @@
-//! `NBD_CMD_BLOCK_STATUS` for `base:allocation`: `HOLE` where no layer has data, `ZERO` where
-//! the range reads as zeros, from the same extents `qemu-img map` prints.
+//! `NBD_CMD_BLOCK_STATUS` for every selected metadata context, from the same extents
+//! `qemu-img map` prints:
+//! - `base:allocation`: `HOLE` where no layer has data, `ZERO` where the range reads as zeros;
+//! - `qemu:allocation-depth`: 0 where no layer allocates, 1 for this image, 2+ for backings.
 //!
 //! The range is mapped in windows and the reply stops after [`MAX_DESCRIPTORS`] extents (the
 //! spec lets a server answer less than asked; clients continue where it stopped), so a 4 GiB
 //! query over 512-byte clusters costs neither unbounded memory nor an unbounded reply.
+//! Every context covers the same length: the contexts' descriptors are cut at the shortest.
 
 use super::{Ctx, failed};
-use crate::frame::{Reply, Request};
+use crate::frame::{ContextStatus, Reply, Request};
+use crate::meta::{Kind, MetaContext};
 use crate::proto::*;
 use qcow2_engine::image::Extent;
 
@@ -19,16 +23,25 @@ const WINDOW: u64 = 64 << 20;
 pub async fn run(ctx: &Ctx, req: &Request) -> Reply {
     let one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let end = req.offset + u64::from(req.len);
-    let mut descriptors: Vec<(u32, u32)> = Vec::new();
+    let mut out: Vec<ContextStatus> = ctx
+        .contexts
+        .iter()
+        .map(|(id, _)| ContextStatus {
+            context: *id,
+            descriptors: Vec::new(),
+        })
+        .collect();
     let mut off = req.offset;
-    while off < end && descriptors.len() < MAX_DESCRIPTORS {
+    while off < end && out.iter().all(|c| c.descriptors.len() < MAX_DESCRIPTORS) {
         let n = (end - off).min(WINDOW);
         let extents = match ctx.device.map(off, n).await {
             Ok(e) => e,
             Err(e) => return failed(&e),
         };
-        for e in &extents {
-            push(&mut descriptors, e);
+        for ((_, kind), status) in ctx.contexts.iter().zip(out.iter_mut()) {
+            for e in &extents {
+                push(&mut status.descriptors, e.length, flags_of(kind, e));
+            }
         }
         off += n;
         if one {
@@ -37,23 +50,83 @@ pub async fn run(ctx: &Ctx, req: &Request) -> Reply {
     }
     // A success needs at least one nonzero descriptor, which a zero-length query cannot
     // have; the spec leaves such a query's outcome open, so it gets EINVAL.
-    if descriptors.is_empty() {
+    if out.iter().any(|c| c.descriptors.is_empty()) {
         return Reply::error(Errno::EINVAL, "empty block status request");
     }
-    descriptors.truncate(if one { 1 } else { MAX_DESCRIPTORS });
-    Reply::Extents {
-        context: BASE_ALLOCATION_ID,
-        descriptors,
+    for c in &mut out {
+        c.descriptors
+            .truncate(if one { 1 } else { MAX_DESCRIPTORS });
+    }
+    equalize(&mut out);
+    Reply::Extents(out)
+}
+
+/// The status flags of `e` in context `kind`.
+fn flags_of(kind: &Kind, e: &Extent) -> u32 {
+    match kind {
+        Kind::Allocation => {
+            (if e.data { 0 } else { STATE_HOLE }) | if e.zero { STATE_ZERO } else { 0 }
+        }
+        Kind::Extra(MetaContext::AllocationDepth) => match e.present {
+            false => 0,
+            true => e.depth.saturating_add(1),
+        },
     }
 }
 
-/// Append an extent, merging it into the previous descriptor when the flags match.
-fn push(out: &mut Vec<(u32, u32)>, e: &Extent) {
-    let flags = if e.data { 0 } else { STATE_HOLE } | if e.zero { STATE_ZERO } else { 0 };
+/// Append `len` bytes of `flags`, merging into the previous descriptor when the flags match.
+fn push(out: &mut Vec<(u32, u32)>, len: u64, flags: u32) {
     // Extents lie inside the request, whose length is a u32, so the sum fits.
-    let len = e.length as u32;
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
     match out.last_mut() {
-        Some((l, f)) if *f == flags => *l += len,
+        Some((l, f)) if *f == flags => *l = l.saturating_add(len),
         _ => out.push((len, flags)),
+    }
+}
+
+/// Cut every context's descriptors to the shortest total length, so that no context claims
+/// more of the range than another (clients resume at the shortest anyway).
+fn equalize(out: &mut [ContextStatus]) {
+    let total = |c: &ContextStatus| c.descriptors.iter().map(|d| u64::from(d.0)).sum::<u64>();
+    let Some(shortest) = out.iter().map(total).min() else {
+        return;
+    };
+    for c in out {
+        let mut covered = 0u64;
+        let mut keep = 0;
+        for d in &mut c.descriptors {
+            if covered >= shortest {
+                break;
+            }
+            let room = shortest - covered;
+            if u64::from(d.0) > room {
+                d.0 = u32::try_from(room).unwrap_or(u32::MAX);
+            }
+            covered += u64::from(d.0);
+            keep += 1;
+        }
+        c.descriptors.truncate(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contexts_are_cut_to_the_shortest() {
+        let mut v = vec![
+            ContextStatus {
+                context: 1,
+                descriptors: vec![(100, 0), (50, 1)],
+            },
+            ContextStatus {
+                context: 2,
+                descriptors: vec![(120, 1)],
+            },
+        ];
+        equalize(&mut v);
+        assert_eq!(v[0].descriptors, vec![(100, 0), (20, 1)]);
+        assert_eq!(v[1].descriptors, vec![(120, 1)]);
     }
 }

@@ -3,6 +3,7 @@
 //! and returns the [`Reply`] to send; the connection does the framing.
 
 mod block_status;
+mod cache;
 pub mod disconnect;
 mod flush;
 mod read;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use super::device::BlockDevice;
 use super::frame::{Reply, Request};
+use super::meta::Kind;
 use super::proto::*;
 use qcow2_engine::error::{Error, ErrorKind, Result};
 
@@ -22,6 +24,8 @@ use qcow2_engine::error::{Error, ErrorKind, Result};
 pub struct Ctx {
     /// The exported device.
     pub device: Arc<dyn BlockDevice>,
+    /// The metadata contexts block status reports, with their ids.
+    pub contexts: Arc<[(u32, Kind)]>,
 }
 
 /// Run one validated request (never `CMD_DISC`, which the connection handles itself).
@@ -33,6 +37,7 @@ pub async fn dispatch(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Reply {
         CMD_TRIM => trim::run(ctx, req).await,
         CMD_WRITE_ZEROES => write_zeroes::run(ctx, req).await,
         CMD_BLOCK_STATUS => block_status::run(ctx, req).await,
+        CMD_CACHE => cache::run(ctx, req).await,
         _ => Reply::error(Errno::EINVAL, "unknown command"),
     }
 }

@@ -128,10 +128,10 @@ fn structured_replies() {
     let e = Reply::error(Errno::EINVAL, "no").encode(1, true);
     assert_eq!(&e.head[6..8], &[0x80, 0x01]);
     assert_eq!(&e.head[16..], &[0, 0, 0, 8, 0, 0, 0, 22, 0, 2, b'n', b'o']);
-    let s = Reply::Extents {
+    let s = Reply::Extents(vec![ContextStatus {
         context: 1,
         descriptors: vec![(4096, 3)],
-    }
+    }])
     .encode(1, true);
     assert_eq!(
         &s.head[16..],
