@@ -79,6 +79,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Export an image over NBD until SIGINT/SIGTERM.
     Serve(cmd::serve::Args),
+    /// Add, remove, clear, enable, disable or merge persistent bitmaps (qemu-img bitmap).
+    Bitmap(cmd::bitmap::Args),
 }
 
 impl Command {
@@ -98,6 +100,7 @@ impl Command {
             Command::Io(a) => cmd::io::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,
             Command::Serve(a) => cmd::serve::run(a).await,
+            Command::Bitmap(a) => cmd::bitmap::run(a).await,
         }
     }
 }

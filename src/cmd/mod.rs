@@ -19,6 +19,7 @@ pub mod measure;
 pub mod resize;
 pub mod serve;
 mod snapshots;
+pub mod bitmap;
 
 /// `--output=human|json`, shared by info, map and check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -35,6 +35,7 @@ impl Image {
         let w = self.write_state()?;
         self.check_range(offset, len)?;
         self.check_data_access()?;
+        self.inner.bitmaps.mark(offset, len);
         let _epoch = w.epochs.enter();
         let geo = self.inner.geo;
         let end = offset + len;
