@@ -16,7 +16,10 @@ pub fn qemu_dirty(img: &str, name: &str) -> Vec<(u64, u64)> {
     let args = ["-r", "-f", "qcow2", "-B", name, "-k", &sock, img];
     let mut server = Bg::serving("qemu-nbd", &args, Path::new(&sock));
     let uri = format!("nbd+unix:///?socket={sock}");
-    let map = run("nbdinfo", &[&format!("--map=qemu:dirty-bitmap:{name}"), &uri]);
+    let map = run(
+        "nbdinfo",
+        &[&format!("--map=qemu:dirty-bitmap:{name}"), &uri],
+    );
     // It exits after its one client; wait, so that its image lock is gone.
     assert!(server.exited_within(Duration::from_secs(10)).is_some());
     parse_map(&map)

@@ -120,7 +120,10 @@ pub async fn run(a: Args) -> Result<u8> {
     validate(&p)?;
     let (file, name) = (PathBuf::from(&p.positional[0]), p.positional[1].as_str());
     if detect_format(&file, p.format.as_deref()).await? != "qcow2" {
-        bail!("Operation {} on bitmap {name} failed: persistent bitmaps need a qcow2 image", p.actions[0].name());
+        bail!(
+            "Operation {} on bitmap {name} failed: persistent bitmaps need a qcow2 image",
+            p.actions[0].name()
+        );
     }
     let img = open_qcow2(&file, true, &a.access).await?;
     let done = apply_all(&img, &p, name, &a.access).await;
@@ -155,7 +158,10 @@ async fn apply(img: &Image, p: &Plan, action: &Action, name: &str, access: &Acce
 /// `--merge SRC [-b SRC_FILE [-F FMT]]`: from this image, or another opened read-only.
 async fn merge(img: &Image, p: &Plan, name: &str, src: &str, access: &Access) -> Result<()> {
     let Some(path) = &p.source_file else {
-        return img.merge_bitmap(name, img, src).await.map_err(|e| anyhow!("{}", e.what()));
+        return img
+            .merge_bitmap(name, img, src)
+            .await
+            .map_err(|e| anyhow!("{}", e.what()));
     };
     if detect_format(path, p.source_format.as_deref()).await? != "qcow2" {
         bail!("Dirty bitmap '{src}' not found");

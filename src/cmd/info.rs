@@ -225,7 +225,10 @@ async fn qcow2_data(file: &FileStorage, ih: &ImageHeader) -> Qcow2Data {
 
 /// The persistent bitmaps, when there are any (an unreadable directory lists none, as the
 /// rest of `info` still has something to say).
-async fn bitmaps(file: &FileStorage, ih: &ImageHeader) -> Option<Vec<super::info_types::BitmapJson>> {
+async fn bitmaps(
+    file: &FileStorage,
+    ih: &ImageHeader,
+) -> Option<Vec<super::info_types::BitmapJson>> {
     let list = qcow2_engine::image::list_bitmaps(file, ih).await.ok()?;
     (!list.is_empty()).then(|| list.into_iter().map(Into::into).collect())
 }

@@ -1,6 +1,7 @@
 //! One module per command.
 
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod compare;
 pub mod convert;
@@ -19,7 +20,6 @@ pub mod measure;
 pub mod resize;
 pub mod serve;
 mod snapshots;
-pub mod bitmap;
 
 /// `--output=human|json`, shared by info, map and check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

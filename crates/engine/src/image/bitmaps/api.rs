@@ -11,8 +11,8 @@ use crate::format::bitmap::{
     self, BitmapEntry, FLAG_AUTO, FLAG_IN_USE, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS,
     TYPE_DIRTY_TRACKING,
 };
-use crate::format::extensions::MAX_BITMAPS;
 use crate::format::extensions::ImageHeader;
+use crate::format::extensions::MAX_BITMAPS;
 use crate::image::Image;
 use crate::storage::Storage;
 
@@ -95,7 +95,7 @@ impl Image {
         self.check_bitmaps_writable()?;
         let g = granularity.unwrap_or_else(|| self.cluster_size().clamp(4096, 65536));
         let bits = granularity_bits(g)?;
-        let mut entry = BitmapEntry {
+        let entry = BitmapEntry {
             table_offset: 0,
             table_size: 0,
             flags: if disabled { 0 } else { FLAG_AUTO },
@@ -298,7 +298,10 @@ impl Image {
 /// The persistent bitmaps of the image in `file` whose cluster 0 is `ih`, as on disk (for
 /// `info`, without opening the image).
 pub async fn list_bitmaps(file: &dyn Storage, ih: &ImageHeader) -> Result<Vec<BitmapInfo>> {
-    let len = file.len().await.map_err(|e| Error::io("sizing the image", e))?;
+    let len = file
+        .len()
+        .await
+        .map_err(|e| Error::io("sizing the image", e))?;
     let dir = read_directory(file, ih, len).await?;
     Ok(dir.map_or_else(Vec::new, |(_, _, e)| e.iter().map(BitmapInfo::of).collect()))
 }
