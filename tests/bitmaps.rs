@@ -249,3 +249,31 @@ async fn our_bitmaps_read_identically_by_qemu() {
     common::assert_check_clean(Path::new(&img));
     assert!(!info(&img).contains("bitmaps:"));
 }
+
+#[tokio::test]
+async fn resize_carries_bitmaps_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = path_in(dir.path(), "b.qcow2");
+    qemu_bitmaps(&img);
+    let before: Vec<_> = BITMAPS.iter().map(|b| qemu_dirty(&img, b.0)).collect();
+    let big = 2 * SIZE;
+    let w = Image::open(&img, &OpenOptions::new().writable(true))
+        .await
+        .unwrap();
+    w.resize(big).await.unwrap();
+    w.write_at(&[3; 4096], SIZE + 12345).await.unwrap();
+    w.close().await.unwrap();
+    common::assert_check_clean(Path::new(&img));
+    assert!(!info(&img).contains("in-use"));
+    let writes = [(SIZE + 12345, 4096)];
+    for (k, (name, g, enabled)) in BITMAPS.into_iter().enumerate() {
+        let want = match enabled {
+            true => expected(&before[k], &writes, g, big),
+            false => before[k].clone(),
+        };
+        assert_eq!(qemu_dirty(&img, name), want, "bitmap {name}");
+    }
+    // QEMU accepts what we wrote: it resizes the bitmaps back down itself.
+    run("qemu-img", &["resize", "--shrink", &img, &SIZE.to_string()]);
+    common::assert_check_clean(Path::new(&img));
+}

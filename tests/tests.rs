@@ -6,6 +6,8 @@ mod common;
 mod nbd_util;
 
 mod bitmaps;
+mod bitmaps_cli;
+mod bitmaps_crash;
 mod cancel;
 mod check_budget;
 mod check_clean;

@@ -44,6 +44,7 @@ impl DirtyBits {
     }
 
     /// Length in bits.
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).0
     }
@@ -98,6 +99,7 @@ impl DirtyBits {
     }
 
     /// Whether bit `bit` is set.
+    #[cfg(test)]
     pub fn get(&self, bit: u64) -> bool {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
         bit < g.0
@@ -140,11 +142,13 @@ impl DirtyBits {
     }
 
     /// Whether no bit is set.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.extents().is_empty()
     }
 
     /// OR every bit of `other` into this one (up to this one's length).
+    #[cfg(test)]
     pub fn merge(&self, other: &DirtyBits) {
         for (first, end) in other.extents() {
             self.set_range(first, end);

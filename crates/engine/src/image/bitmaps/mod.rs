@@ -86,3 +86,38 @@ impl BitmapSet {
         self.any_enabled.store(any, Ordering::Release);
     }
 }
+
+impl BitmapSet {
+    /// Follow a new virtual size: every bitmap gets as many bits (new ones clear).
+    pub fn resize(&self, virtual_size: u64) {
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
+        for t in list.iter() {
+            if let Some(bits) = &t.bits {
+                bits.resize(virtual_size.div_ceil(t.entry.granularity()));
+            }
+        }
+    }
+}
+
+impl crate::image::Image {
+    /// Before a resize: refuse while a bitmap is inconsistent (its table could not follow
+    /// the new size), and mark every other one in_use (they all change size).
+    pub(crate) async fn bitmaps_before_resize(&self) -> crate::error::Result<()> {
+        let names: Vec<String> = {
+            let list = self
+                .inner
+                .bitmaps
+                .list
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = list.iter().find(|t| t.bits.is_none()) {
+                return Err(crate::error::Error::unsupported(format!(
+                    "cannot resize an image whose bitmap '{}' is inconsistent (remove it first)",
+                    t.entry.name
+                )));
+            }
+            list.iter().map(|t| t.entry.name.clone()).collect()
+        };
+        self.own_bitmaps(&names).await
+    }
+}
