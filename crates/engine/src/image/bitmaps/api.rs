@@ -155,7 +155,9 @@ impl Image {
     /// Clear every bit of bitmap `name`.
     pub async fn clear_bitmap(&self, name: &str) -> Result<()> {
         self.change_bitmap(name, |t| {
-            t.bits.as_ref().map(|b| b.clear());
+            if let Some(b) = &t.bits {
+                b.clear();
+            }
             Ok(())
         })
         .await

@@ -43,12 +43,6 @@ impl DirtyBits {
         }
     }
 
-    /// Length in bits.
-    #[cfg(test)]
-    pub fn len(&self) -> u64 {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).0
-    }
-
     /// Set bits `[first, end)` (clamped to the length).
     pub fn set_range(&self, first: u64, end: u64) {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
@@ -62,7 +56,9 @@ impl DirtyBits {
             } else {
                 ((1u64 << n) - 1) << b
             };
-            word(&g.1, w, true).map(|a| a.fetch_or(mask, Ordering::Relaxed));
+            if let Some(a) = word(&g.1, w, true) {
+                a.fetch_or(mask, Ordering::Relaxed);
+            }
             bit += n;
         }
     }
@@ -93,7 +89,9 @@ impl DirtyBits {
         while b < block_end {
             let (w, off) = (b / 64, b % 64);
             let keep = (1u64 << off) - 1;
-            word(&g.1, w, false).map(|a| a.fetch_and(keep, Ordering::Relaxed));
+            if let Some(a) = word(&g.1, w, false) {
+                a.fetch_and(keep, Ordering::Relaxed);
+            }
             b = (w + 1) * 64;
         }
     }
@@ -118,7 +116,9 @@ impl DirtyBits {
                 .fold(0u64, |v, (k, &b)| v | u64::from(b) << (8 * k));
             let w = byte_off / 8 + i as u64;
             if v != 0 && w * 64 < g.0 {
-                word(&g.1, w, true).map(|a| a.fetch_or(v & tail_mask(g.0, w), Ordering::Relaxed));
+                if let Some(a) = word(&g.1, w, true) {
+                    a.fetch_or(v & tail_mask(g.0, w), Ordering::Relaxed);
+                }
             }
         }
     }

@@ -10,6 +10,14 @@ use crate::format::extensions::{EXT_BITMAPS, Extension, serialize_extensions};
 use crate::format::features;
 use crate::image::Image;
 
+/// A bitmap at close: its entry, the bits to store (`None`: keep the entry as is) and the
+/// clusters to free once the new directory is in place.
+type ToStore = (
+    BitmapEntry,
+    Option<std::sync::Arc<DirtyBits>>,
+    Vec<(u64, u64)>,
+);
+
 impl Image {
     /// Write every bitmap we own to new clusters, then a new directory, then point the
     /// header at it; then free the old clusters. Nothing to do when no bitmap changed.
@@ -49,13 +57,7 @@ impl Image {
 
     /// (entry, bits to store or `None` to keep the entry as is, clusters to free) of each
     /// bitmap, in order. Owned bitmaps hand over their old clusters.
-    fn bitmaps_to_store(
-        &self,
-    ) -> Vec<(
-        BitmapEntry,
-        Option<std::sync::Arc<DirtyBits>>,
-        Vec<(u64, u64)>,
-    )> {
+    fn bitmaps_to_store(&self) -> Vec<ToStore> {
         let mut list = self
             .inner
             .bitmaps
