@@ -134,3 +134,75 @@ fn info_lists_bitmaps_as_qemu_img() {
         assert_eq!(pick(&ours.stdout), pick(&theirs), "--output={out}");
     }
 }
+
+#[test]
+fn convert_copies_bitmaps_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = path_in(dir.path(), "src.qcow2");
+    common::qemu_create(&src, "", "8M");
+    run("qemu-img", &["bitmap", "--add", "-g", "4k", &src, "on"]);
+    run("qemu-img", &["bitmap", "--add", "--disable", &src, "off"]);
+    common::qemu_io(&src, &["write 1M 5000", "write 6M 64k"]);
+    let (theirs, ours) = (
+        path_in(dir.path(), "q.qcow2"),
+        path_in(dir.path(), "o.qcow2"),
+    );
+    run(
+        "qemu-img",
+        &["convert", "--bitmaps", "-O", "qcow2", &src, &theirs],
+    );
+    let r = qcow2(&["convert", "--bitmaps", "-O", "qcow2", &src, &ours]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    common::assert_check_clean(std::path::Path::new(&ours));
+    assert_eq!(info_json(&theirs), info_json(&ours));
+    for name in ["on", "off"] {
+        assert_eq!(qemu_dirty(&theirs, name), qemu_dirty(&ours, name), "{name}");
+    }
+    // Refusals: a raw target, --skip-broken-bitmaps alone, an inconsistent source bitmap.
+    let raw = path_in(dir.path(), "o.raw");
+    let cases: [&[&str]; 2] = [
+        &["convert", "--bitmaps", "-O", "raw", &src, &raw],
+        &[
+            "convert",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            &src,
+            &raw,
+        ],
+    ];
+    for args in cases {
+        assert_eq!(status("qemu-img", args).0, qcow2(args).code, "{args:?}");
+    }
+    let crashed = path_in(dir.path(), "crashed.qcow2");
+    std::fs::copy(&src, &crashed).unwrap();
+    let _ = status(
+        "qemu-io",
+        &["-c", "write 0 4k", "-c", "sigraise 9", &crashed],
+    );
+    let out = path_in(dir.path(), "skip.qcow2");
+    let r = qcow2(&["convert", "--bitmaps", "-O", "qcow2", &crashed, &out]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Cannot copy inconsistent bitmap"),
+        "{}",
+        r.stderr
+    );
+    let args = [
+        "convert",
+        "--bitmaps",
+        "--skip-broken-bitmaps",
+        "-O",
+        "qcow2",
+        &crashed,
+        &out,
+    ];
+    let r = qcow2(&args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Skipping inconsistent bitmap 'off'"),
+        "{}",
+        r.stderr
+    );
+    assert!(!run("qemu-img", &["info", &out]).contains("bitmaps:"));
+}

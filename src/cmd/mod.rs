@@ -5,6 +5,7 @@ pub mod bitmap;
 pub mod check;
 pub mod compare;
 pub mod convert;
+mod convert_bitmaps;
 mod convert_compress;
 pub mod create;
 pub mod dd;
