@@ -89,6 +89,8 @@ enum Command {
     Rebase(cmd::rebase::Args),
     /// Change an image's settings (qemu-img amend).
     Amend(cmd::amend::Args),
+    /// Add, remove, clear, enable, disable or merge persistent bitmaps (qemu-img bitmap).
+    Bitmap(cmd::bitmap::Args),
 }
 
 impl Command {
@@ -112,6 +114,7 @@ impl Command {
             Command::Commit(a) => cmd::commit::run(a).await,
             Command::Rebase(a) => cmd::rebase::run(a).await,
             Command::Amend(a) => cmd::amend::run(a).await,
+            Command::Bitmap(a) => cmd::bitmap::run(a).await,
         }
     }
 }

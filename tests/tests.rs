@@ -5,6 +5,9 @@
 mod common;
 mod nbd_util;
 
+mod bitmaps;
+mod bitmaps_cli;
+mod bitmaps_crash;
 mod cancel;
 mod check_budget;
 mod check_clean;

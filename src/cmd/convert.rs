@@ -61,6 +61,12 @@ pub struct Args {
     /// or `snapshot.id=ID,snapshot.name=NAME`.
     #[arg(short = 'l', value_name = "SNAPSHOT_PARAMS")]
     snapshot: Option<String>,
+    /// Copy the persistent bitmaps too (qcow2 to qcow2).
+    #[arg(long)]
+    bitmaps: bool,
+    /// With `--bitmaps`: skip inconsistent bitmaps instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Quiet (the default; accepted for qemu-img compatibility).
     #[arg(short = 'q')]
     quiet: bool,
@@ -104,9 +110,16 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.options.is_some() && a.output_format != "qcow2" {
         bail!("-o is only supported with -O qcow2");
     }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
     let src = match &a.snapshot {
         Some(l) => super::snapshot::open_source(&a.src, a.format.as_deref(), &a.access, l).await?,
         None => Disk::open(&a.src, a.format.as_deref(), false, &a.access).await?,
+    };
+    let bitmaps = match a.bitmaps {
+        true => super::convert_bitmaps::plan(&src, &a.output_format, a.skip_broken_bitmaps).await?,
+        false => Vec::new(),
     };
     let size = src.size();
     let dst = if a.no_create {
@@ -119,6 +132,10 @@ pub async fn run(a: Args) -> Result<u8> {
         super::convert_compress::copy(&src, &dst, progress).await
     } else {
         copy(&src, &dst, plan, progress).await
+    };
+    let copied = match copied {
+        Ok(()) => super::convert_bitmaps::copy(&src, &dst, &bitmaps).await,
+        e => e,
     };
     let closed = dst.close().await;
     copied?;

@@ -213,6 +213,7 @@ async fn qcow2_data(file: &FileStorage, ih: &ImageHeader) -> Qcow2Data {
             "zlib"
         },
         lazy_refcounts: v3.then(|| h.lazy_refcounts()),
+        bitmaps: bitmaps(file, ih).await,
         refcount_bits: h.refcount_bits(),
         data_file_raw: data_file.as_ref().map(|_| h.data_file_raw()),
         data_file,
@@ -220,4 +221,14 @@ async fn qcow2_data(file: &FileStorage, ih: &ImageHeader) -> Qcow2Data {
         corrupt: v3.then(|| h.is_corrupt()),
         extended_l2: v3.then(|| h.extended_l2()),
     }
+}
+
+/// The persistent bitmaps, when there are any (an unreadable directory lists none, as the
+/// rest of `info` still has something to say).
+async fn bitmaps(
+    file: &FileStorage,
+    ih: &ImageHeader,
+) -> Option<Vec<super::info_types::BitmapJson>> {
+    let list = qcow2_engine::image::list_bitmaps(file, ih).await.ok()?;
+    (!list.is_empty()).then(|| list.into_iter().map(Into::into).collect())
 }

@@ -79,6 +79,8 @@ pub struct Qcow2Data {
     pub compression_type: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapJson>>,
     pub refcount_bits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_file: Option<String>,
@@ -90,6 +92,26 @@ pub struct Qcow2Data {
     pub corrupt: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
+}
+
+/// One persistent bitmap, as qemu-img lists it under `format-specific`.
+#[derive(Debug, Serialize)]
+pub struct BitmapJson {
+    /// `in-use` and/or `auto`, in that order.
+    pub flags: Vec<&'static str>,
+    pub name: String,
+    pub granularity: u64,
+}
+
+impl From<qcow2_engine::image::BitmapInfo> for BitmapJson {
+    fn from(b: qcow2_engine::image::BitmapInfo) -> Self {
+        let flags = [(b.in_use, "in-use"), (b.auto, "auto")];
+        BitmapJson {
+            flags: flags.iter().filter(|f| f.0).map(|f| f.1).collect(),
+            name: b.name,
+            granularity: b.granularity,
+        }
+    }
 }
 
 impl ImageInfo {
@@ -159,6 +181,9 @@ impl Qcow2Data {
             }
         };
         opt("lazy refcounts", self.lazy_refcounts.map(|b| b.to_string()));
+        if let Some(list) = &self.bitmaps {
+            print_bitmaps(list);
+        }
         outln!("    refcount bits: {}", self.refcount_bits);
         opt("data file", self.data_file.clone());
         opt("data file raw", self.data_file_raw.map(|b| b.to_string()));
@@ -202,5 +227,19 @@ fn print_tree<T: Serialize>(v: &T, depth: usize) {
                 }
             }
         }
+    }
+}
+
+/// qemu-img's human listing of bitmaps (an empty flag list prints just `flags:`).
+fn print_bitmaps(list: &[BitmapJson]) {
+    outln!("    bitmaps:");
+    for (i, b) in list.iter().enumerate() {
+        outln!("        [{i}]:");
+        outln!("            flags:");
+        for (k, f) in b.flags.iter().enumerate() {
+            outln!("                [{k}]: {f}");
+        }
+        outln!("            name: {}", b.name);
+        outln!("            granularity: {}", b.granularity);
     }
 }

@@ -2,10 +2,12 @@
 
 pub mod amend;
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;
 pub mod convert;
+mod convert_bitmaps;
 mod convert_compress;
 pub mod create;
 pub mod dd;

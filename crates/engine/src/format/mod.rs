@@ -8,6 +8,7 @@
 //! how parsers go wrong. Where a cast truncates on purpose, it says why (tests are exempt).
 #![cfg_attr(not(test), deny(clippy::cast_possible_truncation))]
 
+pub mod bitmap;
 pub mod compressed;
 pub mod extensions;
 pub mod features;

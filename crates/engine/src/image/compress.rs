@@ -48,6 +48,7 @@ impl Image {
         let cs = geo.cluster_size;
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
+        self.inner.bitmaps.mark(offset, len);
         let whole = len == cs;
         let tail = len > 0 && len < cs && offset + len == self.virtual_size();
         if geo.in_cluster(offset) != 0 || !(whole || tail) {

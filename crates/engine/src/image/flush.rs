@@ -77,6 +77,7 @@ impl Image {
     async fn close_now(&self) -> Result<()> {
         if let Some(w) = self.inner.write.as_ref() {
             w.requests_idle().await;
+            self.store_bitmaps().await?;
         }
         self.flush_now().await?;
         self.flush_now().await?;

@@ -20,6 +20,7 @@
 //! ```
 
 mod backing;
+mod bitmaps;
 mod cluster0;
 mod compress;
 pub mod create;
@@ -52,6 +53,7 @@ pub use crate::cache::CacheStats;
 pub use crate::storage::IoBackend;
 pub(crate) use backing::open_backing;
 pub use backing::{Backing, probe_format, resolve_relative};
+pub use bitmaps::{BitmapInfo, list_bitmaps};
 pub use cluster0::read_cluster0;
 pub use flusher::Flusher;
 pub use map::Extent;
@@ -126,6 +128,8 @@ pub(crate) struct Inner {
     flush_interval: Option<std::time::Duration>,
     /// Cache fill (percent of dirty slices) that wakes the flusher early.
     dirty_threshold_percent: usize,
+    /// Persistent dirty bitmaps maintained by a writable open (see `bitmaps/`).
+    bitmaps: bitmaps::BitmapSet,
     /// Whether the image looks metadata-preallocated (see `prealloc.rs`), once computed.
     prealloc: std::sync::OnceLock<bool>,
 }

@@ -52,6 +52,7 @@ impl Image {
             write,
             flush_interval: opts.flush_interval,
             prealloc: std::sync::OnceLock::new(),
+            bitmaps: Default::default(),
             dirty_threshold_percent: opts.dirty_threshold_percent,
             data,
             data_file_path,

@@ -1,6 +1,7 @@
-//! Steps on a read-write open before the first write: clear autoclear feature bits we do not
-//! maintain (so, e.g., persistent bitmaps are known to be stale). Dirty images (lazy
-//! refcounts) have their refcounts rebuilt by `open` before this runs.
+//! Steps on a read-write open before the first write: load the persistent bitmaps and mark
+//! the enabled ones in use (see `bitmaps/`), and clear the autoclear feature bits we do not
+//! maintain. Dirty images (lazy refcounts) have their refcounts rebuilt by `open` before
+//! this runs.
 
 use super::Image;
 use crate::error::Result;
@@ -13,8 +14,11 @@ impl Image {
             let h = &self.inner.header.lock().unwrap().header;
             (h.version, h.autoclear_features)
         };
-        // We keep only the raw-external-data bit: bitmaps are not updated by our writes.
-        let keep = autoclear & features::RAW_EXTERNAL;
+        if version >= 3 {
+            self.load_bitmaps().await?;
+        }
+        // We keep the raw-external-data bit and the bitmaps bit (our writes update them).
+        let keep = autoclear & (features::RAW_EXTERNAL | features::BITMAPS);
         if version >= 3 && keep != autoclear {
             self.write_header(HeaderPatch::autoclear_features(keep))
                 .await?;

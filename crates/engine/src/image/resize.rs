@@ -49,6 +49,9 @@ impl Image {
         let w = self.write_state()?;
         self.check_resizable(new_size)?;
         let old = self.virtual_size();
+        if new_size != old {
+            self.bitmaps_before_resize().await?;
+        }
         if new_size < old {
             if !allow_shrink {
                 return Err(Error::invalid_arg(
@@ -176,6 +179,7 @@ impl Image {
         self.sync_file().await?;
         self.inner.header.lock().unwrap().header.size = new_size;
         self.inner.size.store(new_size, Ordering::Release);
+        self.inner.bitmaps.resize(new_size);
         Ok(())
     }
 

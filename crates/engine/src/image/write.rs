@@ -42,6 +42,7 @@ impl Image {
         let w = self.write_state()?;
         self.check_range(offset, buf.len() as u64)?;
         self.check_data_access()?;
+        self.inner.bitmaps.mark(offset, buf.len() as u64);
         let _epoch = w.enter_request();
         let cs = self.inner.geo.cluster_size;
         let mut done = 0usize;

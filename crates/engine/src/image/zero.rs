@@ -36,6 +36,7 @@ impl Image {
         let w = self.write_state()?;
         self.check_range(offset, len)?;
         self.check_data_access()?;
+        self.inner.bitmaps.mark(offset, len);
         let _epoch = w.enter_request();
         let geo = self.inner.geo;
         let end = offset + len;
