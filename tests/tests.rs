@@ -5,6 +5,7 @@
 mod common;
 mod nbd_util;
 
+mod bench_compare;
 mod cancel;
 mod check_budget;
 mod check_clean;

@@ -1,6 +1,7 @@
 //! One module per command.
 
 pub mod bench;
+mod bench_stats;
 pub mod check;
 pub mod compare;
 pub mod convert;
