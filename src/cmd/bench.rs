@@ -269,12 +269,13 @@ impl Shared {
 
     /// The offset of request `i`.
     fn offset(&self, i: u64) -> u64 {
-        let span = self.disk.size() - self.size;
+        let (disk, span) = (self.disk.size(), self.disk.size() - self.size);
         match self.order {
-            // qemu-img bench adds the step and wraps modulo (size - request size).
-            Order::Steps(first, step) if span > 0 => {
+            // qemu-img bench 10.0 adds the step and wraps modulo the image size (a request
+            // that then crosses the end fails, as qemu-img's does).
+            Order::Steps(first, step) if disk > 0 => {
                 let at = u128::from(first) + u128::from(i) * u128::from(step);
-                (at % u128::from(span)) as u64
+                (at % u128::from(disk)) as u64
             }
             Order::Steps(..) => 0,
             Order::Random(seed) => {

@@ -82,6 +82,7 @@ impl Image {
         self.flush_now().await?;
         self.flush_now().await?;
         if let Some(w) = self.inner.write.as_ref() {
+            w.refcounts.trim_growth().await?;
             w.closed.store(true, Ordering::Release);
             w.flush_wanted.notify_one();
         }

@@ -41,12 +41,14 @@ mod references;
 mod resize;
 mod state;
 mod write;
+mod write_run;
 mod zero;
 
 pub use crate::cache::CacheStats;
 pub use crate::storage::IoBackend;
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use cluster0::read_cluster0;
+pub use compress::CompressedCluster;
 pub use flusher::Flusher;
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};
