@@ -6,6 +6,7 @@ pub mod check;
 pub mod compare;
 pub mod convert;
 mod convert_compress;
+mod convert_pipe;
 pub mod create;
 pub mod dd;
 pub mod dump;
