@@ -50,6 +50,7 @@ mod nbd_timeouts;
 mod nbd_transmission;
 mod overlap;
 mod partial_zero;
+mod perf_paths;
 mod resize;
 mod runtimes;
 mod sigkill;
