@@ -314,7 +314,10 @@ async fn payloads_pack_unless_refcounts_are_one_bit() {
             img.write_compressed(&t, c * cs).await.unwrap();
             shadow[(c * cs) as usize..((c + 1) * cs) as usize].copy_from_slice(&t);
         }
-        img.flush().await.unwrap();
+        // Closed: the file is trimmed back to its last cluster in use (while open it may be
+        // grown ahead of the allocations).
+        img.close().await.unwrap();
+        let img = open_rw(&p).await;
         // One new L2 table plus the payloads' host clusters.
         let data_clusters = file_len(&p).div_ceil(cs) - before.div_ceil(cs) - 1;
         if bits == 1 {

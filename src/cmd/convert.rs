@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use qcow2_engine::Storage;
 use qcow2_engine::storage::{FileStorage, LockRequest};
 
+use super::convert_pipe::{Parallel, Pipeline, is_zero};
 use crate::access::Access;
 use crate::args::parse_size;
 use crate::disk::{Disk, open_qcow2};
@@ -67,6 +68,13 @@ pub struct Args {
     /// With `--bitmaps`: skip inconsistent bitmaps instead of failing.
     #[arg(long = "skip-broken-bitmaps")]
     skip_broken_bitmaps: bool,
+    /// Chunks (reads, compression, writes) in flight at once (qemu-img's `-m`, 1 to 16).
+    #[arg(short = 'm', default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=16))]
+    requests: u8,
+    /// Allow out-of-order writes: each chunk is written as soon as it is ready (the output's
+    /// layout then depends on timing; without it, it is the same whatever `-m` is).
+    #[arg(short = 'W')]
+    unordered: bool,
     /// Quiet (the default; accepted for qemu-img compatibility).
     #[arg(short = 'q')]
     quiet: bool,
@@ -78,8 +86,8 @@ pub struct Args {
     dst: PathBuf,
 }
 
-/// Bytes read from the source at a time.
-const CHUNK: u64 = 1 << 20;
+/// Bytes read from the source at a time (one chunk of the pipeline).
+const CHUNK: u64 = 2 << 20;
 /// Default granularity of zero detection (qemu-img's `-S 4k`).
 const DEFAULT_SPARSE: u64 = 4096;
 /// Largest `-S` qemu-img accepts.
@@ -128,10 +136,14 @@ pub async fn run(a: Args) -> Result<u8> {
         create_destination(&a, size).await?
     };
     let progress = a.progress && !a.quiet;
+    let par = Parallel {
+        requests: usize::from(a.requests),
+        unordered: a.unordered,
+    };
     let copied = if a.compress {
-        super::convert_compress::copy(&src, &dst, progress).await
+        super::convert_compress::copy(&src, &dst, progress, par).await
     } else {
-        copy(&src, &dst, plan, progress).await
+        copy(&src, &dst, plan, progress, par).await
     };
     let copied = match copied {
         Ok(()) => super::convert_bitmaps::copy(&src, &dst, &bitmaps).await,
@@ -235,11 +247,12 @@ async fn create_raw(path: &std::path::Path, size: u64) -> Result<Disk> {
     Ok(Disk::open_raw_storage(Arc::new(f), size))
 }
 
-/// Copy every range of `src` that `plan` says to copy into `dst`.
-async fn copy(src: &Disk, dst: &Disk, plan: Plan, progress: bool) -> Result<()> {
+/// Copy every range of `src` that `plan` says to copy into `dst`, up to `par.requests` chunks
+/// in flight (see `convert_pipe.rs`).
+async fn copy(src: &Disk, dst: &Disk, plan: Plan, progress: bool, par: Parallel) -> Result<()> {
     let size = src.size();
+    let mut pipe = Pipeline::new(par.requests);
     let mut off = 0;
-    let mut buf = vec![0u8; CHUNK as usize];
     while off < size {
         let window = (size - off).min(1 << 30);
         for e in src.map(off, window).await? {
@@ -247,14 +260,33 @@ async fn copy(src: &Disk, dst: &Disk, plan: Plan, progress: bool) -> Result<()> 
                 // Provided by the source's backing chain: left to the new backing file.
             } else if e.zero && plan.sparse > 0 {
                 if plan.zero_target {
-                    dst.write_zeroes(e.start, e.length, true).await?;
+                    let zeros = Chunk {
+                        off: e.start,
+                        buf: Vec::new(),
+                        runs: vec![(0, e.length, false)],
+                    };
+                    let job = async move { Ok(zeros) };
+                    if let Some(done) = pipe.push(job).await? {
+                        done.apply(dst, plan).await?;
+                    }
                 }
             } else {
-                copy_range(src, dst, e.start, e.length, plan, &mut buf).await?;
+                let mut at = e.start;
+                while at < e.start + e.length {
+                    let len = (e.start + e.length - at).min(CHUNK);
+                    let job = read_chunk(src.clone(), dst.clone(), (at, len), plan, par.unordered);
+                    if let Some(done) = pipe.push(job).await? {
+                        done.apply(dst, plan).await?;
+                    }
+                    at += len;
+                }
             }
             show_progress(progress, e.start + e.length, size);
         }
         off += window;
+    }
+    while let Some(done) = pipe.next().await? {
+        done.apply(dst, plan).await?;
     }
     if progress {
         outln!();
@@ -262,53 +294,70 @@ async fn copy(src: &Disk, dst: &Disk, plan: Plan, progress: bool) -> Result<()> 
     Ok(())
 }
 
-/// Copy `[start, start + len)`: data blocks as data; all-zero blocks of `plan.sparse` bytes
-/// skipped, or written as zeroes when the destination may hold data.
-async fn copy_range(
-    src: &Disk,
-    dst: &Disk,
-    start: u64,
-    len: u64,
-    plan: Plan,
-    buf: &mut [u8],
-) -> Result<()> {
-    let block = if plan.sparse == 0 {
-        buf.len()
-    } else {
-        plan.sparse
-    };
-    let zero = |b: &[u8]| plan.sparse > 0 && is_zero(b);
-    let mut off = start;
-    while off < start + len {
-        let n = usize::try_from((start + len - off).min(buf.len() as u64))?;
-        let chunk = &mut buf[..n];
-        src.read_at(chunk, off).await?;
-        let mut i = 0;
-        while i < n {
-            let run_start = i;
-            while i < n && !zero(&chunk[i..(i + block).min(n)]) {
-                i = (i + block).min(n);
-            }
-            if i > run_start {
-                dst.write_at(&chunk[run_start..i], off + run_start as u64)
-                    .await?;
-            }
-            let zeros_start = i;
-            while i < n && zero(&chunk[i..(i + block).min(n)]) {
-                i = (i + block).min(n);
-            }
-            if i > zeros_start && plan.zero_target {
-                let at = off + zeros_start as u64;
-                dst.write_zeroes(at, (i - zeros_start) as u64, true).await?;
-            }
-        }
-        off += n as u64;
-    }
-    Ok(())
+/// A chunk read from the source: its bytes and its runs `(start, len, data)` relative to
+/// `off` (`data` false: all-zero blocks of the `-S` size).
+struct Chunk {
+    off: u64,
+    buf: Vec<u8>,
+    runs: Vec<(u64, u64, bool)>,
 }
 
-pub(super) fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
+impl Chunk {
+    /// Write the data runs; zero runs become write-zeroes when the destination may hold data.
+    async fn apply(self, dst: &Disk, plan: Plan) -> Result<()> {
+        for (start, len, data) in self.runs {
+            let at = self.off + start;
+            if data {
+                let (a, b) = (usize::try_from(start)?, usize::try_from(start + len)?);
+                dst.write_at(&self.buf[a..b], at).await?;
+            } else if plan.zero_target {
+                dst.write_zeroes(at, len, true).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read `[at, at + len)` and split it into data and zero runs; with `write_now`, also write
+/// it (and return an empty chunk).
+async fn read_chunk(
+    src: Disk,
+    dst: Disk,
+    (at, len): (u64, u64),
+    plan: Plan,
+    write_now: bool,
+) -> Result<Chunk> {
+    let mut buf = vec![0u8; usize::try_from(len)?];
+    src.read_at(&mut buf, at).await?;
+    let runs = zero_runs(&buf, plan.sparse);
+    let chunk = Chunk { off: at, buf, runs };
+    if write_now {
+        chunk.apply(&dst, plan).await?;
+        return Ok(Chunk {
+            off: at,
+            buf: Vec::new(),
+            runs: Vec::new(),
+        });
+    }
+    Ok(chunk)
+}
+
+/// Split `buf` into alternating runs of data and of all-zero `block`-byte blocks (`block` 0:
+/// one data run).
+fn zero_runs(buf: &[u8], block: usize) -> Vec<(u64, u64, bool)> {
+    if block == 0 {
+        return vec![(0, buf.len() as u64, true)];
+    }
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for (i, b) in buf.chunks(block).enumerate() {
+        let data = !is_zero(b);
+        let start = (i * block) as u64;
+        match runs.last_mut() {
+            Some(last) if last.2 == data => last.1 += b.len() as u64,
+            _ => runs.push((start, b.len() as u64, data)),
+        }
+    }
+    runs
 }
 
 pub(super) fn show_progress(on: bool, done: u64, total: u64) {

@@ -1,26 +1,30 @@
 //! `qcow2 convert -c`: every destination cluster holding non-zero data is written compressed.
 //!
-//! The source map tells which ranges can hold data; each destination cluster touching such a
-//! range is read whole (zeros past the data) and, unless it is all zeros, handed to
-//! `Image::write_compressed`. A few clusters are in flight at once so that compression (CPU)
-//! and IO of different clusters overlap on the multi-threaded runtime.
+//! The source map tells which ranges can hold data; the destination clusters touching such a
+//! range are read in chunks of up to [`CHUNK_CLUSTERS`] whole clusters (zeros past the data),
+//! and each chunk's non-zero clusters are compressed on a blocking thread
+//! (`Image::compress_cluster`), up to `-m` chunks at once, so compression uses every core.
+//! The compressed clusters are then written in source order (`Image::write_compressed_cluster`),
+//! so the output is the same whatever `-m` is; with `-W` each chunk writes as soon as it is
+//! compressed.
 
-use anyhow::Result;
-use tokio::task::JoinSet;
+use anyhow::{Result, bail};
+use qcow2_engine::image::{CompressedCluster, Image};
 
-use super::convert::{is_zero, show_progress};
+use super::convert::show_progress;
+use super::convert_pipe::{Parallel, Pipeline, is_zero};
 use crate::disk::Disk;
 
-/// Clusters compressed concurrently (QEMU's convert also runs 8 requests at once).
-const IN_FLIGHT: usize = 8;
+/// Clusters read and compressed together (one task, one read).
+const CHUNK_CLUSTERS: u64 = 16;
 
 /// Copy the data of `src` into the qcow2 `dst`, compressed.
-pub async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
+pub async fn copy(src: &Disk, dst: &Disk, progress: bool, par: Parallel) -> Result<()> {
     let Disk::Qcow2(img) = dst else {
-        anyhow::bail!("compressed output needs a qcow2 destination");
+        bail!("compressed output needs a qcow2 destination");
     };
     let (size, cs) = (src.size(), img.cluster_size());
-    let mut tasks = JoinSet::new();
+    let mut pipe = Pipeline::new(par.requests);
     // The next cluster not yet queued: extents sharing a cluster queue it once.
     let mut next = 0u64;
     let mut off = 0;
@@ -28,14 +32,17 @@ pub async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
         let window = (size - off).min(1 << 30);
         for e in src.map(off, window).await? {
             if !e.zero {
-                let first = (e.start / cs).max(next);
                 let last = (e.start + e.length - 1) / cs;
-                for c in first..=last {
-                    if tasks.len() >= IN_FLIGHT {
-                        tasks.join_next().await.expect("non-empty")??;
+                let mut c = (e.start / cs).max(next);
+                while c <= last {
+                    let n = (last + 1 - c).min(CHUNK_CLUSTERS);
+                    let start = c * cs;
+                    let len = (n * cs).min(size - start);
+                    let job = chunk(src.clone(), img.clone(), (start, len), par.unordered);
+                    if let Some(done) = pipe.push(job).await? {
+                        write_all(img, done).await?;
                     }
-                    let (src, dst) = (src.clone(), dst.clone());
-                    tasks.spawn(async move { one_cluster(&src, &dst, c * cs, cs).await });
+                    c += n;
                 }
                 next = next.max(last + 1);
             }
@@ -43,8 +50,8 @@ pub async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
         }
         off += window;
     }
-    while let Some(r) = tasks.join_next().await {
-        r??;
+    while let Some(done) = pipe.next().await? {
+        write_all(img, done).await?;
     }
     if progress {
         outln!();
@@ -52,13 +59,39 @@ pub async fn copy(src: &Disk, dst: &Disk, progress: bool) -> Result<()> {
     Ok(())
 }
 
-/// Copy the cluster at `start` (clipped to the disk's end), compressed unless all zeros.
-async fn one_cluster(src: &Disk, dst: &Disk, start: u64, cs: u64) -> Result<()> {
-    let len = cs.min(src.size() - start);
-    let mut buf = vec![0u8; len as usize];
+/// Read `[start, start + len)` (whole clusters, or up to the disk's end) and compress its
+/// non-zero clusters; with `write_now`, also write them (and return nothing).
+async fn chunk(
+    src: Disk,
+    img: Image,
+    (start, len): (u64, u64),
+    write_now: bool,
+) -> Result<Vec<CompressedCluster>> {
+    let mut buf = vec![0u8; usize::try_from(len)?];
     src.read_at(&mut buf, start).await?;
-    if !is_zero(&buf) {
-        dst.write_compressed(&buf, start).await?;
+    let cs = usize::try_from(img.cluster_size())?;
+    let worker = img.clone();
+    let clusters = tokio::task::spawn_blocking(move || -> Result<Vec<CompressedCluster>> {
+        let mut out = Vec::new();
+        for (i, data) in buf.chunks(cs).enumerate() {
+            if !is_zero(data) {
+                out.push(worker.compress_cluster(data, start + (i * cs) as u64)?);
+            }
+        }
+        Ok(out)
+    })
+    .await??;
+    if write_now {
+        write_all(&img, clusters).await?;
+        return Ok(Vec::new());
+    }
+    Ok(clusters)
+}
+
+/// Write compressed clusters in their order.
+async fn write_all(img: &Image, clusters: Vec<CompressedCluster>) -> Result<()> {
+    for c in clusters {
+        img.write_compressed_cluster(c).await?;
     }
     Ok(())
 }

@@ -3,12 +3,14 @@
 pub mod amend;
 pub mod bench;
 pub mod bitmap;
+mod bench_stats;
 pub mod check;
 pub mod commit;
 pub mod compare;
 pub mod convert;
 mod convert_bitmaps;
 mod convert_compress;
+mod convert_pipe;
 pub mod create;
 pub mod dd;
 pub mod dump;

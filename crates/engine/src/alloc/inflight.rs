@@ -62,6 +62,23 @@ impl Inflight {
         }
     }
 
+    /// Claim guest cluster `cluster` if no one else is changing it; never waits. A request
+    /// that already holds guards extends its claim this way, so it never waits while holding
+    /// one (no lock-order deadlock between requests claiming several clusters).
+    pub fn try_lock(&self, cluster: u64) -> Option<InflightGuard<'_>> {
+        let mut map = self.map.lock().unwrap();
+        if map.contains_key(&cluster) {
+            return None;
+        }
+        let notify = Arc::new(Notify::new());
+        map.insert(cluster, notify.clone());
+        Some(InflightGuard {
+            table: self,
+            cluster,
+            notify,
+        })
+    }
+
     /// Number of clusters currently claimed (for tests).
     #[cfg(test)]
     pub fn len(&self) -> usize {

@@ -10,6 +10,7 @@
 //! - *Refcount table full?* `grow.rs` writes a bigger table plus the blocks covering it in
 //!   fresh space at the end of the file, fsyncs, then switches the header to it.
 
+mod ahead;
 mod bytes;
 mod epochs;
 mod grow;
@@ -75,6 +76,8 @@ pub struct Refcounts {
     /// Clusters in the file at open: ranges no block covers are only known free past this.
     open_end: u64,
     meta: Arc<MetaWriter>,
+    /// Grows the file ahead of allocations (see `ahead.rs`).
+    ahead: ahead::GrowAhead,
     state: Mutex<RefState>,
 }
 
@@ -96,6 +99,7 @@ impl Refcounts {
             .map(|e| e.block_offset().map_or(0, |h| h.0))
             .collect();
         let end_cluster = file_len.div_ceil(1 << cluster_bits);
+        let ahead = ahead::GrowAhead::new(file.clone(), file_len);
         Refcounts {
             file,
             cluster_bits,
@@ -105,6 +109,7 @@ impl Refcounts {
             map,
             open_end: end_cluster,
             meta,
+            ahead,
             state: Mutex::new(RefState {
                 table,
                 table_offset,
@@ -309,8 +314,17 @@ impl Refcounts {
                 self.set(st, c + k, 1).await?;
             }
             st.hint = c + n;
+            self.ahead.cover((c + n) << self.cluster_bits).await;
             return Ok(c << self.cluster_bits);
         }
+    }
+
+    /// Cut the file back to its last allocated cluster if growing ahead left it longer. Call
+    /// only with nothing in flight and everything flushed (at close).
+    pub async fn trim_growth(&self) -> Result<()> {
+        let st = self.lock().await;
+        let used = st.end_cluster << self.cluster_bits;
+        (self.ahead.trim(used).await).map_err(|e| Error::io("trimming the image file", e))
     }
 
     /// Write every dirty refcount slice, zeroing new blocks first, then fsync, then the

@@ -16,6 +16,25 @@ use crate::format::l2::{L2Entry, SubclusterBitmap};
 use crate::units::to_usize;
 use crate::units::{ClusterIndex, GuestOffset, HostOffset};
 
+/// One guest cluster prepared by [`Image::compress_cluster`] for
+/// [`Image::write_compressed_cluster`].
+#[derive(Debug)]
+pub struct CompressedCluster {
+    /// Guest offset of the cluster.
+    offset: u64,
+    /// The compressed payload, or `None` when the data did not compress.
+    payload: Option<Vec<u8>>,
+    /// The caller's bytes when they did not compress (written as a normal cluster).
+    data: Vec<u8>,
+}
+
+impl CompressedCluster {
+    /// Whether the cluster compressed (else it is written as a normal cluster).
+    pub fn is_compressed(&self) -> bool {
+        self.payload.is_some()
+    }
+}
+
 impl Image {
     /// Write one guest cluster compressed.
     ///
@@ -32,7 +51,25 @@ impl Image {
     }
 
     async fn write_compressed_now(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let w = self.write_state()?;
+        let c = self.compress_cluster(buf, offset)?;
+        self.store_compressed_now(&c).await
+    }
+
+    /// Compress one guest cluster for [`Image::write_compressed_cluster`], without touching
+    /// the image: CPU work only, so many clusters can be compressed at once on other threads
+    /// and then written in a fixed order (the image's layout then does not depend on which
+    /// compression finished first). `buf` and `offset` as for [`Image::write_compressed`].
+    ///
+    /// ```no_run
+    /// # async fn demo(img: qcow2_engine::image::Image, data: Vec<u8>) -> qcow2_engine::Result<()> {
+    /// let img2 = img.clone();
+    /// let c = std::thread::spawn(move || img2.compress_cluster(&data, 0)).join().unwrap()?;
+    /// img.write_compressed_cluster(c).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<CompressedCluster> {
+        self.write_state()?;
         self.check_data_access()?;
         if self.inner.encrypted {
             return Err(Error::unsupported(
@@ -64,12 +101,34 @@ impl Image {
             v.resize(to_usize(cs), 0);
             Cow::Owned(v)
         };
-        let Some(payload) = compressed::compress(self.inner.compression, &input)? else {
+        let payload = compressed::compress(self.inner.compression, &input)?;
+        let data = match payload {
             // As QEMU: incompressible data is stored as a normal cluster.
-            return self.write_at_now(buf, offset).await;
+            None => buf.to_vec(),
+            Some(_) => Vec::new(),
         };
+        Ok(CompressedCluster {
+            offset,
+            payload,
+            data,
+        })
+    }
+
+    /// Write a cluster [`Image::compress_cluster`] prepared (compressed, or normally if it
+    /// did not compress). Cancel-safe (see [`Image::write_at`]).
+    pub async fn write_compressed_cluster(&self, c: CompressedCluster) -> Result<()> {
+        self.detached(async move |img| img.store_compressed_now(&c).await)
+            .await
+    }
+
+    async fn store_compressed_now(&self, c: &CompressedCluster) -> Result<()> {
+        let Some(payload) = &c.payload else {
+            return self.write_at_now(&c.data, c.offset).await;
+        };
+        let w = self.write_state()?;
+        let geo = self.inner.geo;
         let _epoch = w.enter_request();
-        let gc = geo.guest_cluster(offset);
+        let gc = geo.guest_cluster(c.offset);
         let _guard = w.lock_guest_cluster(gc).await;
         let old = self.lookup(gc).await?;
         self.check_entry_is_data(&old.entry).await?;
@@ -77,7 +136,7 @@ impl Image {
         let host = w.refcounts().alloc_bytes(payload.len() as u64).await?;
         let desc = CompressedDescriptor::new(host, payload.len() as u64, geo.cluster_bits);
         let written = match desc {
-            Ok(d) => self.write_data(&payload, host.0).await.map(|()| d),
+            Ok(d) => self.write_data(payload, host.0).await.map(|()| d),
             Err(e) => Err(e),
         };
         let desc = match written {

@@ -82,6 +82,7 @@ impl Image {
         self.flush_now().await?;
         self.flush_now().await?;
         if let Some(w) = self.inner.write.as_ref() {
+            w.refcounts().trim_growth().await?;
             w.mark_closed();
         }
         self.release_locks();

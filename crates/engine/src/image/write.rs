@@ -32,7 +32,9 @@ impl Image {
     /// Cancel-safe: if the future is dropped, the write still finishes in the background
     /// (on a copy of `buf`), so its data is either all old or all new per cluster.
     pub async fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let buf = buf.to_vec();
+        // The copy lives in a pooled buffer: large writes reuse memory instead of faulting in
+        // fresh pages each time.
+        let buf = crate::storage::pool::PooledBytes::copy_of(buf);
         self.detached(async move |img| img.write_at_now(&buf, offset).await)
             .await
     }
@@ -48,7 +50,15 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
-            let n = to_usize(cs - self.inner.geo.in_cluster(off)).min(buf.len() - done);
+            let in_c = self.inner.geo.in_cluster(off);
+            let whole = (buf.len() - done) as u64 / cs * cs;
+            if in_c == 0 && whole >= 2 * cs {
+                // Several whole clusters: written in runs of one IO each (`write_run.rs`).
+                let end = done + to_usize(whole);
+                done += self.write_run(&buf[done..end], off).await?;
+                continue;
+            }
+            let n = to_usize(cs - in_c).min(buf.len() - done);
             self.write_piece(&buf[done..done + n], off).await?;
             done += n;
         }
@@ -73,7 +83,7 @@ impl Image {
     }
 
     /// The host offset to write `len` bytes at `off` in place, if the mapping allows it.
-    fn in_place_target(&self, m: &Mapping, off: u64, len: u64) -> Option<u64> {
+    pub(super) fn in_place_target(&self, m: &Mapping, off: u64, len: u64) -> Option<u64> {
         let L2Entry::Normal { host, copied: true } = m.entry else {
             return None;
         };
@@ -101,7 +111,13 @@ impl Image {
     }
 
     /// The allocating path, with the cluster's in-flight guard held.
-    async fn allocate_and_write(&self, gc: u64, m: Mapping, data: &[u8], off: u64) -> Result<()> {
+    pub(super) async fn allocate_and_write(
+        &self,
+        gc: u64,
+        m: Mapping,
+        data: &[u8],
+        off: u64,
+    ) -> Result<()> {
         let geo = self.inner.geo;
         let cstart = geo.cluster_floor(off);
         let len = data.len() as u64;

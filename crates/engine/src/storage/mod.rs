@@ -18,6 +18,7 @@ mod backend;
 pub mod file;
 pub mod lock;
 pub mod memory;
+pub(crate) mod pool;
 #[cfg(all(target_os = "linux", feature = "uring"))]
 pub mod uring;
 

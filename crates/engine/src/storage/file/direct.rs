@@ -44,6 +44,12 @@ pub(crate) struct Bounce {
     aligned_offset: u64,
 }
 
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        super::super::pool::give(std::mem::take(&mut self.raw));
+    }
+}
+
 impl Bounce {
     /// A zeroed buffer covering `len` bytes at `offset`, widened to whole blocks.
     pub(crate) fn new(offset: u64, len: usize) -> io::Result<Bounce> {
@@ -53,8 +59,9 @@ impl Bounce {
         let span = usize::try_from(align_up(end) - aligned_offset)
             .map_err(|_| sys::invalid_input("request too large"))?;
         // Over-allocate by one block and start at the first aligned address: safe code, and the
-        // waste is small next to the transfer.
-        let raw = vec![0u8; span + ALIGN_USIZE];
+        // waste is small next to the transfer. The memory comes from the buffer pool.
+        let mut raw = super::super::pool::take(span + ALIGN_USIZE);
+        raw.resize(span + ALIGN_USIZE, 0);
         let base = (raw.as_ptr() as usize).wrapping_neg() % ALIGN_USIZE;
         Ok(Bounce {
             raw,
@@ -68,9 +75,27 @@ impl Bounce {
 
     /// A buffer for writing `data` at `offset`.
     pub(crate) fn with_data(data: &[u8], offset: u64) -> io::Result<Bounce> {
-        let mut b = Bounce::new(offset, data.len())?;
-        b.data_mut().copy_from_slice(data);
-        Ok(b)
+        if offset % ALIGN != 0 || data.len() % ALIGN_USIZE != 0 {
+            let mut b = Bounce::new(offset, data.len())?;
+            b.data_mut().copy_from_slice(data);
+            return Ok(b);
+        }
+        // Whole blocks: the data fills the aligned area, so each byte is written once (no
+        // zeroing first).
+        let len = data.len();
+        let mut raw = super::super::pool::take(len + ALIGN_USIZE);
+        let base = (raw.as_ptr() as usize).wrapping_neg() % ALIGN_USIZE;
+        raw.resize(base, 0);
+        raw.extend_from_slice(data);
+        raw.resize(len + ALIGN_USIZE, 0);
+        Ok(Bounce {
+            raw,
+            base,
+            skip: 0,
+            len,
+            span: len,
+            aligned_offset: offset,
+        })
     }
 
     /// The caller's bytes.
