@@ -277,3 +277,50 @@ async fn resize_carries_bitmaps_as_qemu_does() {
     run("qemu-img", &["resize", "--shrink", &img, &SIZE.to_string()]);
     common::assert_check_clean(Path::new(&img));
 }
+
+/// Where the bitmap directory of `img` starts (from the bitmaps extension).
+fn directory_offset(img: &str) -> u64 {
+    let b = std::fs::read(img).unwrap();
+    let mut at = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+    loop {
+        let kind = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return u64::from_be_bytes(b[at + 24..at + 32].try_into().unwrap());
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// Directory entries QEMU refuses ("doesn't satisfy the constraints") fail our writable open
+/// too, with an error and without touching the file (never a panic or a huge allocation).
+#[tokio::test]
+async fn entries_qemu_refuses_fail_a_writable_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = path_in(dir.path(), "good.qcow2");
+    common::qemu_create(&good, "", "8M");
+    run("qemu-img", &["bitmap", "--add", &good, "b0"]);
+    let d = directory_offset(&good);
+    let cases: [(&str, u64, &[u8]); 5] = [
+        ("granularity 256", 17, &[8]),
+        ("unknown flag", 15, &[8]),
+        ("type 2", 16, &[2]),
+        ("table of 2^32-1 entries", 8, &[0xff; 4]),
+        ("name past the directory", 18, &[0xff, 0xff]),
+    ];
+    for (what, at, bytes) in cases {
+        let img = path_in(dir.path(), "bad.qcow2");
+        std::fs::copy(&good, &img).unwrap();
+        common::bytes::poke(Path::new(&img), d + at, bytes);
+        let before = std::fs::read(&img).unwrap();
+        let (code, _) = common::status("qemu-io", &["-c", "write 0 512", &img]);
+        assert_ne!(code, 0, "{what}: QEMU refuses it");
+        let r = Image::open(&img, &OpenOptions::new().writable(true)).await;
+        assert!(r.is_err(), "{what}: opened");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{what}: the file changed"
+        );
+    }
+}

@@ -134,8 +134,15 @@ impl Image {
         Ok(())
     }
 
-    /// Delete bitmap `name` (its clusters are freed at close).
+    /// Delete bitmap `name` (its clusters are freed at close). Cancel-safe, as every call
+    /// here that marks a bitmap in use on disk: a dropped call still finishes.
     pub async fn remove_bitmap(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.detached(async move |img| img.remove_bitmap_now(&name).await)
+            .await
+    }
+
+    async fn remove_bitmap_now(&self, name: &str) -> Result<()> {
         self.own_bitmap(name).await?;
         let set = &self.inner.bitmaps;
         let mut list = set.list.write().unwrap_or_else(|p| p.into_inner());
@@ -158,19 +165,15 @@ impl Image {
             if let Some(b) = &t.bits {
                 b.clear();
             }
-            Ok(())
         })
         .await
     }
 
     /// Enable (`true`: record writes, flag `auto`) or disable bitmap `name`.
     pub async fn enable_bitmap(&self, name: &str, enable: bool) -> Result<()> {
-        self.change_bitmap(name, |t| {
-            match enable {
-                true => t.entry.flags |= FLAG_AUTO,
-                false => t.entry.flags &= !FLAG_AUTO,
-            }
-            Ok(())
+        self.change_bitmap(name, move |t| match enable {
+            true => t.entry.flags |= FLAG_AUTO,
+            false => t.entry.flags &= !FLAG_AUTO,
         })
         .await
     }
@@ -180,14 +183,13 @@ impl Image {
     /// target bit its range touches.
     pub async fn merge_bitmap(&self, name: &str, src: &Image, src_name: &str) -> Result<()> {
         let extents = src.bitmap_extents(src_name).await?;
-        self.change_bitmap(name, |t| {
+        self.change_bitmap(name, move |t| {
             let (Some(bits), g) = (&t.bits, t.entry.granularity_bits) else {
-                return Ok(());
+                return;
             };
             for (off, len) in &extents {
                 bits.set_range(off >> g, (off + len).div_ceil(1u64 << g));
             }
-            Ok(())
         })
         .await
     }
@@ -240,11 +242,18 @@ impl Image {
     }
 
     /// Mark bitmap `name` in_use on disk, then apply `change` to it.
+    /// (Cancel-safe: the marking and the change finish even if the caller goes away.)
     async fn change_bitmap(
         &self,
         name: &str,
-        change: impl FnOnce(&mut Tracked) -> Result<()>,
+        change: impl FnOnce(&mut Tracked) + Send + 'static,
     ) -> Result<()> {
+        let name = name.to_string();
+        self.detached(async move |img| img.change_bitmap_now(&name, change).await)
+            .await
+    }
+
+    async fn change_bitmap_now(&self, name: &str, change: impl FnOnce(&mut Tracked)) -> Result<()> {
         self.own_bitmap(name).await?;
         let set = &self.inner.bitmaps;
         let mut list = set.list.write().unwrap_or_else(|p| p.into_inner());
@@ -252,7 +261,7 @@ impl Image {
             .iter_mut()
             .find(|t| t.entry.name == name)
             .ok_or_else(|| not_found(name))?;
-        change(t)?;
+        change(t);
         set.refresh(&list);
         Ok(())
     }
