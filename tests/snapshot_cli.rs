@@ -108,3 +108,39 @@ fn serve_l_exports_the_snapshot_read_only() {
         "a write to a snapshot export: {out}"
     );
 }
+
+#[test]
+fn info_json_lists_our_snapshots_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let snaps = |text: &str| {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        v["snapshots"].clone()
+    };
+    let ours = qcow2_ok(&["info", "--output=json", s(&img)]);
+    let theirs = run("qemu-img", &["info", "--output=json", s(&img)]);
+    assert_eq!(snaps(&ours), snaps(&theirs));
+    assert_eq!(snaps(&ours).as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn blocking_code_creates_and_applies_snapshots() {
+    use qcow2_engine::blocking::BlockingImage;
+    use qcow2_engine::image::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    qemu_create(&img, "", "1M");
+    let b = BlockingImage::open(&img, &OpenOptions::new().writable(true)).unwrap();
+    b.write_at(&[1; 4096], 0).unwrap();
+    let snap = b.create_snapshot("one").unwrap();
+    b.write_at(&[2; 4096], 0).unwrap();
+    assert_eq!(b.snapshots().unwrap(), [snap.clone()]);
+    b.apply_snapshot("one").unwrap();
+    let mut buf = [0u8; 4096];
+    b.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [1; 4096]);
+    b.delete_snapshot(&snap.id).unwrap();
+    b.close().unwrap();
+    crate::common::assert_check_clean(&img);
+    qemu_io(&img, &["read -P 1 0 4k"]);
+}
