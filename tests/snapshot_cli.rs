@@ -144,3 +144,31 @@ fn blocking_code_creates_and_applies_snapshots() {
     crate::common::assert_check_clean(&img);
     qemu_io(&img, &["read -P 1 0 4k"]);
 }
+
+/// A snapshot whose L1 table names the active L1 table as an L2 table (whose entries then
+/// read as valid data mappings): deleting or applying it is refused before anything changes
+/// (delete used to drop the active L1 table's refcount to 0, so the allocator could hand it
+/// out as free space).
+#[test]
+fn snapshot_tables_pointing_at_metadata_are_refused() {
+    use crate::common::bytes::{poke, read};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("h.qcow2");
+    qemu_create(&img, "", "1M");
+    qemu_io(&img, &["write -P 1 0 64k"]);
+    run("qemu-img", &["snapshot", "-c", "bad", s(&img)]);
+    let be = |b: Vec<u8>| u64::from_be_bytes(b.try_into().unwrap());
+    let active_l1 = be(read(&img, 40, 8));
+    let snaps_at = be(read(&img, 64, 8));
+    let snap_l1 = be(read(&img, snaps_at, 8));
+    poke(&img, snap_l1, &active_l1.to_be_bytes());
+    let before = std::fs::read(&img).unwrap();
+    for op in ["-d", "-a"] {
+        let r = qcow2(&["snapshot", op, "bad", s(&img)]);
+        assert_eq!(r.code, 1, "{op}: {}", r.stderr);
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{op} changed the image"
+        );
+    }
+}
