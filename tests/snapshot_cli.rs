@@ -134,7 +134,7 @@ fn blocking_code_creates_and_applies_snapshots() {
     b.write_at(&[1; 4096], 0).unwrap();
     let snap = b.create_snapshot("one").unwrap();
     b.write_at(&[2; 4096], 0).unwrap();
-    assert_eq!(b.snapshots().unwrap(), [snap.clone()]);
+    assert_eq!(b.snapshots().unwrap(), std::slice::from_ref(&snap));
     b.apply_snapshot("one").unwrap();
     let mut buf = [0u8; 4096];
     b.read_at(&mut buf, 0).unwrap();
