@@ -172,3 +172,25 @@ fn snapshot_tables_pointing_at_metadata_are_refused() {
         );
     }
 }
+
+/// A snapshot name that is not UTF-8 would be rewritten with replacement characters by any
+/// operation that writes the table again: those are refused, the image unchanged.
+#[test]
+fn non_utf8_names_are_never_rewritten() {
+    use crate::common::bytes::{poke, read};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("n.qcow2");
+    qemu_create(&img, "", "1M");
+    run("qemu-img", &["snapshot", "-c", "abc", s(&img)]);
+    let snaps_at = u64::from_be_bytes(read(&img, 64, 8).try_into().unwrap());
+    // The entry: 40 bytes, 24 of extra data, ID "1", then the name.
+    poke(&img, snaps_at + 40 + 24 + 1, &[0xff]);
+    let before = std::fs::read(&img).unwrap();
+    let r = qcow2(&["snapshot", "-c", "new", s(&img)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("not UTF-8"), "{}", r.stderr);
+    assert!(std::fs::read(&img).unwrap() == before);
+    // Applying does not rewrite the table.
+    qcow2_ok(&["snapshot", "-a", "1", s(&img)]);
+    crate::common::assert_check_clean(&img);
+}
