@@ -108,3 +108,89 @@ fn serve_l_exports_the_snapshot_read_only() {
         "a write to a snapshot export: {out}"
     );
 }
+
+#[test]
+fn info_json_lists_our_snapshots_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let snaps = |text: &str| {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        v["snapshots"].clone()
+    };
+    let ours = qcow2_ok(&["info", "--output=json", s(&img)]);
+    let theirs = run("qemu-img", &["info", "--output=json", s(&img)]);
+    assert_eq!(snaps(&ours), snaps(&theirs));
+    assert_eq!(snaps(&ours).as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn blocking_code_creates_and_applies_snapshots() {
+    use qcow2_engine::blocking::BlockingImage;
+    use qcow2_engine::image::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    qemu_create(&img, "", "1M");
+    let b = BlockingImage::open(&img, &OpenOptions::new().writable(true)).unwrap();
+    b.write_at(&[1; 4096], 0).unwrap();
+    let snap = b.create_snapshot("one").unwrap();
+    b.write_at(&[2; 4096], 0).unwrap();
+    assert_eq!(b.snapshots().unwrap(), std::slice::from_ref(&snap));
+    b.apply_snapshot("one").unwrap();
+    let mut buf = [0u8; 4096];
+    b.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [1; 4096]);
+    b.delete_snapshot(&snap.id).unwrap();
+    b.close().unwrap();
+    crate::common::assert_check_clean(&img);
+    qemu_io(&img, &["read -P 1 0 4k"]);
+}
+
+/// A snapshot whose L1 table names the active L1 table as an L2 table (whose entries then
+/// read as valid data mappings): deleting or applying it is refused before anything changes
+/// (delete used to drop the active L1 table's refcount to 0, so the allocator could hand it
+/// out as free space).
+#[test]
+fn snapshot_tables_pointing_at_metadata_are_refused() {
+    use crate::common::bytes::{poke, read};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("h.qcow2");
+    qemu_create(&img, "", "1M");
+    qemu_io(&img, &["write -P 1 0 64k"]);
+    run("qemu-img", &["snapshot", "-c", "bad", s(&img)]);
+    let be = |b: Vec<u8>| u64::from_be_bytes(b.try_into().unwrap());
+    let active_l1 = be(read(&img, 40, 8));
+    let snaps_at = be(read(&img, 64, 8));
+    let snap_l1 = be(read(&img, snaps_at, 8));
+    poke(&img, snap_l1, &active_l1.to_be_bytes());
+    let before = std::fs::read(&img).unwrap();
+    for op in ["-d", "-a"] {
+        let r = qcow2(&["snapshot", op, "bad", s(&img)]);
+        assert_eq!(r.code, 1, "{op}: {}", r.stderr);
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{op} changed the image"
+        );
+    }
+}
+
+/// A snapshot name that is not UTF-8 would be rewritten with replacement characters by any
+/// operation that writes the table again: those are refused, the image unchanged.
+#[test]
+fn non_utf8_names_are_never_rewritten() {
+    use crate::common::bytes::{poke, read};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("n.qcow2");
+    qemu_create(&img, "", "1M");
+    run("qemu-img", &["snapshot", "-c", "abc", s(&img)]);
+    let snaps_at = u64::from_be_bytes(read(&img, 64, 8).try_into().unwrap());
+    // The entry: 40 bytes, 24 of extra data, ID "1", then the name.
+    poke(&img, snaps_at + 40 + 24 + 1, &[0xff]);
+    let before = std::fs::read(&img).unwrap();
+    let r = qcow2(&["snapshot", "-c", "new", s(&img)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("not UTF-8"), "{}", r.stderr);
+    assert!(std::fs::read(&img).unwrap() == before);
+    // Applying does not rewrite the table.
+    qcow2_ok(&["snapshot", "-a", "1", s(&img)]);
+    crate::common::assert_check_clean(&img);
+}

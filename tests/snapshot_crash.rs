@@ -110,23 +110,21 @@ where
     }
 }
 
-/// A 1 MiB image with 4 KiB clusters: data, a zero cluster, compressed clusters, and a
-/// snapshot made by qemu-img ("q") followed by more writes.
-fn image(dir: &Path) -> Vec<u8> {
+/// A 1 MiB image (`opts`, clusters of `cluster` bytes): data, a zero cluster, a compressed
+/// cluster, and a snapshot made by qemu-img ("q") followed by more writes.
+fn image_with(dir: &Path, opts: &str, cluster: &str) -> Vec<u8> {
     let img = dir.join("base.qcow2");
-    qemu_create(&img, "cluster_size=4k", "1M");
-    qemu_io(
-        &img,
-        &[
-            "write -P 1 0 16k",
-            "write -c -P 2 64k 4k",
-            "write -z 128k 4k",
-        ],
-    );
+    qemu_create(&img, opts, "1M");
+    let compressed = format!("write -c -P 2 64k {cluster}");
+    qemu_io(&img, &["write -P 1 0 16k", &compressed, "write -z 128k 4k"]);
     run("qemu-img", &["snapshot", "-c", "q", s(&img)]);
     qemu_io(&img, &["write -P 3 4k 4k", "write -P 4 512k 8k"]);
     common::assert_check_clean(&img);
     std::fs::read(&img).unwrap()
+}
+
+fn image(dir: &Path) -> Vec<u8> {
+    image_with(dir, "cluster_size=4k", "4k")
 }
 
 #[tokio::test]
@@ -155,6 +153,30 @@ async fn apply_is_crash_safe() {
     let image = image(dir.path());
     crash_everywhere(dir.path(), image, async |img| {
         img.apply_snapshot("q").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn create_and_apply_are_crash_safe_on_512_byte_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image_with(dir.path(), "cluster_size=512", "512");
+    crash_everywhere(dir.path(), image.clone(), async |img| {
+        img.create_snapshot("new").await.unwrap();
+    })
+    .await;
+    crash_everywhere(dir.path(), image, async |img| {
+        img.apply_snapshot("q").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn delete_is_crash_safe_with_extended_l2() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image_with(dir.path(), "cluster_size=16k,extended_l2=on", "16k");
+    crash_everywhere(dir.path(), image, async |img| {
+        img.delete_snapshot("q").await.unwrap();
     })
     .await;
 }

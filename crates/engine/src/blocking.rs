@@ -83,6 +83,26 @@ impl BlockingImage {
         run(self.image.flush())
     }
 
+    /// Blocking [`Image::snapshots`].
+    pub fn snapshots(&self) -> Result<Vec<crate::image::Snapshot>> {
+        run(self.image.snapshots())
+    }
+
+    /// Blocking [`Image::create_snapshot`].
+    pub fn create_snapshot(&self, name: &str) -> Result<crate::image::Snapshot> {
+        run(self.image.create_snapshot(name))
+    }
+
+    /// Blocking [`Image::apply_snapshot`].
+    pub fn apply_snapshot(&self, key: &str) -> Result<crate::image::Snapshot> {
+        run(self.image.apply_snapshot(key))
+    }
+
+    /// Blocking [`Image::delete_snapshot`].
+    pub fn delete_snapshot(&self, key: &str) -> Result<crate::image::Snapshot> {
+        run(self.image.delete_snapshot(key))
+    }
+
     /// Blocking [`Image::close`].
     pub fn close(mut self) -> Result<()> {
         self.closed = true;

@@ -39,6 +39,7 @@ impl Image {
         self.check_snapshots_supported()?;
         let _quiet = self.quiesce().await?;
         let (mut snaps, old_place) = self.read_snapshot_table().await?;
+        old_place.check_rewritable()?;
         let l1: Vec<L1Entry> = self.inner.l1.read().unwrap().clone();
         let tree = self.load_tree(&l1).await?;
         self.check_tree(&tree, Direction::Up).await?;

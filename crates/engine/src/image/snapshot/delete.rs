@@ -32,6 +32,7 @@ impl Image {
         let w = self.write_state()?;
         let _quiet = self.quiesce().await?;
         let (mut snaps, old_place) = self.read_snapshot_table().await?;
+        old_place.check_rewritable()?;
         let idx = find_by_id_or_name(&snaps, key).ok_or_else(|| not_found(key))?;
         let snap = snaps.remove(idx);
         snap.validate(self.inner.geo.cluster_size)?;

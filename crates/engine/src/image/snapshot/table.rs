@@ -12,6 +12,21 @@ use crate::format::snapshot::{self, ENTRY_HEADER_LEN, Snapshot};
 pub(super) struct TablePlace {
     pub offset: u64,
     pub len: u64,
+    /// Some ID or name is not UTF-8: its parsed form replaced bytes, so writing the table
+    /// again would change it.
+    pub lossy: bool,
+}
+
+impl TablePlace {
+    /// Refuse to rewrite a table whose names would not survive it.
+    pub fn check_rewritable(&self) -> Result<()> {
+        if self.lossy {
+            return Err(Error::unsupported(
+                "a snapshot ID or name is not UTF-8; rewriting the snapshot table would change it",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Image {
@@ -27,25 +42,33 @@ impl Image {
             return Err(Error::invalid(format!("{count} snapshots (at most 65536)")));
         }
         let file_len = self.file_len().await?;
-        let (mut off, mut snaps) = (0u64, Vec::new());
+        let (mut off, mut snaps, mut lossy) = (0u64, Vec::new(), false);
         for i in 0..count {
             off = off.next_multiple_of(8);
-            let (snap, len) = self.read_entry(start, off, file_len).await.map_err(|e| {
+            let (snap, len, exact) = self.read_entry(start, off, file_len).await.map_err(|e| {
                 Error::corrupt(format!("snapshot {i} at table byte {off}: {}", e.what()))
             })?;
             off += len;
+            lossy |= !exact;
             snaps.push(snap);
         }
         snapshot::fill_disk_size(&mut snaps, self.virtual_size());
         let place = TablePlace {
             offset: if count == 0 { 0 } else { start },
             len: off,
+            lossy,
         };
         Ok((snaps, place))
     }
 
-    /// One entry at byte `off` of the table at `start`, and its length without padding.
-    async fn read_entry(&self, start: u64, off: u64, file_len: u64) -> Result<(Snapshot, u64)> {
+    /// One entry at byte `off` of the table at `start`, its length without padding, and
+    /// whether its ID and name were UTF-8 (parsed exactly).
+    async fn read_entry(
+        &self,
+        start: u64,
+        off: u64,
+        file_len: u64,
+    ) -> Result<(Snapshot, u64, bool)> {
         let at = start.checked_add(off).filter(|a| *a < file_len);
         let at = at.ok_or_else(|| Error::corrupt("entry beyond the end of the file"))?;
         let mut hdr = [0u8; ENTRY_HEADER_LEN];
@@ -59,7 +82,10 @@ impl Image {
         self.read_meta(&mut entry, at, "reading the snapshot table")
             .await?;
         let (snap, len) = snapshot::parse_entry(&entry)?;
-        Ok((snap, len as u64))
+        let exact = snap.id.len() + snap.name.len() == strings_len(&hdr)
+            && !snap.id.contains('\u{fffd}')
+            && !snap.name.contains('\u{fffd}');
+        Ok((snap, len as u64, exact))
     }
 
     /// Read `buf.len()` bytes of metadata at `off` from the image file.
@@ -88,7 +114,11 @@ impl Image {
         snapshot::check_writable(snaps)?;
         let bytes = snapshot::write_table(snaps);
         let place = match bytes.is_empty() {
-            true => TablePlace { offset: 0, len: 0 },
+            true => TablePlace {
+                offset: 0,
+                len: 0,
+                lossy: false,
+            },
             false => {
                 let cs = self.inner.geo.cluster_size;
                 let offset = w.refcounts.alloc((bytes.len() as u64).div_ceil(cs)).await?;
@@ -101,7 +131,11 @@ impl Image {
                     .write(&bytes, offset, "writing the snapshot table")
                     .await?;
                 self.sync_file().await?;
-                TablePlace { offset, len }
+                TablePlace {
+                    offset,
+                    len,
+                    lossy: false,
+                }
             }
         };
         let count =
@@ -127,6 +161,12 @@ impl Image {
         let mut st = w.refcounts.lock().await;
         w.refcounts.flush_locked(&mut st).await
     }
+}
+
+/// Bytes of ID and name together, from an entry's fixed header.
+fn strings_len(hdr: &[u8; ENTRY_HEADER_LEN]) -> usize {
+    usize::from(u16::from_be_bytes([hdr[12], hdr[13]]))
+        + usize::from(u16::from_be_bytes([hdr[14], hdr[15]]))
 }
 
 /// The index of the snapshot whose ID is `key`, else the first whose name is `key` (QEMU's

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::super::Image;
+use crate::alloc::Kinds;
 use crate::error::{Error, Result};
 use crate::format::l1::{self, L1Entry};
 use crate::format::l2::{self, L2Entry};
@@ -90,8 +91,9 @@ impl Image {
     }
 
     /// Every reference `l1` holds. Corrupt when an L2 table or a mapped cluster lies beyond
-    /// the end of the file or one L2 table appears twice: the work stays bounded by the
-    /// file size whatever the tables claim.
+    /// the end of the file, one L2 table appears twice (the work stays bounded by the file
+    /// size whatever the tables claim), or an L2 table or a mapped cluster lies on other
+    /// metadata the image knows of (changing those refcounts would free live tables).
     pub(super) async fn load_tree(&self, l1: &[L1Entry]) -> Result<Tree> {
         let file_len = self.file_len().await?;
         let cb = self.inner.geo.cluster_bits;
@@ -102,6 +104,7 @@ impl Image {
                 let what = "L2 table beyond the end of the file or referenced twice";
                 return Err(Error::corrupt(what).at(l2));
             }
+            self.check_not_metadata(l2, 1, Kinds(Kinds::L2.0 | Kinds::SNAPSHOT_L2.0))?;
             tree.l2_tables.push(l2);
             tree.add(l2 >> cb, 1);
             let table = self.read_l2_table(l2).await?;
@@ -127,6 +130,7 @@ impl Image {
                             "compressed cluster beyond the end of the file",
                         ));
                     }
+                    self.check_not_metadata(first << cb, (last - first + 1) << cb, Kinds::NONE)?;
                     (first..=last).for_each(|c| tree.add(c, 1));
                 }
                 e => {
@@ -134,12 +138,26 @@ impl Image {
                         if h.0 >= file_len {
                             return Err(Error::corrupt("data cluster beyond the end of the file"));
                         }
+                        self.check_not_metadata(h.0, 1, Kinds::NONE)?;
                         tree.add(h.0 >> cb, 1);
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Corrupt when `[host, host + len)` holds metadata of a kind other than `own`.
+    fn check_not_metadata(&self, host: u64, len: u64, own: Kinds) -> Result<()> {
+        let map = self.write_state()?.refcounts.map();
+        match map.find(host, len, own) {
+            Some(k) => Err(Error::corrupt(format!(
+                "a table reached from an L1 table points at the {}",
+                k.name()
+            ))
+            .at(host)),
+            None => Ok(()),
+        }
     }
 
     /// Refuse a refcount change of `tree` that would overflow the refcount width (going up)
