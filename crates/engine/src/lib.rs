@@ -6,6 +6,8 @@
 //!   then `read_at`/`write_at`/`write_zeroes`/`discard`/`flush`/`resize`/`close` from any
 //!   number of tasks at once; [`create`](image::create::create) new images.
 //! - [`check`]: `qemu-img check` and repair.
+//! - `crypto` (feature `luks`): encrypted images: `crypto::Secret` for
+//!   `OpenOptions::key_secret`, the LUKS1 structures, key slot changes (`crypto::amend`).
 //! - `blocking` (feature `blocking`): a synchronous wrapper with `std::io::{Read, Write, Seek}`.
 //! - [`storage`]: the [`Storage`] trait the engine does its IO through, and its backends.
 //! - [`format`](mod@format): the on-disk structures, parsed and encoded without IO (for inspection tools).
