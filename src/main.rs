@@ -38,8 +38,8 @@ mod args;
 mod cmd;
 mod disk;
 mod fork;
-mod secrets;
 mod object;
+mod secrets;
 
 use std::process::ExitCode;
 

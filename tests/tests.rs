@@ -5,10 +5,10 @@
 mod common;
 mod nbd_util;
 
+mod bench_compare;
 mod bitmaps;
 mod bitmaps_cli;
 mod bitmaps_crash;
-mod bench_compare;
 mod cancel;
 mod check_budget;
 mod check_clean;

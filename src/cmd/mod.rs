@@ -2,8 +2,8 @@
 
 pub mod amend;
 pub mod bench;
-pub mod bitmap;
 mod bench_stats;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;
@@ -26,10 +26,10 @@ mod ops_common;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
-pub mod snapshot;
 mod serve_device;
 mod serve_opts;
 mod serve_snapshot;
+pub mod snapshot;
 mod snapshots;
 
 /// `--output=human|json`, shared by info, map and check.

@@ -322,7 +322,7 @@ impl Refcounts {
     /// Cut the file back to its last allocated cluster if growing ahead left it longer. Call
     /// only with nothing in flight and everything flushed (at close).
     pub async fn trim_growth(&self) -> Result<()> {
-        let st = self.lock().await;
+        let st = self.lock_state().await;
         let used = st.end_cluster << self.cluster_bits;
         (self.ahead.trim(used).await).map_err(|e| Error::io("trimming the image file", e))
     }

@@ -117,7 +117,9 @@ impl Image {
             .data
             .read_at(&mut tmp, host - head)
             .await
-            .map_err(|e| Error::io("reading guest data", e).at_host(crate::units::HostOffset(host)))?;
+            .map_err(|e| {
+                Error::io("reading guest data", e).at_host(crate::units::HostOffset(host))
+            })?;
         c.decrypt(&mut tmp, (guest - head) / 512);
         buf.copy_from_slice(&tmp[head as usize..head as usize + buf.len()]);
         Ok(())

@@ -18,15 +18,15 @@ impl Image {
         update: impl FnOnce(&mut ImageHeader) -> Result<()>,
     ) -> Result<()> {
         let w = self.write_state()?;
-        let _one = w.flush_lock.lock().await;
+        let _one = w.lock_flush().await;
         self.flush_held().await?;
         let mut ih = self.inner.header.lock().unwrap().clone();
         update(&mut ih)?;
         let bytes = ih.to_cluster0()?;
         // Parsing back gives the in-memory copy the backing name fields as written.
         let ih = ImageHeader::parse(&bytes)?;
-        w.meta.write(&bytes, 0, "rewriting the header").await?;
-        w.meta.sync("syncing the header").await?;
+        w.meta().write(&bytes, 0, "rewriting the header").await?;
+        w.meta().sync("syncing the header").await?;
         *self.inner.header.lock().unwrap() = ih;
         Ok(())
     }

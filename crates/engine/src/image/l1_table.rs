@@ -95,6 +95,28 @@ impl L1Table {
         (dirty, sectors)
     }
 
+    /// A copy of every entry (snapshot operations work on the whole table).
+    pub fn entries(&self) -> Vec<L1Entry> {
+        self.table.read().unwrap().entries.clone()
+    }
+
+    /// Replace every entry: the caller already wrote `entries` over the table on disk (in
+    /// place) or is a read-only view, so nothing is left dirty.
+    pub fn replace(&self, entries: Vec<L1Entry>) {
+        let offset = self.offset();
+        self.switch(entries, offset, || ());
+    }
+
+    /// Switch to `entries` stored at `offset` (a new table, already on disk), running `also`
+    /// while the table lock is held so readers see the table and what `also` changes (the
+    /// in-memory header) together. Nothing is left dirty.
+    pub fn switch(&self, entries: Vec<L1Entry>, offset: HostOffset, also: impl FnOnce()) {
+        let mut t = self.table.write().unwrap();
+        *t = Entries { entries, offset };
+        self.dirty.lock().unwrap().clear();
+        also();
+    }
+
     /// Switch to a table of `len` entries at `offset` (resize moved it there): existing
     /// entries keep their values, new ones are empty.
     pub fn grow(&self, len: usize, offset: HostOffset) {

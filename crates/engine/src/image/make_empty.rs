@@ -41,7 +41,7 @@ impl Image {
         while gc < clusters {
             let covered = geo.l2_entries - gc % geo.l2_entries;
             if self.l2_table_of(gc)?.is_some() {
-                let _epoch = w.epochs.enter();
+                let _epoch = w.enter_request();
                 for c in gc..(gc + covered).min(clusters) {
                     self.unmap_cluster(c).await?;
                 }
@@ -55,7 +55,7 @@ impl Image {
     /// Make guest cluster `gc` unallocated, releasing what it pointed at.
     async fn unmap_cluster(&self, gc: u64) -> Result<()> {
         let w = self.write_state()?;
-        let _guard = w.inflight.lock(gc).await;
+        let _guard = w.lock_guest_cluster(gc).await;
         let m = self.lookup(gc).await?;
         if matches!(m.entry, L2Entry::Unallocated) && m.bitmap.0 == 0 {
             return Ok(());
@@ -76,7 +76,7 @@ impl Image {
     pub(crate) async fn unmap_clusters(&self, off: u64, len: u64) -> Result<()> {
         let w = self.write_state()?;
         let geo = self.inner.geo;
-        let _epoch = w.epochs.enter();
+        let _epoch = w.enter_request();
         let first = geo.guest_cluster(off);
         let end = (off + len).div_ceil(geo.cluster_size);
         for gc in first..end {

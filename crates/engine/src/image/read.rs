@@ -6,8 +6,8 @@ use super::lookup::Mapping;
 use crate::error::{Error, Result};
 use crate::format::compressed::{self, CompressedDescriptor};
 use crate::format::l2::{L2Entry, SubclusterState};
+use crate::units::to_u32;
 use crate::units::to_usize;
-use crate::units::{HostOffset, to_u32};
 
 /// Where a run of guest bytes reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

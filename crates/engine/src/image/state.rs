@@ -91,6 +91,11 @@ impl WriteState {
         self.inflight.lock(gc).await
     }
 
+    /// Claim guest cluster `gc` if no other request holds it (`None` otherwise).
+    pub fn try_lock_guest_cluster(&self, gc: u64) -> Option<InflightGuard<'_>> {
+        self.inflight.try_lock(gc)
+    }
+
     /// Claim L1 entry `idx` while allocating or copying its L2 table (lock 2 in LOCKS.md).
     pub async fn lock_l1_entry(&self, idx: usize) -> InflightGuard<'_> {
         self.l1_inflight.lock(idx as u64).await

@@ -42,7 +42,7 @@ impl Image {
             return Ok(len);
         }
         let w = self.write_state()?;
-        let first = w.inflight.lock(gc).await;
+        let first = w.lock_guest_cluster(gc).await;
         let m = self.lookup(gc).await?;
         let one = cs as usize; // a cluster: at most 2 MiB
         if let Some(host) = self.in_place_target(&m, off, cs) {
@@ -57,7 +57,7 @@ impl Image {
         let mut run = vec![(first, m)];
         while (run.len() as u64) < max {
             let c = gc + run.len() as u64;
-            let Some(guard) = w.inflight.try_lock(c) else {
+            let Some(guard) = w.try_lock_guest_cluster(c) else {
                 break;
             };
             let m = self.lookup(c).await?;
@@ -93,14 +93,14 @@ impl Image {
     async fn alloc_each(&self, n: usize) -> Result<Vec<u64>> {
         let w = self.write_state()?;
         let mut hosts = Vec::with_capacity(n);
-        let mut st = w.refcounts.lock().await;
+        let mut alloc = w.refcounts().lock().await;
         for _ in 0..n {
-            match w.refcounts.alloc_locked(&mut st, 1).await {
-                Ok(h) => hosts.push(h),
+            match alloc.alloc_clusters(1).await {
+                Ok(h) => hosts.push(h.0),
                 Err(e) => {
-                    drop(st);
+                    drop(alloc);
                     for &h in &hosts {
-                        w.defer_free(h, false);
+                        w.defer_free(HostOffset(h), false);
                     }
                     return Err(e);
                 }
@@ -148,7 +148,7 @@ impl Image {
             let (a, b) = (i * cs as usize, j * cs as usize);
             if let Err(e) = self.write_data(&data[a..b], hosts[i]).await {
                 for &h in &hosts {
-                    w.defer_free(h, false);
+                    w.defer_free(HostOffset(h), false);
                 }
                 return Err(e);
             }

@@ -167,7 +167,7 @@ impl Image {
         self.check_metadata_write(off, buf.len() as u64, Kinds::BITMAP_DIRECTORY)
             .await?;
         let w = self.write_state()?;
-        w.meta.write(&buf, off, "marking bitmaps in use").await?;
+        w.meta().write(&buf, off, "marking bitmaps in use").await?;
         self.sync_file().await
     }
 }

@@ -27,7 +27,7 @@ impl Image {
             return Ok(());
         }
         let w = self.write_state()?;
-        let _one = w.flush_lock.lock().await;
+        let _one = w.lock_flush().await;
         let mut entries = Vec::new();
         let mut old = std::mem::take(&mut *set.removed.lock().unwrap_or_else(|p| p.into_inner()));
         for (entry, bits, clusters) in self.bitmaps_to_store() {
@@ -40,8 +40,7 @@ impl Image {
         let dir = self.write_directory(&entries).await?;
         {
             // Everything the new directory references is counted before the header says so.
-            let mut st = w.refcounts.lock().await;
-            w.refcounts.flush_locked(&mut st).await?;
+            w.refcounts().lock().await.flush().await?;
         }
         self.sync_file().await?;
         self.write_bitmaps_extension(dir.map(|(off, size)| (entries.len(), size, off)))
@@ -129,12 +128,12 @@ impl Image {
         let cs = self.cluster_size();
         let n = (buf.len() as u64).div_ceil(cs).max(1);
         let w = self.write_state()?;
-        let off = w.refcounts.alloc(n).await?;
+        let off = w.refcounts().alloc(n).await?.0;
         let mut padded = buf.to_vec();
         padded.resize(usize::try_from(n * cs).unwrap_or(0), 0);
         self.check_metadata_write(off, n * cs, kind).await?;
-        w.refcounts.map().insert(off, n * cs, kind);
-        w.meta.write(&padded, off, what).await?;
+        w.refcounts().map().insert(off, n * cs, kind);
+        w.meta().write(&padded, off, what).await?;
         Ok(off)
     }
 
@@ -168,7 +167,7 @@ impl Image {
         self.check_metadata_write(0, len as u64, Kinds::HEADER)
             .await?;
         let w = self.write_state()?;
-        w.meta
+        w.meta()
             .write(&cluster0[..len], 0, "writing the bitmaps extension")
             .await?;
         let mut mem = self.inner.header.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,16 +180,18 @@ impl Image {
     async fn free_bitmap_clusters(&self, runs: &[(u64, u64)]) -> Result<()> {
         let w = self.write_state()?;
         let cb = self.inner.geo.cluster_bits;
-        let mut st = w.refcounts.lock().await;
+        let mut alloc = w.refcounts().lock().await;
         for &(off, n) in runs {
             for c in (off >> cb)..(off >> cb) + n {
                 // A crafted table may name other metadata: leak it rather than free it.
-                let k = w.refcounts.map().kinds_of(c).0;
+                let k = w.refcounts().map().kinds_of(c).0;
                 if k & !(Kinds::BITMAP_TABLE.0 | Kinds::BITMAP_DIRECTORY.0) != 0 {
                     continue;
                 }
-                w.refcounts.map().remove_cluster(c);
-                w.refcounts.add(&mut st, c, -1).await?;
+                w.refcounts().map().remove_cluster(c);
+                alloc
+                    .change_refcount(crate::units::ClusterIndex(c), -1)
+                    .await?;
             }
         }
         Ok(())

@@ -11,6 +11,7 @@ use crate::alloc::Kinds;
 use crate::error::{Error, Result};
 use crate::format::header::{self, HeaderPatch};
 use crate::format::l1::{self, L1Entry};
+use crate::units::HostOffset;
 
 impl Image {
     /// Revert the disk to the snapshot whose ID is `key`, or else the first whose name is
@@ -41,7 +42,7 @@ impl Image {
         let snap = snaps[idx].clone();
         snap.validate(self.inner.geo.cluster_size)?;
         let snap_l1 = self.read_l1_at(snap.l1_table_offset, snap.l1_size).await?;
-        let old_l1: Vec<L1Entry> = self.inner.l1.read().unwrap().clone();
+        let old_l1: Vec<L1Entry> = self.inner.l1.entries();
         let mut old_tree = self.load_tree(&old_l1).await?;
         let (old_off, cb) = (self.l1_place().0, self.inner.geo.cluster_bits);
         add_range(&mut old_tree, old_off, old_l1.len() as u64 * 8, cb);
@@ -73,7 +74,7 @@ impl Image {
             ));
         }
         let clusters = (len * 8).div_ceil(geo.cluster_size);
-        let epb = self.write_state()?.refcounts.entries_per_block();
+        let epb = self.write_state()?.refcounts().entries_per_block();
         if clusters >= epb {
             return Err(Error::unsupported(format!(
                 "an L1 table of {clusters} clusters (a refcount block covers {epb})"
@@ -105,17 +106,17 @@ impl Image {
         size: u64,
     ) -> Result<()> {
         let w = self.write_state()?;
-        let map = w.refcounts.map().clone();
+        let map = w.refcounts().map().clone();
         let (cs, len) = (self.inner.geo.cluster_size, new_l1.len() as u64 * 8);
         let (old_off, old_entries) = self.l1_place();
         self.change_tree(new, Direction::Up).await?;
-        let offset = w.refcounts.alloc(len.div_ceil(cs)).await?;
+        let offset = w.refcounts().alloc(len.div_ceil(cs)).await?.0;
         map.insert(offset, len, Kinds::L1);
         self.flush_refcounts().await?;
         let mut buf = vec![0u8; len as usize];
         l1::write_table(&new_l1, &mut buf);
         self.check_metadata_write(offset, len, Kinds::L1).await?;
-        w.meta
+        w.meta()
             .write(&buf, offset, "writing the new L1 table")
             .await?;
         self.sync_file().await?;
@@ -143,7 +144,7 @@ impl Image {
         let crypt = self.inner.header.lock().unwrap().header.crypt_method;
         let entries = u32::try_from(l1.len()).map_err(|_| Error::corrupt("L1 table too large"))?;
         let patch = HeaderPatch::size_and_l1_table(size, crypt, entries, offset);
-        w.meta
+        w.meta()
             .write(
                 patch.bytes(),
                 patch.offset(),
@@ -151,15 +152,17 @@ impl Image {
             )
             .await?;
         self.sync_file().await?;
-        let mut l1_lock = self.inner.l1.write().unwrap();
-        let mut ih = self.inner.header.lock().unwrap();
-        *l1_lock = l1;
-        ih.header.l1_size = entries;
-        ih.header.l1_table_offset = offset;
-        ih.header.size = size;
-        self.inner
-            .size
-            .store(size, std::sync::atomic::Ordering::Release);
+        // L1 (lock 5) then header (lock 6): readers see the new table, size and header
+        // together.
+        self.inner.l1.switch(l1, HostOffset(offset), || {
+            let mut ih = self.inner.header.lock().unwrap();
+            ih.header.l1_size = entries;
+            ih.header.l1_table_offset = offset;
+            ih.header.size = size;
+            self.inner
+                .size
+                .store(size, std::sync::atomic::Ordering::Release);
+        });
         Ok(())
     }
 }

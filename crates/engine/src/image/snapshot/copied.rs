@@ -65,7 +65,7 @@ impl Image {
             // The table may be shared with snapshots: QEMU rewrites shared tables' flags too.
             let own = Kinds(Kinds::L2.0 | Kinds::SNAPSHOT_L2.0);
             self.check_metadata_write(table, len, own).await?;
-            w.meta
+            w.meta()
                 .write(&buf, table, "writing COPIED flags of an L2 table")
                 .await?;
             self.inner.l2_cache.invalidate_range(table, len);
@@ -76,10 +76,8 @@ impl Image {
     /// The refcount of the host cluster at byte offset `host`.
     pub(super) async fn refcount_of(&self, host: u64) -> Result<u64> {
         let w = self.write_state()?;
-        let st = w.refcounts.lock().await;
-        w.refcounts
-            .get(&st, host >> self.inner.geo.cluster_bits)
-            .await
+        let c = crate::units::ClusterIndex(host >> self.inner.geo.cluster_bits);
+        w.refcounts().lock().await.refcount(c).await
     }
 
     /// Write the whole active L1 table `l1` at the header's L1 offset, fsync, and make it
@@ -91,9 +89,9 @@ impl Image {
         l1::write_table(&l1, &mut buf);
         self.check_metadata_write(off, buf.len() as u64, Kinds::L1)
             .await?;
-        w.meta.write(&buf, off, "writing the L1 table").await?;
+        w.meta().write(&buf, off, "writing the L1 table").await?;
         self.sync_file().await?;
-        *self.inner.l1.write().unwrap() = l1;
+        self.inner.l1.replace(l1);
         Ok(())
     }
 }

@@ -40,7 +40,7 @@ impl Image {
         let _quiet = self.quiesce().await?;
         let (mut snaps, old_place) = self.read_snapshot_table().await?;
         old_place.check_rewritable()?;
-        let l1: Vec<L1Entry> = self.inner.l1.read().unwrap().clone();
+        let l1: Vec<L1Entry> = self.inner.l1.entries();
         let tree = self.load_tree(&l1).await?;
         self.check_tree(&tree, Direction::Up).await?;
         let mut snap = new_entry(name, &snaps, self.virtual_size(), &l1);
@@ -67,7 +67,7 @@ impl Image {
         self.change_tree(tree, Direction::Up).await?;
         // The copy's clusters and the raised refcounts are durable before anything else.
         self.flush_refcounts().await?;
-        let map = self.write_state()?.refcounts.map().clone();
+        let map = self.write_state()?.refcounts().map().clone();
         let cs = self.inner.geo.cluster_size;
         tree.l2_tables
             .iter()
@@ -94,8 +94,8 @@ impl Image {
         if len == 0 {
             return Ok(0);
         }
-        let offset = w.refcounts.alloc(len.div_ceil(cs)).await?;
-        w.refcounts.map().insert(offset, len, Kinds::SNAPSHOT_L1);
+        let offset = w.refcounts().alloc(len.div_ceil(cs)).await?.0;
+        w.refcounts().map().insert(offset, len, Kinds::SNAPSHOT_L1);
         let copy: Vec<L1Entry> = l1
             .iter()
             .map(|e| {
@@ -107,7 +107,7 @@ impl Image {
         l1::write_table(&copy, &mut buf);
         self.check_metadata_write(offset, len, Kinds::SNAPSHOT_L1)
             .await?;
-        w.meta
+        w.meta()
             .write(&buf, offset, "writing a snapshot L1 table")
             .await?;
         Ok(offset)

@@ -46,7 +46,7 @@ impl Image {
             self.switch_snapshot_table(&snaps).await?;
             // Nothing on disk refers to the deleted snapshot's tables any more: take them out
             // of the map (so freeing them is allowed), then put back what other snapshots use.
-            let map = self.write_state()?.refcounts.map().clone();
+            let map = self.write_state()?.refcounts().map().clone();
             map.remove_kinds(old_place.offset, old_place.len, Kinds::SNAPSHOT_TABLE);
             map.remove_kinds(snap.l1_table_offset, l1_len, Kinds::SNAPSHOT_L1);
             let cs = self.inner.geo.cluster_size;
@@ -65,7 +65,7 @@ impl Image {
 
     /// Recompute the COPIED flags of the active tables and write the L1 table if it changed.
     pub(super) async fn recompute_active_copied(&self) -> Result<()> {
-        let mut active = self.inner.l1.read().unwrap().clone();
+        let mut active = self.inner.l1.entries();
         if self.recompute_copied(&mut active).await? {
             self.write_active_l1(active).await?;
         }

@@ -63,8 +63,8 @@ impl Image {
     /// as the image sees it and no pending free remains.
     async fn quiesce(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
         let w = self.write_state()?;
-        w.epochs.idle().await;
-        let guard = w.flush_lock.lock().await;
+        w.requests_idle().await;
+        let guard = w.lock_flush().await;
         self.flush_held().await?;
         self.flush_held().await?;
         Ok(guard)
@@ -84,7 +84,7 @@ impl Image {
     /// Record in the metadata map the tables of `snaps`: their L1 tables and the L2 tables
     /// these point to (so the overlap check and the free check protect them).
     async fn mark_snapshots(&self, snaps: &[Snapshot]) -> Result<()> {
-        let map = self.write_state()?.refcounts.map().clone();
+        let map = self.write_state()?.refcounts().map().clone();
         let cs = self.inner.geo.cluster_size;
         for s in snaps {
             let l1 = self.read_l1_at(s.l1_table_offset, s.l1_size).await?;

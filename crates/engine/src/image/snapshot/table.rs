@@ -121,13 +121,19 @@ impl Image {
             },
             false => {
                 let cs = self.inner.geo.cluster_size;
-                let offset = w.refcounts.alloc((bytes.len() as u64).div_ceil(cs)).await?;
+                let offset = w
+                    .refcounts()
+                    .alloc((bytes.len() as u64).div_ceil(cs))
+                    .await?
+                    .0;
                 let len = bytes.len() as u64;
-                w.refcounts.map().insert(offset, len, Kinds::SNAPSHOT_TABLE);
+                w.refcounts()
+                    .map()
+                    .insert(offset, len, Kinds::SNAPSHOT_TABLE);
                 self.flush_refcounts().await?;
                 self.check_metadata_write(offset, len, Kinds::SNAPSHOT_TABLE)
                     .await?;
-                w.meta
+                w.meta()
                     .write(&bytes, offset, "writing the snapshot table")
                     .await?;
                 self.sync_file().await?;
@@ -141,7 +147,7 @@ impl Image {
         let count =
             u32::try_from(snaps.len()).map_err(|_| Error::invalid_arg("too many snapshots"))?;
         let patch = HeaderPatch::snapshot_table(count, place.offset);
-        w.meta
+        w.meta()
             .write(
                 patch.bytes(),
                 patch.offset(),
@@ -158,8 +164,7 @@ impl Image {
     /// Write the dirty refcount blocks (and table) and fsync.
     pub(super) async fn flush_refcounts(&self) -> Result<()> {
         let w = self.write_state()?;
-        let mut st = w.refcounts.lock().await;
-        w.refcounts.flush_locked(&mut st).await
+        w.refcounts().lock().await.flush().await
     }
 }
 

@@ -10,6 +10,7 @@ use crate::alloc::Kinds;
 use crate::error::{Error, Result};
 use crate::format::l1::{self, L1Entry};
 use crate::format::l2::{self, L2Entry};
+use crate::units::ClusterIndex;
 
 /// Every reference held by one L1 table.
 #[derive(Debug, Default)]
@@ -149,7 +150,7 @@ impl Image {
 
     /// Corrupt when `[host, host + len)` holds metadata of a kind other than `own`.
     fn check_not_metadata(&self, host: u64, len: u64, own: Kinds) -> Result<()> {
-        let map = self.write_state()?.refcounts.map();
+        let map = self.write_state()?.refcounts().map();
         match map.find(host, len, own) {
             Some(k) => Err(Error::corrupt(format!(
                 "a table reached from an L1 table points at the {}",
@@ -164,10 +165,10 @@ impl Image {
     /// or drop below zero (going down), before changing anything.
     pub(super) async fn check_tree(&self, tree: &Tree, dir: Direction) -> Result<()> {
         let w = self.write_state()?;
-        let st = w.refcounts.lock().await;
-        let max = w.refcounts.max_refcount();
+        let alloc = w.refcounts().lock().await;
+        let max = w.refcounts().max_refcount();
         for (&c, &n) in &tree.refs {
-            let cur = w.refcounts.get(&st, c).await?;
+            let cur = alloc.refcount(ClusterIndex(c)).await?;
             match dir {
                 Direction::Up if cur.checked_add(n).is_none_or(|v| v > max) => {
                     let bits = max.count_ones();
@@ -195,11 +196,11 @@ impl Image {
     pub(super) async fn change_tree(&self, tree: &Tree, dir: Direction) -> Result<()> {
         let w = self.write_state()?;
         let cb = self.inner.geo.cluster_bits;
-        let mut st = w.refcounts.lock().await;
+        let mut alloc = w.refcounts().lock().await;
         for (&c, &n) in &tree.refs {
             let delta = i64::try_from(n).map_err(|_| Error::corrupt("too many references"))?;
             let delta = if dir == Direction::Up { delta } else { -delta };
-            if w.refcounts.add(&mut st, c, delta).await? == 0 {
+            if alloc.change_refcount(ClusterIndex(c), delta).await? == 0 {
                 self.inner.l2_cache.invalidate_range(c << cb, 1 << cb);
             }
         }

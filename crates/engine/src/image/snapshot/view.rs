@@ -54,7 +54,7 @@ impl Image {
             l1.resize(need as usize, Default::default());
         }
         self.inner.l2_cache.invalidate_range(0, u64::MAX);
-        *self.inner.l1.write().unwrap() = l1;
+        self.inner.l1.replace(l1);
         self.inner
             .size
             .store(size, std::sync::atomic::Ordering::Release);
