@@ -90,7 +90,7 @@ impl CryptStorage {
     }
 
     async fn lock_sectors(&self, a: Option<u64>, b: Option<u64>) -> Vec<MutexGuard<'_, ()>> {
-        let stripe = |s: u64| (s % LOCKS as u64) as usize;
+        let stripe = |s: u64| crate::units::to_usize(s % LOCKS as u64);
         let mut idx: Vec<usize> = a.into_iter().chain(b).map(stripe).collect();
         idx.sort_unstable();
         idx.dedup();

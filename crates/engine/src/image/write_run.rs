@@ -21,6 +21,7 @@ use crate::alloc::InflightGuard;
 use crate::error::Result;
 use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
 use crate::units::HostOffset;
+use crate::units::to_usize;
 
 /// Most bytes one run writes, and most clusters (bounds the guards held).
 const MAX_RUN_BYTES: u64 = 8 << 20;
@@ -37,14 +38,14 @@ impl Image {
         let m = self.lookup(gc).await?;
         if let Some(host) = self.in_place_target(&m, off, cs) {
             let n = self.in_place_run(gc, host, max).await?;
-            let len = (n * cs) as usize; // at most buf.len()
+            let len = to_usize(n * cs); // at most buf.len()
             self.write_data(&buf[..len], host).await?;
             return Ok(len);
         }
         let w = self.write_state()?;
         let first = w.lock_guest_cluster(gc).await;
         let m = self.lookup(gc).await?;
-        let one = cs as usize; // a cluster: at most 2 MiB
+        let one = to_usize(cs); // a cluster: at most 2 MiB
         if let Some(host) = self.in_place_target(&m, off, cs) {
             drop(first);
             self.write_data(&buf[..one], host).await?;
@@ -145,7 +146,7 @@ impl Image {
             while j < hosts.len() && hosts[j] == hosts[i] + (j - i) as u64 * cs {
                 j += 1;
             }
-            let (a, b) = (i * cs as usize, j * cs as usize);
+            let (a, b) = (i * to_usize(cs), j * to_usize(cs));
             if let Err(e) = self.write_data(&data[a..b], hosts[i]).await {
                 for &h in &hosts {
                     w.defer_free(HostOffset(h), false);

@@ -270,7 +270,7 @@ async fn downgrade(img: &Image) -> Result<()> {
     img.rewrite_header(|ih| {
         let h = &mut ih.header;
         h.version = 2;
-        h.header_length = V2_HEADER_LENGTH as u32;
+        h.header_length = crate::units::to_u32(V2_HEADER_LENGTH as u64);
         h.refcount_order = 4;
         h.incompatible_features = 0;
         h.compatible_features = 0;

@@ -25,6 +25,7 @@ use super::progress::{Job, Progress};
 use super::throttle::Throttle;
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
+use crate::units::to_usize;
 
 /// Bytes handled per step (between progress reports and cancellation checks).
 const CHUNK: u64 = 1 << 20;
@@ -231,7 +232,7 @@ async fn write_piece(
     match src {
         Source::Zero => base.write_zeroes(off, len).await,
         Source::Layer(i) => {
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = vec![0u8; to_usize(len)];
             layers[i].read_at(&mut buf, off).await?;
             base.write_at(&buf, off).await
         }

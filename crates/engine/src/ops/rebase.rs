@@ -23,6 +23,7 @@ use std::sync::Arc;
 use super::progress::{Job, Progress};
 use crate::error::{Error, Result};
 use crate::image::{Backing, BackingOverride, Image, OpenOptions, ZeroFlags, resolve_relative};
+use crate::units::to_usize;
 
 /// Bytes compared per step (between progress reports and cancellation checks); at least a
 /// cluster.
@@ -198,9 +199,9 @@ async fn rebase_chunk(
     if holes.is_empty() {
         return Ok(());
     }
-    let mut mine = vec![0u8; n as usize];
+    let mut mine = vec![0u8; to_usize(n)];
     img.read_at(&mut mine, off).await?;
-    let mut theirs = vec![0u8; n as usize];
+    let mut theirs = vec![0u8; to_usize(n)];
     if let Some(b) = new {
         b.read_at(&mut theirs, off).await?;
     }
@@ -209,7 +210,7 @@ async fn rebase_chunk(
     while c < n {
         let end = (c + cs).min(n);
         if differs_in_holes(&holes, (c, end), &mine, &theirs) {
-            let data = &mine[c as usize..end as usize];
+            let data = &mine[to_usize(c)..to_usize(end)];
             write_cluster(img, data, off + c, compress).await?;
         }
         c = end;
@@ -221,7 +222,7 @@ async fn rebase_chunk(
 fn differs_in_holes(holes: &[(u64, u64)], (start, end): (u64, u64), a: &[u8], b: &[u8]) -> bool {
     holes.iter().any(|&(h, len)| {
         let (s, e) = (h.max(start), (h + len).min(end));
-        s < e && a[s as usize..e as usize] != b[s as usize..e as usize]
+        s < e && a[to_usize(s)..to_usize(e)] != b[to_usize(s)..to_usize(e)]
     })
 }
 

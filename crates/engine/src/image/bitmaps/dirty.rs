@@ -133,8 +133,11 @@ impl DirtyBits {
             if let Some(a) = word(&g.1, w, false) {
                 let v = a.load(Ordering::Relaxed);
                 for (k, b) in chunk.iter_mut().enumerate() {
-                    // Byte k of the word, least significant first (truncation intended).
-                    *b = (v >> (8 * k)) as u8;
+                    // Byte k of the word, least significant first: keeping the low byte is
+                    // the point.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let byte = (v >> (8 * k)) as u8;
+                    *b = byte;
                 }
             }
         }

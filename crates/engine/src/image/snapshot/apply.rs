@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{self, HeaderPatch};
 use crate::format::l1::{self, L1Entry};
 use crate::units::HostOffset;
+use crate::units::to_usize;
 
 impl Image {
     /// Revert the disk to the snapshot whose ID is `key`, or else the first whose name is
@@ -87,7 +88,7 @@ impl Image {
                     .map_or(L1Entry::default(), |h| L1Entry::new(h, false))
             })
             .collect();
-        l1.resize(len as usize, L1Entry::default());
+        l1.resize(to_usize(len), L1Entry::default());
         Ok(l1)
     }
 
@@ -113,7 +114,7 @@ impl Image {
         let offset = w.refcounts().alloc(len.div_ceil(cs)).await?.0;
         map.insert(offset, len, Kinds::L1);
         self.flush_refcounts().await?;
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; to_usize(len)];
         l1::write_table(&new_l1, &mut buf);
         self.check_metadata_write(offset, len, Kinds::L1).await?;
         w.meta()

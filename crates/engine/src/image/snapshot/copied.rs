@@ -10,6 +10,7 @@ use crate::alloc::Kinds;
 use crate::error::Result;
 use crate::format::l1::{self, L1Entry};
 use crate::format::l2::{self, L2E_COPIED, L2Entry};
+use crate::units::to_usize;
 
 impl Image {
     /// Make the COPIED flags of `l1` and its L2 tables agree with the refcounts (as they are
@@ -40,7 +41,7 @@ impl Image {
         let geo = self.inner.geo.l2;
         let mut buf = self.read_l2_table(table).await?;
         let mut changed = false;
-        for i in 0..geo.entries_per_cluster() as usize {
+        for i in 0..to_usize(geo.entries_per_cluster()) {
             let Some((raw, bitmap)) = l2::read_raw(&buf, i, &geo) else {
                 break;
             };

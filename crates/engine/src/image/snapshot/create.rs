@@ -8,6 +8,7 @@ use super::tree::{Direction, Tree};
 use crate::alloc::Kinds;
 use crate::error::Result;
 use crate::format::l1::{self, L1Entry};
+use crate::units::to_usize;
 
 impl Image {
     /// Create an internal snapshot of the current disk state named `name`, with the next
@@ -103,7 +104,7 @@ impl Image {
                     .map_or(L1Entry::default(), |h| L1Entry::new(h, false))
             })
             .collect();
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; to_usize(len)];
         l1::write_table(&copy, &mut buf);
         self.check_metadata_write(offset, len, Kinds::SNAPSHOT_L1)
             .await?;

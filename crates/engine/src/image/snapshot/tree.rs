@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::format::l1::{self, L1Entry};
 use crate::format::l2::{self, L2Entry};
 use crate::units::ClusterIndex;
+use crate::units::to_usize;
 
 /// Every reference held by one L1 table.
 #[derive(Debug, Default)]
@@ -71,7 +72,7 @@ impl Image {
         if offset.checked_add(len).is_none_or(|end| end > file_len) {
             return Err(Error::corrupt("snapshot L1 table beyond the end of the file").at(offset));
         }
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; to_usize(len)];
         self.read_meta(&mut buf, offset, "reading a snapshot L1 table")
             .await?;
         let table = l1::parse_table(&buf);
@@ -85,7 +86,7 @@ impl Image {
     /// Read the whole L2 table at `offset` from the file (callers run after a flush, with
     /// nothing else in flight, so the file holds the current tables).
     pub(super) async fn read_l2_table(&self, offset: u64) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; self.inner.geo.cluster_size as usize];
+        let mut buf = vec![0u8; to_usize(self.inner.geo.cluster_size)];
         self.read_meta(&mut buf, offset, "reading an L2 table")
             .await?;
         Ok(buf)
@@ -119,7 +120,7 @@ impl Image {
     fn count_l2(&self, table: &[u8], file_len: u64, tree: &mut Tree) -> Result<()> {
         let geo = &self.inner.geo.l2;
         let cb = geo.cluster_bits;
-        for i in 0..geo.entries_per_cluster() as usize {
+        for i in 0..to_usize(geo.entries_per_cluster()) {
             let Some((raw, _)) = l2::read_raw(table, i, geo) else {
                 break;
             };

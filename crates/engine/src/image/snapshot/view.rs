@@ -6,6 +6,7 @@ use std::path::Path;
 use super::super::{Image, OpenOptions};
 use super::table::{find_by_id_or_name, not_found};
 use crate::error::{Error, Result};
+use crate::units::to_usize;
 
 impl Image {
     /// Open the image at `path` read-only, showing the snapshot whose ID is `key` (or else
@@ -51,7 +52,7 @@ impl Image {
         let need = crate::format::header::l1_entries_for(size, geo.cluster_bits, geo.l2.extended);
         // Reads look up every guest cluster below the size: pad a short table with holes.
         if (l1.len() as u64) < need {
-            l1.resize(need as usize, Default::default());
+            l1.resize(to_usize(need), Default::default());
         }
         self.inner.l2_cache.invalidate_range(0, u64::MAX);
         self.inner.l1.replace(l1);
