@@ -8,7 +8,6 @@ use super::Image;
 use crate::error::{Error, Result};
 use crate::format::extensions::ImageHeader;
 use crate::storage::Storage;
-use crate::units::to_usize;
 
 /// The unlocked data cipher of an encrypted image, if any.
 #[cfg(feature = "luks")]
@@ -113,7 +112,7 @@ impl Image {
     ) -> Result<()> {
         let head = guest % 512;
         let len = (head + buf.len() as u64).div_ceil(512) * 512;
-        let mut tmp = vec![0u8; to_usize(len)];
+        let mut tmp = vec![0u8; crate::units::to_usize(len)];
         self.inner
             .data
             .read_at(&mut tmp, host - head)
@@ -122,7 +121,7 @@ impl Image {
                 Error::io("reading guest data", e).at_host(crate::units::HostOffset(host))
             })?;
         c.decrypt(&mut tmp, (guest - head) / 512);
-        buf.copy_from_slice(&tmp[to_usize(head)..to_usize(head) + buf.len()]);
+        buf.copy_from_slice(&tmp[crate::units::to_usize(head)..crate::units::to_usize(head) + buf.len()]);
         Ok(())
     }
 }
