@@ -121,7 +121,9 @@ impl Image {
                 Error::io("reading guest data", e).at_host(crate::units::HostOffset(host))
             })?;
         c.decrypt(&mut tmp, (guest - head) / 512);
-        buf.copy_from_slice(&tmp[crate::units::to_usize(head)..crate::units::to_usize(head) + buf.len()]);
+        buf.copy_from_slice(
+            &tmp[crate::units::to_usize(head)..crate::units::to_usize(head) + buf.len()],
+        );
         Ok(())
     }
 }
