@@ -196,7 +196,10 @@ fn unsupported_flags_are_refused_clearly_and_trace_is_ignored() {
     let s = sock.to_str().unwrap();
     for (args, expect) in [
         // The image has no snapshots: -l names one that is not there.
-        (&["-l", "snap1"][..], "Failed to load snapshot: Can't find snapshot"),
+        (
+            &["-l", "snap1"][..],
+            "Failed to load snapshot: Can't find snapshot",
+        ),
         (&["-B", "b0"][..], "dirty bitmaps is not supported yet"),
         (
             &["-c", "/dev/nbd0"][..],

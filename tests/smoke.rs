@@ -91,14 +91,22 @@ async fn encrypted_images_open_for_info_but_refuse_data_access() {
     assert_eq!(image.virtual_size(), 1 << 20);
     let mut buf = [0u8; 512];
     let err = image.read_at(&mut buf, 0).await.unwrap_err();
-    assert_eq!(err.kind(), qcow2_engine::ErrorKind::InvalidArgument, "{err}");
+    assert_eq!(
+        err.kind(),
+        qcow2_engine::ErrorKind::InvalidArgument,
+        "{err}"
+    );
     assert!(err.to_string().contains("key secret"), "{err}");
     // A read-only holder keeps writers out (image locks): let go first.
     drop(image);
     let err = Image::open(&img, &OpenOptions::new().writable(true))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), qcow2_engine::ErrorKind::InvalidArgument, "{err}");
+    assert_eq!(
+        err.kind(),
+        qcow2_engine::ErrorKind::InvalidArgument,
+        "{err}"
+    );
     assert!(err.to_string().contains("key secret"), "{err}");
 }
 
