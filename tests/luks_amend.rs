@@ -82,6 +82,7 @@ async fn our_key_slot_changes_work_in_qemu() {
     let erase = KeySlotChange::Deactivate {
         keyslot: None,
         old_secret: Some(Secret::new("abc")),
+        force: false,
     };
     amend(&p, "xyz", erase).await.unwrap();
     assert!(!qemu_reads_with(&p, "sec0"));
@@ -92,6 +93,7 @@ async fn our_key_slot_changes_work_in_qemu() {
     let last = KeySlotChange::Deactivate {
         keyslot: Some(1),
         old_secret: None,
+        force: false,
     };
     let e = amend(&p, "xyz", last).await.unwrap_err();
     assert!(e.to_string().contains("refusing"), "{e}");

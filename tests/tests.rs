@@ -16,6 +16,7 @@ mod check_crash;
 mod check_damage;
 mod check_extensions;
 mod cli_amend;
+mod cli_amend_luks;
 mod cli_check;
 mod cli_commit;
 mod cli_compare;

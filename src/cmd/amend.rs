@@ -1,25 +1,31 @@
 //! `qcow2 amend`: change an existing image's settings with `qemu-img amend`'s `-o` names,
 //! messages and exit codes. The work is the library's [`qcow2_engine::ops::amend`]; this file
-//! parses the option list (one `match` on the names: the place to add `encrypt.*`).
+//! parses the option list (one `match` on the names); `encrypt.*` key slot changes go to
+//! [`super::amend_luks`], after the other options (as qemu-img, both may be given at once).
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use qcow2_engine::ops::amend::{AmendOptions, amend};
 
+use super::amend_luks::{self, KeySlotOptions};
 use super::ops_common::{end_progress, plain, progress};
 use crate::access::Access;
 use crate::args::parse_size;
 use crate::disk::detect_format;
 
-/// qemu-img's `amend -o help` for qcow2 (without the LUKS `encrypt.*` options, which we do
-/// not support yet).
+/// qemu-img's `amend -o help` for qcow2.
 const HELP: &str = "Amend options for 'qcow2':
   backing_file=<str>     - File name of a base image
   backing_fmt=<str>      - Image format of the base image
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
   data_file=<str>        - File name of an external data file
   data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   refcount_bits=<num>    - Width of a reference count entry in bits
   size=<size>            - Virtual disk size";
@@ -49,7 +55,7 @@ pub struct Args {
     /// Print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Allow changes that may lose data (accepted; nothing here needs it).
+    /// Allow changes that may lose data (erasing the last active LUKS key slot).
     #[arg(long)]
     force: bool,
     #[command(flatten)]
@@ -91,23 +97,32 @@ async fn amend_cmd(a: Args) -> Result<u8> {
     if detect_format(&a.file, a.format.as_deref()).await? != "qcow2" {
         bail!("Format driver 'raw' does not support option amendment");
     }
+    let mut open = a.access.options(true);
+    if let Some(secret) = crate::secrets::for_path(&a.file)? {
+        open = open.key_secret(secret);
+    }
     let mut opts = AmendOptions {
-        open: a.access.options(true),
+        open,
         ..AmendOptions::default()
     };
+    let mut slots = KeySlotOptions::default();
     for list in &a.options {
-        parse_list(list, &mut opts)?;
+        parse_list(list, &mut opts, &mut slots)?;
     }
+    slots.validate()?;
     let show = a.progress && !a.quiet;
     opts.progress = Some(progress(show));
     let done = amend(&a.file, &opts).await;
     end_progress(show);
     done.map_err(plain)?;
+    if slots.given() {
+        amend_luks::apply(&a.file, &a.access, &slots, a.force).await?;
+    }
     Ok(0)
 }
 
 /// Apply one `-o` list to `opts` (later values win, as in qemu-img).
-fn parse_list(list: &str, opts: &mut AmendOptions) -> Result<()> {
+fn parse_list(list: &str, opts: &mut AmendOptions, slots: &mut KeySlotOptions) -> Result<()> {
     if list.is_empty() {
         bail!("Invalid option list: {list}");
     }
@@ -115,7 +130,9 @@ fn parse_list(list: &str, opts: &mut AmendOptions) -> Result<()> {
         let Some((name, value)) = item.split_once('=') else {
             bail!("Invalid parameter '{item}'");
         };
-        set_option(name, value, opts)?;
+        if !slots.set(name, value)? {
+            set_option(name, value, opts)?;
+        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One module per command.
 
 pub mod amend;
+mod amend_luks;
 pub mod bench;
 mod bench_stats;
 pub mod bitmap;

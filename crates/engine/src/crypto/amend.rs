@@ -33,8 +33,10 @@ pub enum KeySlotChange {
     Deactivate {
         /// The slot to erase.
         keyslot: Option<usize>,
-        /// Erase the slots this passphrase opens.
+        /// Erase the slots this passphrase opens (with `keyslot`: it must open that slot).
         old_secret: Option<Secret>,
+        /// Erase even the last active slot (`--force`): the data becomes unreadable.
+        force: bool,
     },
 }
 
@@ -57,8 +59,12 @@ pub async fn amend_key_slots(
         KeySlotChange::Deactivate {
             keyslot,
             old_secret,
+            force,
         } => {
             let slots = slots_to_erase(file, ih, &u, *keyslot, old_secret.as_ref()).await?;
+            if !force {
+                refuse_erasing_all(&u, &slots, *keyslot)?;
+            }
             erase(file, offset, &mut u, &slots).await
         }
     }
@@ -73,7 +79,7 @@ async fn activate(
     iter_time_ms: u64,
 ) -> Result<()> {
     let i = match keyslot {
-        Some(i) if i >= SLOTS => return Err(Error::invalid_arg(format!("Invalid keyslot {i}"))),
+        Some(i) if i >= SLOTS => return Err(invalid_slot(i)),
         Some(i) if u.header.slots[i].active => {
             return Err(Error::invalid_arg(format!(
                 "Refusing to overwrite active keyslot {i} - please erase it first"
@@ -111,7 +117,16 @@ async fn activate(
     write_header(file, offset, u).await
 }
 
-/// The slots to erase: `keyslot`, or those `old` opens; never all active ones.
+/// QEMU's refusal of a slot number out of range.
+fn invalid_slot(i: usize) -> Error {
+    Error::invalid_arg(format!(
+        "Invalid keyslot {i} specified, must be between 0 and {}",
+        SLOTS - 1
+    ))
+}
+
+/// The slots to erase: `keyslot` (which `old` must open, if given), or those `old` opens.
+/// Messages are qemu-img's.
 async fn slots_to_erase(
     file: &dyn Storage,
     ih: &ImageHeader,
@@ -119,33 +134,48 @@ async fn slots_to_erase(
     keyslot: Option<usize>,
     old: Option<&Secret>,
 ) -> Result<Vec<usize>> {
-    let slots = match (keyslot, old) {
-        (Some(i), _) if i >= SLOTS => {
-            return Err(Error::invalid_arg(format!("Invalid keyslot {i}")));
+    match (keyslot, old) {
+        (Some(i), _) if i >= SLOTS => Err(invalid_slot(i)),
+        (Some(i), _) if !u.header.slots[i].active => Err(Error::invalid_arg(format!(
+            "Given keyslot {i} is already erased (inactive) "
+        ))),
+        (Some(i), Some(old)) if !matching_slots(file, ih, u, old).await?.contains(&i) => {
+            Err(Error::invalid_arg(format!(
+                "Given keyslot {i} doesn't contain the given old password for erase operation"
+            )))
         }
-        (Some(i), _) if !u.header.slots[i].active => {
-            return Err(Error::invalid_arg(format!(
-                "Keyslot {i} is already inactive"
-            )));
+        (Some(i), _) => Ok(vec![i]),
+        (None, Some(old)) => {
+            let slots = matching_slots(file, ih, u, old).await?;
+            if slots.is_empty() {
+                return Err(Error::invalid_arg(
+                    "No keyslots match given (old) password for erase operation",
+                ));
+            }
+            Ok(slots)
         }
-        (Some(i), _) => vec![i],
-        (None, Some(old)) => matching_slots(file, ih, u, old).await?,
-        (None, None) => {
-            return Err(Error::invalid_arg(
-                "encrypt.state=inactive needs encrypt.keyslot or encrypt.old-secret",
-            ));
-        }
-    };
+        (None, None) => Err(Error::invalid_arg(
+            "To erase keyslot(s), either explicit keyslot index or the password currently \
+             contained in them must be given",
+        )),
+    }
+}
+
+/// Refuse to erase every active slot (the master key, and so the data, would be lost).
+fn refuse_erasing_all(u: &Unlocked, slots: &[usize], keyslot: Option<usize>) -> Result<()> {
     let active = u.header.slots.iter().filter(|s| s.active).count();
-    if slots.is_empty() {
-        return Err(Error::invalid_arg("No keyslots match given (old) password"));
+    if slots.len() < active {
+        return Ok(());
     }
-    if slots.len() >= active {
-        return Err(Error::invalid_arg(
-            "Attempt to erase the only active keyslot(s) which will erase all the data in the image irreversibly - refusing operation",
-        ));
-    }
-    Ok(slots)
+    let what = match keyslot {
+        Some(i) => format!("Attempt to erase the only active keyslot {i} which"),
+        None => "All the active keyslots match the (old) password that was given and erasing \
+                 them"
+            .to_string(),
+    };
+    Err(Error::invalid_arg(format!(
+        "{what} will erase all the data in the image irreversibly - refusing operation"
+    )))
 }
 
 /// Active slots that `old` opens (each tried on its own).
