@@ -61,6 +61,7 @@ mod nbd_qemu;
 mod nbd_timeouts;
 mod nbd_tls;
 mod nbd_transmission;
+mod ops_references;
 mod overlap;
 mod partial_zero;
 mod perf_paths;
