@@ -7,14 +7,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::common::chain::{LayerSpec, assert_same_image, both, make_chain, twin};
+use crate::common::chain::{LayerSpec, assert_same_image, both, io, make_chain, twin};
 use crate::common::{qemu_raw, run};
 use qcow2_engine::check::{CheckOptions, change_refcount_width, check};
 use qcow2_engine::storage::{CrashPolicy, CrashStorage, MemoryStorage};
-
-fn io(cmds: &[&str]) -> Vec<String> {
-    cmds.iter().map(|c| c.to_string()).collect()
-}
 
 /// img.qcow2 (8 MiB, `opts`) with data, zero, compressed and discarded clusters, over
 /// base.qcow2 when `backing`.

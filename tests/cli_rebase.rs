@@ -6,68 +6,20 @@
 
 use std::path::Path;
 
-use crate::common::chain::{LayerSpec, assert_same_image, both, make_chain, twin};
+use crate::common::chain::{
+    LayerSpec, VARIANTS, assert_same_image, both, chain3_layers, io, make_chain, twin,
+};
 use crate::common::{qemu_raw, run};
-
-const VARIANTS: &[&str] = &[
-    "",
-    "cluster_size=512",
-    "refcount_bits=1",
-    "extended_l2=on",
-    "compat=0.10",
-];
-
-fn io(cmds: &[&str]) -> Vec<String> {
-    cmds.iter().map(|c| c.to_string()).collect()
-}
-
-fn with_backing(opts: &str, backing: &str) -> String {
-    let b = format!("backing_file={backing},backing_fmt=qcow2");
-    if opts.is_empty() {
-        b
-    } else {
-        format!("{opts},{b}")
-    }
-}
 
 /// base ← mid ← top (8 MiB) and a standalone other.qcow2 with different data.
 fn chain3(dir: &Path, opts: &str) {
-    let layers = [
-        LayerSpec {
-            name: "base.qcow2",
-            format: "qcow2",
-            opts: opts.to_string(),
-            io: io(&["write -P 1 0 3M", "write -c -P 7 6M 64k"]),
-        },
-        LayerSpec {
-            name: "mid.qcow2",
-            format: "qcow2",
-            opts: with_backing(opts, "base.qcow2"),
-            io: io(&[
-                "write -P 2 1M 1M",
-                "write -z 2560k 256k",
-                "write -P 6 7000 5000",
-            ]),
-        },
-        LayerSpec {
-            name: "top.qcow2",
-            format: "qcow2",
-            opts: with_backing(opts, "mid.qcow2"),
-            io: io(&[
-                "write -P 3 512k 600k",
-                "write -z 3M 128k",
-                "write -c -P 4 4M 64k",
-                "discard 1M 64k",
-                "write -P 5 6000 3000",
-            ]),
-        },
-        LayerSpec {
-            name: "other.qcow2",
-            format: "qcow2",
-            opts: opts.to_string(),
-            io: io(&["write -P 9 0 1M", "write -P 1 1M 2M", "write -P 10 5M 2M"]),
-        },
-    ];
+    let mut layers = chain3_layers(opts);
+    layers.push(LayerSpec {
+        name: "other.qcow2",
+        format: "qcow2",
+        opts: opts.to_string(),
+        io: io(&["write -P 9 0 1M", "write -P 1 1M 2M", "write -P 10 5M 2M"]),
+    });
     make_chain(dir, &layers, "8M");
 }
 

@@ -111,3 +111,64 @@ pub fn assert_same_image(theirs: &Path, ours: &Path, name: &str, format: &str) {
         super::assert_check_clean(&ours.join(name));
     }
 }
+
+/// `-o` options of the image variants the chain tests run over (every layer of a chain uses
+/// the same): 64 KiB and 512 B clusters, refcount_bits 1, extended L2, v2.
+pub const VARIANTS: &[&str] = &[
+    "",
+    "cluster_size=512",
+    "refcount_bits=1",
+    "extended_l2=on",
+    "compat=0.10",
+];
+
+/// qemu-io commands as owned strings (a [`LayerSpec`]'s `io`).
+pub fn io(cmds: &[&str]) -> Vec<String> {
+    cmds.iter().map(|c| c.to_string()).collect()
+}
+
+/// `opts` plus a qcow2 `backing` file.
+pub fn with_backing(opts: &str, backing: &str) -> String {
+    let b = format!("backing_file={backing},backing_fmt=qcow2");
+    if opts.is_empty() {
+        b
+    } else {
+        format!("{opts},{b}")
+    }
+}
+
+/// base.qcow2 ← mid.qcow2 ← top.qcow2 with `opts`, every layer with data, zeros, compressed
+/// clusters, discards and unaligned writes overlapping the others (callers may add layers or
+/// commands before [`make_chain`]).
+pub fn chain3_layers(opts: &str) -> Vec<LayerSpec<'static>> {
+    vec![
+        LayerSpec {
+            name: "base.qcow2",
+            format: "qcow2",
+            opts: opts.to_string(),
+            io: io(&["write -P 1 0 3M", "write -c -P 7 6M 64k"]),
+        },
+        LayerSpec {
+            name: "mid.qcow2",
+            format: "qcow2",
+            opts: with_backing(opts, "base.qcow2"),
+            io: io(&[
+                "write -P 2 1M 1M",
+                "write -z 2560k 256k",
+                "write -P 6 7000 5000",
+            ]),
+        },
+        LayerSpec {
+            name: "top.qcow2",
+            format: "qcow2",
+            opts: with_backing(opts, "mid.qcow2"),
+            io: io(&[
+                "write -P 3 512k 600k",
+                "write -z 3M 128k",
+                "write -c -P 4 4M 64k",
+                "discard 1M 64k",
+                "write -P 5 6000 3000",
+            ]),
+        },
+    ]
+}
