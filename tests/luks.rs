@@ -45,31 +45,11 @@ fn qemu_io(p: &str, cmds: &[&str]) {
     );
 }
 
-/// `qemu-img convert -O raw` of an encrypted image.
-fn qemu_raw(p: &str, out: &Path) -> Vec<u8> {
+/// `TOOL convert -O raw` of an encrypted image (`qemu-img` or our binary).
+fn raw_by(tool: &str, p: &str, out: &Path) -> Vec<u8> {
     let io = image_opts(p);
     let o = out.to_str().unwrap();
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "--object",
-            OBJ,
-            "--image-opts",
-            &io,
-            "-O",
-            "raw",
-            o,
-        ],
-    );
-    std::fs::read(out).unwrap()
-}
-
-/// `qcow2 convert -O raw` of an encrypted image.
-fn our_raw(p: &str, out: &Path) -> Vec<u8> {
-    let io = image_opts(p);
-    let o = out.to_str().unwrap();
-    qcow2_ok(&[
+    let args = [
         "convert",
         "--object",
         OBJ,
@@ -78,8 +58,19 @@ fn our_raw(p: &str, out: &Path) -> Vec<u8> {
         "-O",
         "raw",
         o,
-    ]);
+    ];
+    run(tool, &args);
     std::fs::read(out).unwrap()
+}
+
+/// `qemu-img convert -O raw` of an encrypted image.
+fn qemu_raw(p: &str, out: &Path) -> Vec<u8> {
+    raw_by("qemu-img", p, out)
+}
+
+/// `qcow2 convert -O raw` of an encrypted image.
+fn our_raw(p: &str, out: &Path) -> Vec<u8> {
+    raw_by(env!("CARGO_BIN_EXE_qcow2"), p, out)
 }
 
 fn assert_same(what: &str, a: &[u8], b: &[u8]) {
