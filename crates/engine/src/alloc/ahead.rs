@@ -14,8 +14,9 @@
 //! back to its last allocated cluster ([`GrowAhead::trim`]), so the file has the length it
 //! would have had without growing ahead.
 //!
-//! Only storage backed by a file (one with a path) is grown ahead: for in-memory storage the
-//! step would be real memory, and it has no extending-write cost to avoid.
+//! Only storage that asks for it ([`Storage::grows_ahead`]: files) is grown ahead: for
+//! in-memory storage the step would be real memory, and it has no extending-write cost to
+//! avoid.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,7 +48,7 @@ impl GrowAhead {
     /// Track `file`, `len` bytes long at open.
     pub(crate) fn new(file: Arc<dyn Storage>, len: u64) -> GrowAhead {
         GrowAhead {
-            enabled: file.path().is_some(),
+            enabled: file.grows_ahead(),
             file,
             grown: AtomicU64::new(len),
             extended: AtomicBool::new(false),
@@ -95,5 +96,60 @@ impl GrowAhead {
             self.grown.store(used, Ordering::Release);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{IoFuture, MemoryStorage};
+
+    /// Memory storage that asks to be grown ahead, as a library user's own backend may.
+    #[derive(Debug, Default)]
+    struct Eager(MemoryStorage);
+
+    impl Storage for Eager {
+        fn read_at<'a>(&'a self, buf: &'a mut [u8], offset: u64) -> IoFuture<'a, ()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at<'a>(&'a self, buf: &'a [u8], offset: u64) -> IoFuture<'a, ()> {
+            self.0.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+            self.0.write_zeroes(offset, len)
+        }
+        fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+            self.0.discard(offset, len)
+        }
+        fn flush(&self) -> IoFuture<'_, ()> {
+            self.0.flush()
+        }
+        fn len(&self) -> IoFuture<'_, u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> IoFuture<'_, ()> {
+            self.0.set_len(len)
+        }
+        fn grows_ahead(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn storage_decides_whether_it_is_grown_ahead() {
+        // A path is not what decides: this storage has none and asks to be grown.
+        let eager: Arc<dyn Storage> = Arc::new(Eager::default());
+        let ahead = GrowAhead::new(eager.clone(), 0);
+        ahead.cover(1 << 20).await;
+        let grown = eager.len().await.unwrap();
+        assert!(grown >= (1 << 20) + MIN_STEP, "grown to {grown}");
+        ahead.trim(1 << 20).await.unwrap();
+        assert_eq!(eager.len().await.unwrap(), 1 << 20);
+
+        // Plain memory is never grown (a step would be real memory).
+        let memory: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let ahead = GrowAhead::new(memory.clone(), 0);
+        ahead.cover(1 << 20).await;
+        assert_eq!(memory.len().await.unwrap(), 0);
     }
 }

@@ -145,6 +145,9 @@ impl Storage for CryptStorage {
     fn path(&self) -> Option<&std::path::Path> {
         self.inner.path()
     }
+    fn grows_ahead(&self) -> bool {
+        self.inner.grows_ahead()
+    }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, (bool, u64)> {
         self.inner.block_status(offset, len)
     }

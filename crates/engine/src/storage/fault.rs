@@ -381,6 +381,10 @@ impl Storage for FaultStorage {
         self.inner.path()
     }
 
+    fn grows_ahead(&self) -> bool {
+        self.inner.grows_ahead()
+    }
+
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.guard(OpKind::Allocate, Some((offset, len)), || {
             self.inner.allocate(offset, len)

@@ -289,6 +289,10 @@ impl Storage for FileStorage {
         Some(&self.path)
     }
 
+    fn grows_ahead(&self) -> bool {
+        true
+    }
+
     fn allocated_size(&self) -> IoFuture<'_, Option<u64>> {
         use std::os::unix::fs::MetadataExt;
         self.run(|inner| Ok(Some(inner.file.metadata()?.blocks() * 512)))

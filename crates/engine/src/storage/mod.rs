@@ -94,6 +94,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn release_locks(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Whether the image engine should grow this storage ahead of its allocations with
+    /// [`Storage::allocate`] in large steps, instead of letting each write past the end
+    /// extend it. Worth it for files (filesystems serialize extending writes); not for memory
+    /// (a step would be real memory) — the default is `false`.
+    fn grows_ahead(&self) -> bool {
+        false
+    }
     /// Allocate (reserve) `len` bytes at `offset` without changing their content where possible.
     /// The default writes zeros past the current end only, via `write_zeroes`; bytes already
     /// inside the storage keep their content.

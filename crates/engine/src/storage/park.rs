@@ -217,6 +217,10 @@ impl Storage for ParkStorage {
         self.inner.path()
     }
 
+    fn grows_ahead(&self) -> bool {
+        self.inner.grows_ahead()
+    }
+
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.inner.allocate(offset, len)
     }

@@ -200,6 +200,10 @@ impl Storage for UringStorage {
         Some(self.file.path())
     }
 
+    fn grows_ahead(&self) -> bool {
+        true
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, (bool, u64)> {
         self.file.block_status(offset, len)
     }
