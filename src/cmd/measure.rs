@@ -154,12 +154,10 @@ async fn measure_source(
         }
     }
     let bitmaps = match source {
-        Disk::Qcow2(img) if target_has_bitmaps(opts) => {
-            source_bitmaps(&img.header(), img.storage().as_ref())
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-                .map(|b| bitmaps_size(&b, source.size(), opts.cluster_size))
-        }
+        Disk::Qcow2(img) if target_has_bitmaps(opts) => source_bitmaps(img)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            .map(|b| bitmaps_size(&b, source.size(), opts.cluster_size)),
         _ => None,
     };
     Ok(m.finish(bitmaps))

@@ -231,11 +231,6 @@ impl Image {
             .map(|w| w.refcounts().cache().stats())
     }
 
-    /// The storage holding the image file.
-    pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.inner.file
-    }
-
     /// Run `work` on a clone of this handle as a cancel-safe future: if the caller drops it
     /// after it started, the work finishes in the background (see `crate::detach`).
     fn detached<T, F>(&self, work: impl FnOnce(Image) -> F) -> crate::detach::Detached<T>

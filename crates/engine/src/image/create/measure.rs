@@ -19,6 +19,7 @@ use super::{Compat, CreateOptions, Preallocation};
 use crate::error::{Error, Result};
 use crate::format::extensions::{ImageHeader, MAX_BITMAP_DIRECTORY_SIZE};
 use crate::format::header;
+use crate::image::Image;
 use crate::storage::Storage;
 
 /// Bytes of an L1 entry.
@@ -173,11 +174,15 @@ pub fn bitmaps_size(bitmaps: &[BitmapShape], source_size: u64, cluster_size: u64
     total.saturating_add(directory.next_multiple_of(cluster_size))
 }
 
-/// The persistent bitmaps of a qcow2 image (its cluster 0 decoded as `ih`, its file
-/// `storage`), for [`bitmaps_size`]. `None` for a v2 image (it cannot have bitmaps); empty
+/// The persistent bitmaps of an open qcow2 image, for [`bitmaps_size`]. `None` for a v2 image (it cannot have bitmaps); empty
 /// when the bitmaps extension is absent or marked inconsistent (QEMU then ignores it too).
 /// The directory read is bounded by QEMU's 64 MiB limit; a malformed directory is an error.
-pub async fn source_bitmaps(
+pub async fn source_bitmaps(image: &Image) -> Result<Option<Vec<BitmapShape>>> {
+    directory_shapes(&image.header(), image.inner.file.as_ref()).await
+}
+
+/// [`source_bitmaps`] of the image whose cluster 0 decodes as `ih`, in `storage`.
+async fn directory_shapes(
     ih: &ImageHeader,
     storage: &dyn Storage,
 ) -> Result<Option<Vec<BitmapShape>>> {
