@@ -194,3 +194,50 @@ fn non_utf8_names_are_never_rewritten() {
     qcow2_ok(&["snapshot", "-a", "1", s(&img)]);
     crate::common::assert_check_clean(&img);
 }
+
+/// qemu-img refuses to apply a snapshot while the image has persistent bitmaps (enabled or
+/// not, and before looking the name up); so do we, with its message and status, leaving the
+/// image as it was. Creating and deleting snapshots stays allowed, as there.
+#[test]
+fn apply_is_refused_while_bitmaps_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    for flags in [&[][..], &["--disable"][..]] {
+        let img = image(dir.path());
+        let mut add = vec!["bitmap", "--add"];
+        add.extend_from_slice(flags);
+        add.extend([s(&img), "b0"]);
+        run("qemu-img", &add);
+        let copy = dir.path().join("copy.qcow2");
+        std::fs::copy(&img, &copy).unwrap();
+        for name in ["one", "nosuch"] {
+            let (code, theirs) = status("qemu-img", &["snapshot", "-a", name, s(&copy)]);
+            let ours = qcow2(&["snapshot", "-a", name, s(&img)]);
+            assert_eq!(ours.code, code, "{flags:?} {name}: {}", ours.stderr);
+            let want = theirs.trim().replace("qemu-img: ", "");
+            assert!(ours.stderr.contains(&want), "{want:?} vs {:?}", ours.stderr);
+        }
+        // Unchanged: the active disk still reads the last write, the image checks clean.
+        qemu_io(&img, &["read -P 4 0 1M", "read -P 3 3M 64k"]);
+        crate::common::assert_check_clean(&img);
+        qcow2_ok(&["snapshot", "-c", "three", s(&img)]);
+        qcow2_ok(&["snapshot", "-d", "three", s(&img)]);
+        std::fs::remove_file(&img).unwrap();
+    }
+}
+
+/// The library refuses it too (the CLI's own check comes first), changing nothing.
+#[tokio::test]
+async fn library_apply_is_refused_while_bitmaps_exist() {
+    use qcow2_engine::image::{Image, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    run("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    let opened = Image::open(&img, &OpenOptions::new().writable(true))
+        .await
+        .unwrap();
+    let e = opened.apply_snapshot("one").await.unwrap_err();
+    assert_eq!(e.kind(), qcow2_engine::ErrorKind::Unsupported, "{e}");
+    opened.close().await.unwrap();
+    qemu_io(&img, &["read -P 4 0 1M", "read -P 3 3M 64k"]);
+    crate::common::assert_check_clean(&img);
+}

@@ -103,6 +103,10 @@ async fn run_op(img: &Image, op: Op) -> Result<()> {
                 .map_err(|e| anyhow!("Could not create snapshot '{n}': {}", reason(&e)))?;
         }
         Op::Apply(n) => {
+            // qemu-img refuses before looking the snapshot up, whatever the bitmaps' flags.
+            if !img.bitmaps().await?.is_empty() {
+                bail!("Could not apply snapshot '{n}': Device has active dirty bitmaps");
+            }
             img.apply_snapshot(&n).await.map_err(|e| match e.kind() {
                 qcow2_engine::ErrorKind::NotFound => anyhow!(
                     "Could not apply snapshot '{n}': Failed to load snapshot: No such file or directory"

@@ -19,8 +19,10 @@ impl Image {
     /// `key` (QEMU's lookup), including its virtual size. The current state is discarded
     /// (clusters only it used are freed); the snapshot stays. Returns the applied entry.
     ///
-    /// Errors: `NotFound`, `Unsupported` (a refcount would overflow the width), `ReadOnly`,
-    /// `Corrupt` (the snapshot's tables are damaged) — all before anything changes.
+    /// Errors: `NotFound`, `Unsupported` (a refcount would overflow the width, or the image
+    /// has persistent bitmaps: as QEMU, which refuses because the bitmaps describe the
+    /// current state, not the snapshot's), `ReadOnly`, `Corrupt` (the snapshot's tables are
+    /// damaged) — all before anything changes.
     /// Cancel-safe.
     ///
     /// ```no_run
@@ -37,6 +39,11 @@ impl Image {
     async fn apply_now(&self, key: &str) -> Result<Snapshot> {
         let w = self.write_state()?;
         self.check_snapshots_supported()?;
+        if !self.bitmaps().await?.is_empty() {
+            return Err(Error::unsupported(
+                "applying a snapshot to an image with persistent dirty bitmaps",
+            ));
+        }
         let _quiet = self.quiesce().await?;
         let (snaps, _) = self.read_snapshot_table().await?;
         let idx = find_by_id_or_name(&snaps, key).ok_or_else(|| not_found(key))?;
