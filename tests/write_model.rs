@@ -236,13 +236,13 @@ async fn run_variant(v: Variant, seed: u64) {
     }
     let stats = img.l2_cache_stats();
     assert!(
-        stats.peak_bytes <= stats.capacity_bytes,
+        stats.peak_bytes <= stats.limit_bytes,
         "{}: L2 cache exceeded its bound: {stats:?}",
         v.name
     );
     let rstats = img.refcount_cache_stats().unwrap();
     assert!(
-        rstats.peak_bytes <= rstats.capacity_bytes,
+        rstats.peak_bytes <= rstats.limit_bytes,
         "{}: refcount cache exceeded its bound: {rstats:?}",
         v.name
     );

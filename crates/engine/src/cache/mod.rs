@@ -5,9 +5,15 @@
 //! - A slice that is in the map is never replaced by a load: a load only happens for a key that
 //!   is absent, and eviction only removes slices that are clean and not in use. So a dirty or
 //!   freshly created slice can never be overwritten by stale bytes from disk.
-//! - The cache never holds more than `capacity` slices. When it is full and nothing can be
-//!   evicted (every slice is dirty or in use), [`SliceCache::get`] returns
+//! - The cache holds at most `capacity` slices, except for a small bounded overflow: when it is
+//!   full and nothing can be evicted (every slice is dirty or in use), a new slice is still
+//!   admitted while the map is below its hard limit (`capacity` plus at most 8 MiB / 256
+//!   slices) and at most half the capacity is dirty. Why: with more requests in flight than
+//!   slices, every slice may be clean but held by a reader; answering `Full` then makes the
+//!   readers spin on flushes that cannot help (nothing is dirty) until one finishes. Beyond the
+//!   hard limit, or when dirty slices are the reason, [`SliceCache::get`] returns
 //!   [`Lookup::Full`] and the caller flushes (or waits) and retries instead of growing memory.
+//!   Later inserts evict back down to `capacity` as soon as the held slices are released.
 //! - Slices are always readable. A flush copies a slice's bytes under its lock and writes the
 //!   copy, so updates made during the write simply leave the slice dirty again
 //!   (see [`Slice::snapshot_dirty`] and [`Slice::mark_clean`]).
@@ -23,6 +29,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// At most this many slices of overflow beyond the configured capacity.
+const OVERFLOW_SLICES: usize = 256;
+/// At most this many bytes of overflow beyond the configured capacity.
+const OVERFLOW_BYTES: usize = 8 << 20;
+/// At least this many slices of overflow (a request in flight holds one or two slices).
+const MIN_OVERFLOW_SLICES: usize = 16;
+
 /// Counters describing the cache, for tests and `bench`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -34,6 +47,9 @@ pub struct CacheStats {
     pub peak_bytes: usize,
     /// The configured bound in bytes.
     pub capacity_bytes: usize,
+    /// The hard bound in bytes: the configured one plus the bounded overflow for slices that
+    /// are clean but in use (see the module docs).
+    pub limit_bytes: usize,
     /// Slices currently dirty.
     pub dirty: usize,
 }
@@ -54,6 +70,8 @@ pub struct SliceCache {
     name: &'static str,
     slice_size: usize,
     capacity: usize,
+    /// `capacity` plus the bounded overflow for clean slices held by requests in flight.
+    hard_limit: usize,
     clock: AtomicU64,
     map: Mutex<CacheMap>,
 }
@@ -69,10 +87,12 @@ impl SliceCache {
     /// so one request's lookups always fit).
     pub fn new(name: &'static str, slice_size: usize, capacity_bytes: usize) -> SliceCache {
         let capacity = (capacity_bytes / slice_size).max(4);
+        let overflow = (OVERFLOW_BYTES / slice_size).clamp(MIN_OVERFLOW_SLICES, OVERFLOW_SLICES);
         SliceCache {
             name,
             slice_size,
             capacity,
+            hard_limit: capacity + overflow,
             clock: AtomicU64::new(1),
             map: Mutex::new(CacheMap::default()),
         }
@@ -92,7 +112,7 @@ impl SliceCache {
             s.touch(tick);
             return Lookup::Slice(s.clone());
         }
-        if map.slices.len() >= self.capacity && !Self::evict_one(&mut map) {
+        if !self.make_room(&mut map) {
             return Lookup::Full;
         }
         let s = Arc::new(Slice::new(key, self.slice_size, tick));
@@ -105,6 +125,18 @@ impl SliceCache {
     #[cfg(test)]
     pub fn peek(&self, key: u64) -> Option<Arc<Slice>> {
         self.map.lock().unwrap().slices.get(&key).cloned()
+    }
+
+    /// Evict down below `capacity`; when nothing more can be evicted, say whether the bounded
+    /// overflow may take one more slice (see the module docs).
+    fn make_room(&self, map: &mut CacheMap) -> bool {
+        while map.slices.len() >= self.capacity {
+            if !Self::evict_one(map) {
+                let dirty = map.slices.values().filter(|s| s.is_dirty()).count();
+                return map.slices.len() < self.hard_limit && dirty * 2 < self.capacity;
+            }
+        }
+        true
     }
 
     /// Remove the least recently used slice that is clean and not referenced outside the map.
@@ -172,6 +204,7 @@ impl SliceCache {
             bytes: map.slices.len() * self.slice_size,
             peak_bytes: map.peak * self.slice_size,
             capacity_bytes: self.capacity * self.slice_size,
+            limit_bytes: self.hard_limit * self.slice_size,
             dirty: map.slices.values().filter(|s| s.is_dirty()).count(),
         }
     }
@@ -218,5 +251,67 @@ mod tests {
         }
         assert!(matches!(c.get(9 * 512), Lookup::Slice(_)));
         assert!(c.stats().peak_bytes <= c.stats().capacity_bytes);
+    }
+
+    async fn loaded(c: &SliceCache, key: u64) -> Arc<Slice> {
+        let s = slice(c, key);
+        s.ensure_loaded(|b| async move { Ok(b) }).await.unwrap();
+        s
+    }
+
+    /// Regression: clean slices held by requests in flight used to make the cache answer
+    /// `Full`, and readers spun on flushes that could not help.
+    #[tokio::test]
+    async fn in_use_clean_slices_overflow_then_shrink_back() {
+        let c = SliceCache::new("t", 512, 4 * 512);
+        let mut held = Vec::new();
+        for k in 0..10u64 {
+            held.push(loaded(&c, k * 512).await);
+        }
+        assert_eq!(c.stats().slices, 10);
+        assert!(c.stats().bytes > c.stats().capacity_bytes);
+        drop(held);
+        // The next insert evicts back below the configured capacity.
+        let _s = loaded(&c, 100 * 512).await;
+        assert_eq!(c.stats().slices, 4);
+        assert!(c.stats().peak_bytes <= c.stats().limit_bytes);
+    }
+
+    #[tokio::test]
+    async fn overflow_is_bounded() {
+        let c = SliceCache::new("t", 512, 4 * 512);
+        let limit = c.stats().limit_bytes / 512;
+        assert_eq!(limit, 4 + OVERFLOW_SLICES);
+        let mut held = Vec::new();
+        for k in 0..limit as u64 {
+            held.push(loaded(&c, k * 512).await);
+        }
+        assert!(matches!(c.get(10_000 * 512), Lookup::Full));
+        assert_eq!(c.stats().peak_bytes, c.stats().limit_bytes);
+    }
+
+    #[tokio::test]
+    async fn mostly_dirty_does_not_overflow() {
+        let c = SliceCache::new("t", 512, 4 * 512);
+        let mut held = Vec::new();
+        for k in 0..4u64 {
+            let s = loaded(&c, k * 512).await;
+            if k < 2 {
+                s.update(|b| b[0] = 1);
+            }
+            held.push(s);
+        }
+        // Half the capacity is dirty: flushing is what helps, so no overflow.
+        assert!(matches!(c.get(50 * 512), Lookup::Full));
+    }
+
+    #[test]
+    fn overflow_bytes_bound_holds_for_big_slices() {
+        let c = SliceCache::new("t", 1 << 20, 32 << 20);
+        let over = c.stats().limit_bytes - c.stats().capacity_bytes;
+        assert_eq!(over, MIN_OVERFLOW_SLICES << 20);
+        let c = SliceCache::new("t", 4096, 1 << 20);
+        let over = c.stats().limit_bytes - c.stats().capacity_bytes;
+        assert_eq!(over, OVERFLOW_SLICES * 4096);
     }
 }
