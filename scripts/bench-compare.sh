@@ -3,7 +3,7 @@
 #
 #   scripts/bench-compare.sh [--quick] [--rounds N] [--cache none|writeback|both] [WORKLOAD...]
 #
-# Workloads (default: all but h): a b c d e f g i, as in issue 10:
+# Workloads (default: all): a b c d e f g h i, as in issue 10:
 #   a  4 KiB allocating writes, one per new cluster (-S 64k), fresh image, depth 1 and 32
 #   b  4 KiB overwrites of allocated clusters, sequential and scattered (large prime step)
 #   c  4 KiB reads of allocated clusters, sequential and scattered
@@ -13,7 +13,9 @@
 #   g  4 KiB scattered reads with an L2 cache a quarter of the image's L2 tables
 #   i  convert of a mixed raw file (random, text, repeated, zero blocks): raw->qcow2,
 #      qcow2->qcow2, -c zlib and -c zstd (qemu-img with -m 8, and -m 8 -W)
-#   h  (not yet) the NBD server against qemu-nbd
+#   h  the NBD server: `qcow2 serve` against `qemu-nbd` (and qemu-nbd on a raw file) on the
+#      full image, fio's nbd engine, 4 KiB randread/randwrite, QD 32, 1 and 4 connections;
+#      wall = fio's run, CPU and RSS = the server's (skipped when fio is missing)
 # Each round runs ours, QEMU and the raw-file baseline (`qemu-img bench -f raw`) in turn,
 # rotating who goes first, every run a whole process under /usr/bin/time (wall, user+sys CPU,
 # peak RSS). Printed: medians over the rounds and the ratios ours/QEMU and ours/raw (below 1 =
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$caches" = both ] && caches="none writeback"
 workloads=("$@")
-[ ${#workloads[@]} -gt 0 ] || workloads=(a b c d e f g i)
+[ ${#workloads[@]} -gt 0 ] || workloads=(a b c d e f g h i)
 
 if [ -z "${QCOW2_BIN:-}" ]; then
   cargo build --release --quiet
@@ -173,6 +175,44 @@ convert_row() {
   qemu-img compare -q -f "$fmt" -F qcow2 "$d/mixed.$fmt" "$d/out.qcow2"
 }
 
+# serve_measure KEY WHO CACHE FIO-ARGS...: start WHO's NBD server (ours: qcow2 serve, qemu:
+# qemu-nbd, raw: qemu-nbd on the raw file) on the full image, run fio against it, stop it.
+# Appends "fio-wall server-cpu server-rss_kib" to $res/KEY.
+serve_measure() {
+  local key=$1 who=$2 cache=$3; shift 3
+  local sock=$d/nbd.sock server
+  rm -f "$sock"
+  case $who in
+    ours) server=("$Q" serve -t -e 4 --cache="$cache" -k "$sock" -f qcow2 "$d/full.qcow2") ;;
+    qemu) server=(qemu-nbd -t -e 4 --cache="$cache" -k "$sock" -f qcow2 "$d/full.qcow2") ;;
+    raw) server=(qemu-nbd -t -e 4 --cache="$cache" -k "$sock" -f raw "$d/full.raw") ;;
+  esac
+  "$TIME" -f '%U %S %M' -o "$d/st" "${server[@]}" >"$d/sout" 2>&1 &
+  local tpid=$! i
+  for i in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+  [ -S "$sock" ] || { echo "FAILED: ${server[*]} did not listen" >&2; cat "$d/sout" >&2; exit 1; }
+  if ! "$TIME" -f '%e' -o "$d/ft" fio --name=h --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+      --bs=4k --iodepth=32 --size="$size" --randrepeat=1 --group_reporting "$@" >"$d/out" 2>&1; then
+    echo "FAILED: fio $*" >&2; cat "$d/out" >&2; exit 1
+  fi
+  pkill -TERM -P "$tpid" || true
+  wait "$tpid" || true
+  echo "$(cat "$d/ft") $(awk '{printf "%.3f %s", $1 + $2, $3}' "$d/st")" >>"$res/$key"
+}
+
+# nbd_row NAME CACHE FIO-ARGS...: ours vs qemu-nbd vs qemu-nbd on raw, alternating.
+nbd_row() {
+  local name=$1 cache=$2; shift 2
+  full
+  local key="$name|$cache" r who
+  rows+=("$key")
+  for r in $(seq "$rounds"); do
+    local order=(ours qemu raw)
+    order=("${order[@]:$((r % 3))}" "${order[@]:0:$((r % 3))}")
+    for who in "${order[@]}"; do serve_measure "$key|$who" "$who" "$cache" "$@"; done
+  done
+}
+
 run_workload() {
   local w=$1 cache
   if [ "$w" = i ]; then
@@ -202,7 +242,14 @@ run_workload() {
       f) bench_row "f read 64k zstd d16" zstd "$cache" -c "$(n "$clusters")" -d 16 -s 64k
          bench_row "f read 64k zlib d16" zlib "$cache" -c "$(n "$clusters")" -d 16 -s 64k ;;
       g) bench_row "g read 4k small L2 cache d32" full "$cache" l2=$(( clusters * 8 / 4 )) -c "$(n 100000)" -d 32 -s 4k -S $scatter ;;
-      h) echo "workload h (NBD) is not implemented yet" >&2 ;;
+      h) if ! command -v fio >/dev/null || ! fio --enghelp 2>/dev/null | grep -qw nbd; then
+           echo "workload h skipped: needs fio with its nbd engine" >&2; continue
+         fi
+         local ios; ios=$(n 200000)
+         for rw in randread randwrite; do
+           nbd_row "h nbd 4k $rw QD32 1 conn" "$cache" --rw=$rw --number_ios="$ios"
+           nbd_row "h nbd 4k $rw QD32 4 conns" "$cache" --rw=$rw --numjobs=4 --number_ios=$(( ios / 4 > 1 ? ios / 4 : 1 ))
+         done ;;
       *) echo "unknown workload '$w'" >&2; exit 2 ;;
     esac
   done
