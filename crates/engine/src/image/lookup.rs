@@ -127,3 +127,24 @@ pub(crate) async fn get_slice(
     let fresh = || img.inner.new.contains(off.to_cluster_offset(cb).0);
     crate::alloc::load_slice(cache, slice, (&file, fresh), "loading an L2 slice").await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed offsets print as the plain numbers the message always had.
+    #[test]
+    fn external_mismatch_names_both_offsets() {
+        let entry = |h| L2Entry::Normal {
+            host: HostOffset(h),
+            copied: true,
+        };
+        assert!(check_external(&entry(0x10000), GuestOffset(0x10000)).is_ok());
+        let e = check_external(&entry(0x20000), GuestOffset(0x10000)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "corrupt image: external data file host cluster offset 0x20000 does not match \
+             guest cluster offset 0x10000"
+        );
+    }
+}
