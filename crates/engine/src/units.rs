@@ -69,10 +69,46 @@ impl HostOffset {
     }
 }
 
+/// A guest cluster number: a [`GuestOffset`] divided by the cluster size (what L1 and L2
+/// tables are indexed by, and what the in-flight allocation table claims).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GuestCluster(pub u64);
+
+impl fmt::Display for GuestCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "guest cluster {}", self.0)
+    }
+}
+
+impl GuestCluster {
+    /// The guest offset where this cluster starts, for clusters of `1 << cluster_bits` bytes.
+    /// Guest cluster numbers come from guest offsets (below 2^63), so the shift cannot
+    /// overflow.
+    pub fn offset(self, cluster_bits: u32) -> GuestOffset {
+        GuestOffset(self.0 << cluster_bits)
+    }
+
+    /// The cluster `n` clusters further on.
+    pub fn offset_by(self, n: u64) -> GuestCluster {
+        GuestCluster(self.0 + n)
+    }
+}
+
 impl GuestOffset {
     /// The offset `n` bytes further on.
     pub fn offset_by(self, n: u64) -> GuestOffset {
         GuestOffset(self.0 + n)
+    }
+
+    /// The number of the guest cluster holding this offset, for clusters of
+    /// `1 << cluster_bits` bytes.
+    pub fn cluster(self, cluster_bits: u32) -> GuestCluster {
+        GuestCluster(self.0 >> cluster_bits)
+    }
+
+    /// The bytes from `start` to this offset (`start` must not lie after it).
+    pub fn since(self, start: GuestOffset) -> u64 {
+        self.0 - start.0
     }
 
     /// The offset `n` bytes further on, or `None` on overflow.
@@ -112,5 +148,15 @@ mod tests {
         assert_eq!(ClusterIndex(3).offset(16), HostOffset(0x3_0000));
         assert_eq!(HostOffset(u64::MAX).checked_add(1), None);
         assert_eq!(GuestOffset(1).checked_add(2), Some(GuestOffset(3)));
+    }
+
+    #[test]
+    fn guest_cluster_round_trips_and_floors() {
+        let g = GuestOffset(0x5_0123);
+        assert_eq!(g.cluster(16), GuestCluster(5));
+        assert_eq!(GuestCluster(5).offset(16), GuestOffset(0x5_0000));
+        assert_eq!(GuestCluster(5).offset_by(2), GuestCluster(7));
+        assert_eq!(g.since(GuestOffset(0x5_0000)), 0x123);
+        assert_eq!(GuestCluster(5).to_string(), "guest cluster 5");
     }
 }

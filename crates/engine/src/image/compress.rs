@@ -88,7 +88,7 @@ impl Image {
         self.inner.bitmaps.mark(offset, len);
         let whole = len == cs;
         let tail = len > 0 && len < cs && offset + len == self.virtual_size();
-        if geo.in_cluster(offset) != 0 || !(whole || tail) {
+        if geo.in_cluster(GuestOffset(offset)) != 0 || !(whole || tail) {
             return Err(Error::invalid_arg(
                 "compressed writes must cover exactly one aligned cluster",
             )
@@ -128,7 +128,7 @@ impl Image {
         let w = self.write_state()?;
         let geo = self.inner.geo;
         let _epoch = w.enter_request();
-        let gc = geo.guest_cluster(c.offset);
+        let gc = geo.guest_cluster(GuestOffset(c.offset));
         let _guard = w.lock_guest_cluster(gc).await;
         let old = self.lookup(gc).await?;
         self.check_entry_is_data(&old.entry).await?;
@@ -136,7 +136,7 @@ impl Image {
         let host = w.refcounts().alloc_bytes(payload.len() as u64).await?;
         let desc = CompressedDescriptor::new(host, payload.len() as u64, geo.cluster_bits);
         let written = match desc {
-            Ok(d) => self.write_data(payload, host.0).await.map(|()| d),
+            Ok(d) => self.write_data(payload, host).await.map(|()| d),
             Err(e) => Err(e),
         };
         let desc = match written {

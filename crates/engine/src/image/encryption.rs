@@ -8,6 +8,7 @@ use super::Image;
 use crate::error::{Error, Result};
 use crate::format::extensions::ImageHeader;
 use crate::storage::Storage;
+use crate::units::{GuestOffset, HostOffset};
 
 /// The unlocked data cipher of an encrypted image, if any.
 #[cfg(feature = "luks")]
@@ -87,7 +88,12 @@ impl Image {
     /// Read `buf.len()` bytes of guest data at host offset `host` (guest offset `guest`),
     /// decrypting legacy AES data (whose IVs come from guest offsets). LUKS data is
     /// decrypted by the data storage itself.
-    pub(super) async fn read_data(&self, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
+    pub(super) async fn read_data(
+        &self,
+        buf: &mut [u8],
+        host: HostOffset,
+        guest: GuestOffset,
+    ) -> Result<()> {
         #[cfg(feature = "luks")]
         if let Some(crate::crypto::ImageCrypto::LegacyAes(c)) = &self.inner.crypto {
             return self.read_legacy(c, buf, host, guest).await;
@@ -95,9 +101,9 @@ impl Image {
         let _ = guest;
         self.inner
             .data
-            .read_at(buf, host)
+            .read_at(buf, host.0)
             .await
-            .map_err(|e| Error::io("reading guest data", e).at_host(crate::units::HostOffset(host)))
+            .map_err(|e| Error::io("reading guest data", e).at_host(host))
     }
 
     /// Legacy AES: read whole sectors and decrypt them with guest sector numbers (host and
@@ -107,20 +113,18 @@ impl Image {
         &self,
         c: &crate::crypto::SectorCipher,
         buf: &mut [u8],
-        host: u64,
-        guest: u64,
+        host: HostOffset,
+        guest: GuestOffset,
     ) -> Result<()> {
-        let head = guest % 512;
+        let head = guest.0 % 512;
         let len = (head + buf.len() as u64).div_ceil(512) * 512;
         let mut tmp = vec![0u8; crate::units::to_usize(len)];
         self.inner
             .data
-            .read_at(&mut tmp, host - head)
+            .read_at(&mut tmp, host.0 - head)
             .await
-            .map_err(|e| {
-                Error::io("reading guest data", e).at_host(crate::units::HostOffset(host))
-            })?;
-        c.decrypt(&mut tmp, (guest - head) / 512);
+            .map_err(|e| Error::io("reading guest data", e).at_host(host))?;
+        c.decrypt(&mut tmp, (guest.0 - head) / 512);
         buf.copy_from_slice(
             &tmp[crate::units::to_usize(head)..crate::units::to_usize(head) + buf.len()],
         );

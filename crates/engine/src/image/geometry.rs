@@ -2,7 +2,7 @@
 //! arithmetic that turns a guest offset into an L1 index, an L2 index and a cache slice.
 
 use crate::format::l2::L2Geometry;
-use crate::units::to_usize;
+use crate::units::{GuestCluster, GuestOffset, HostOffset, to_usize};
 
 /// Layout constants of one open image.
 #[derive(Debug, Clone, Copy)]
@@ -39,23 +39,29 @@ impl Geometry {
     }
 
     /// Guest cluster number of a guest offset.
-    pub fn guest_cluster(&self, guest: u64) -> u64 {
-        guest >> self.cluster_bits
+    pub fn guest_cluster(&self, guest: GuestOffset) -> GuestCluster {
+        guest.cluster(self.cluster_bits)
     }
 
-    /// Offset within its cluster.
-    pub fn in_cluster(&self, off: u64) -> u64 {
-        off & (self.cluster_size - 1)
+    /// Guest offset where guest cluster `gc` starts.
+    pub fn cluster_start(&self, gc: GuestCluster) -> GuestOffset {
+        gc.offset(self.cluster_bits)
+    }
+
+    /// Offset of a guest offset within its cluster (the same within the host cluster it maps
+    /// to, since host clusters are cluster-aligned).
+    pub fn in_cluster(&self, off: GuestOffset) -> u64 {
+        off.0 & (self.cluster_size - 1)
     }
 
     /// L1 index of a guest cluster.
-    pub fn l1_index(&self, gcluster: u64) -> usize {
-        to_usize(gcluster / self.l2_entries)
+    pub fn l1_index(&self, gc: GuestCluster) -> usize {
+        to_usize(gc.0 / self.l2_entries)
     }
 
     /// Index in its L2 table of a guest cluster.
-    pub fn l2_index(&self, gcluster: u64) -> u64 {
-        gcluster % self.l2_entries
+    pub fn l2_index(&self, gc: GuestCluster) -> u64 {
+        gc.0 % self.l2_entries
     }
 
     /// Entries in one cache slice.
@@ -65,10 +71,10 @@ impl Geometry {
 
     /// Host offset of the slice holding L2 entry `l2_index` of the table at `l2_table`, and
     /// the entry's index within that slice.
-    pub fn l2_slice(&self, l2_table: u64, l2_index: u64) -> (u64, usize) {
+    pub fn l2_slice(&self, l2_table: HostOffset, l2_index: u64) -> (HostOffset, usize) {
         let per = self.slice_entries();
         (
-            l2_table + (l2_index / per) * self.slice_size,
+            l2_table.offset_by((l2_index / per) * self.slice_size),
             to_usize(l2_index % per),
         )
     }
@@ -78,8 +84,37 @@ impl Geometry {
         self.cluster_size / u64::from(self.l2.subclusters())
     }
 
-    /// Round `off` down to a cluster boundary.
-    pub fn cluster_floor(&self, off: u64) -> u64 {
-        off & !(self.cluster_size - 1)
+    /// Round guest offset `off` down to a cluster boundary.
+    pub fn cluster_floor(&self, off: GuestOffset) -> GuestOffset {
+        GuestOffset(off.0 & !(self.cluster_size - 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 64 KiB clusters, standard L2: 8192 entries per table, 4 KiB slices of 512 entries.
+    #[test]
+    fn guest_offset_to_l1_l2_and_slice() {
+        let geo = Geometry::new(16, false, true, 4096);
+        let off = GuestOffset((8192 + 513) * 0x1_0000 + 0x123);
+        let gc = geo.guest_cluster(off);
+        assert_eq!(gc, GuestCluster(8192 + 513));
+        assert_eq!(geo.in_cluster(off), 0x123);
+        assert_eq!(geo.cluster_floor(off), geo.cluster_start(gc));
+        assert_eq!((geo.l1_index(gc), geo.l2_index(gc)), (1, 513));
+        let (slice, idx) = geo.l2_slice(HostOffset(0x5_0000), geo.l2_index(gc));
+        assert_eq!((slice, idx), (HostOffset(0x5_1000), 1));
+    }
+
+    /// Extended L2 entries are 16 bytes: half as many per table and per slice.
+    #[test]
+    fn extended_entries_halve_the_fan_out() {
+        let geo = Geometry::new(16, true, true, 4096);
+        let gc = GuestCluster(4096 + 300);
+        assert_eq!((geo.l1_index(gc), geo.l2_index(gc)), (1, 300));
+        let (slice, idx) = geo.l2_slice(HostOffset(0x5_0000), 300);
+        assert_eq!((slice, idx), (HostOffset(0x5_1000), 44));
     }
 }

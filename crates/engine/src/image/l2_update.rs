@@ -6,12 +6,13 @@ use crate::alloc::{Kinds, NewKind};
 use crate::error::{Error, Result};
 use crate::format::l1::L1Entry;
 use crate::format::l2::{self, L2Entry, SubclusterBitmap};
+use crate::units::{GuestCluster, HostOffset};
 
 impl Image {
     /// The host offset of a writable (refcount 1) L2 table for guest cluster `gc`: the
     /// existing one, a new zeroed one when the L1 entry is empty, or a private copy when the
     /// table is shared with a snapshot (L1 entry without COPIED).
-    pub(crate) async fn ensure_l2_table(&self, gc: u64) -> Result<u64> {
+    pub(crate) async fn ensure_l2_table(&self, gc: GuestCluster) -> Result<HostOffset> {
         let w = self.write_state()?;
         let idx = self.inner.geo.l1_index(gc);
         if let Some(t) = self.private_l2(idx)? {
@@ -27,7 +28,7 @@ impl Image {
         w.refcounts().map().insert(new.0, cs, Kinds::L2);
         self.inner.new.insert(new.0, NewKind::L2);
         if let Some(old) = old {
-            self.copy_l2_table(old.0, new.0).await?;
+            self.copy_l2_table(old, new).await?;
         }
         self.inner.l1.set(idx, L1Entry::new(new, true));
         if let Some(old) = old {
@@ -35,13 +36,13 @@ impl Image {
             // reference once the new L1 entry is on disk.
             w.defer_free(old, false);
         }
-        Ok(new.0)
+        Ok(new)
     }
 
     /// The L2 table of L1 entry `idx` if it exists and is not shared.
-    fn private_l2(&self, idx: usize) -> Result<Option<u64>> {
+    fn private_l2(&self, idx: usize) -> Result<Option<HostOffset>> {
         let e = self.l1_entry(idx)?;
-        Ok(e.l2_offset().filter(|_| e.copied()).map(|h| h.0))
+        Ok(e.l2_offset().filter(|_| e.copied()))
     }
 
     /// L1 entry `idx` of the active table.
@@ -52,12 +53,12 @@ impl Image {
     }
 
     /// Copy the L2 table at `old` into the new table at `new`, slice by slice.
-    async fn copy_l2_table(&self, old: u64, new: u64) -> Result<()> {
+    async fn copy_l2_table(&self, old: HostOffset, new: HostOffset) -> Result<()> {
         let ss = self.inner.geo.slice_size;
         for i in 0..self.inner.geo.cluster_size / ss {
-            let src = self.l2_slice(old + i * ss).await?;
+            let src = self.l2_slice(old.offset_by(i * ss)).await?;
             let bytes = src.read(|b| b.to_vec());
-            let dst = self.l2_slice(new + i * ss).await?;
+            let dst = self.l2_slice(new.offset_by(i * ss)).await?;
             dst.update(|b| b.copy_from_slice(&bytes));
         }
         Ok(())
@@ -67,8 +68,8 @@ impl Image {
     /// flush writes it).
     pub(crate) async fn set_l2(
         &self,
-        table: u64,
-        gc: u64,
+        table: HostOffset,
+        gc: GuestCluster,
         entry: L2Entry,
         bitmap: SubclusterBitmap,
     ) -> Result<()> {

@@ -9,7 +9,7 @@ use crate::cache::{Lookup, Slice, SliceCache};
 use crate::error::{Error, Result};
 use crate::format::l2::{self, L2Entry, SubclusterBitmap};
 use crate::storage::Storage;
-use crate::units::HostOffset;
+use crate::units::{GuestCluster, GuestOffset, HostOffset};
 
 /// The decoded L2 entry of one guest cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,18 +28,16 @@ impl Mapping {
 
 impl Image {
     /// The host offset of the L2 table for guest cluster `gc`, if there is one.
-    pub(crate) fn l2_table_of(&self, gc: u64) -> Result<Option<u64>> {
+    pub(crate) fn l2_table_of(&self, gc: GuestCluster) -> Result<Option<HostOffset>> {
         let idx = self.inner.geo.l1_index(gc);
         match self.inner.l1.get(idx) {
-            Some(e) => Ok(e.l2_offset().map(|h| h.0)),
-            None => Err(Error::corrupt(format!(
-                "guest cluster {gc} beyond the L1 table"
-            ))),
+            Some(e) => Ok(e.l2_offset()),
+            None => Err(Error::corrupt(format!("{gc} beyond the L1 table"))),
         }
     }
 
     /// Look up the mapping of guest cluster `gc`.
-    pub(crate) async fn lookup(&self, gc: u64) -> Result<Mapping> {
+    pub(crate) async fn lookup(&self, gc: GuestCluster) -> Result<Mapping> {
         let Some(table) = self.l2_table_of(gc)? else {
             return Ok(Mapping::UNALLOCATED);
         };
@@ -54,21 +52,20 @@ impl Image {
         } else {
             L2Entry::decode(raw, &geo.l2)
         }
-        .map_err(|e| e.at_host(HostOffset(slice_off)))?;
+        .map_err(|e| e.at_host(slice_off))?;
         if self.inner.data_file_path.is_some() {
-            check_external(&entry, gc * geo.cluster_size)
-                .map_err(|e| e.at_host(HostOffset(slice_off)))?;
+            check_external(&entry, geo.cluster_start(gc)).map_err(|e| e.at_host(slice_off))?;
         }
         if geo.l2.extended {
             bitmap
                 .validate_for(&entry)
-                .map_err(|e| e.at_host(HostOffset(slice_off)))?;
+                .map_err(|e| e.at_host(slice_off))?;
         }
         Ok(Mapping { entry, bitmap })
     }
 
     /// The loaded L2 slice at host offset `off` (from the cache, loading it on a miss).
-    pub(crate) async fn l2_slice(&self, off: u64) -> Result<Arc<Slice>> {
+    pub(crate) async fn l2_slice(&self, off: HostOffset) -> Result<Arc<Slice>> {
         let file = self.inner.file.clone();
         get_slice(self, &self.inner.l2_cache, off, file).await
     }
@@ -87,12 +84,12 @@ impl Image {
 /// With an external data file a cluster's host offset is its guest offset (`guest`), and
 /// nothing is compressed. QEMU treats anything else as corruption; so do we, rather than read
 /// or overwrite another guest cluster's data.
-fn check_external(entry: &L2Entry, guest: u64) -> Result<()> {
+fn check_external(entry: &L2Entry, guest: GuestOffset) -> Result<()> {
     let host = match entry {
         L2Entry::Normal { host, .. }
         | L2Entry::Zero {
             host: Some(host), ..
-        } => host.0,
+        } => *host,
         L2Entry::Compressed(_) => {
             return Err(Error::corrupt(
                 "compressed cluster entry in an image with an external data file",
@@ -100,10 +97,13 @@ fn check_external(entry: &L2Entry, guest: u64) -> Result<()> {
         }
         _ => return Ok(()),
     };
-    if host != guest {
+    // The one place a host offset is compared with a guest offset: in a data file they are
+    // the same number by definition.
+    if host.0 != guest.0 {
         return Err(Error::corrupt(format!(
-            "external data file host cluster offset {host:#x} does not match guest cluster \
-             offset {guest:#x}"
+            "external data file host cluster offset {:#x} does not match guest cluster \
+             offset {:#x}",
+            host.0, guest.0
         )));
     }
     Ok(())
@@ -113,16 +113,38 @@ fn check_external(entry: &L2Entry, guest: u64) -> Result<()> {
 pub(crate) async fn get_slice(
     img: &Image,
     cache: &SliceCache,
-    off: u64,
+    off: HostOffset,
     file: Arc<dyn Storage>,
 ) -> Result<Arc<Slice>> {
     let slice = loop {
-        match cache.get(off) {
+        match cache.get(off.0) {
             Lookup::Slice(s) => break s,
             Lookup::Full => img.relieve_cache_pressure().await?,
         }
     };
     // A slice of a new, not yet zeroed metadata cluster must not be read from disk.
-    let fresh = || img.inner.new.contains(img.inner.geo.cluster_floor(off));
+    let cb = img.inner.geo.cluster_bits;
+    let fresh = || img.inner.new.contains(off.to_cluster_offset(cb).0);
     crate::alloc::load_slice(cache, slice, (&file, fresh), "loading an L2 slice").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed offsets print as the plain numbers the message always had.
+    #[test]
+    fn external_mismatch_names_both_offsets() {
+        let entry = |h| L2Entry::Normal {
+            host: HostOffset(h),
+            copied: true,
+        };
+        assert!(check_external(&entry(0x10000), GuestOffset(0x10000)).is_ok());
+        let e = check_external(&entry(0x20000), GuestOffset(0x10000)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "corrupt image: external data file host cluster offset 0x20000 does not match \
+             guest cluster offset 0x10000"
+        );
+    }
 }

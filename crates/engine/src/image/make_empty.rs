@@ -11,6 +11,7 @@
 use super::Image;
 use crate::error::Result;
 use crate::format::l2::{L2Entry, SubclusterBitmap};
+use crate::units::{GuestCluster, GuestOffset};
 
 impl Image {
     /// Make every guest cluster unallocated (reading through to the backing file, or as
@@ -37,23 +38,23 @@ impl Image {
         self.check_data_access()?;
         let geo = self.inner.geo;
         let clusters = self.virtual_size().div_ceil(geo.cluster_size);
-        let mut gc = 0;
-        while gc < clusters {
-            let covered = geo.l2_entries - gc % geo.l2_entries;
+        let mut gc = GuestCluster(0);
+        while gc.0 < clusters {
+            let covered = geo.l2_entries - geo.l2_index(gc);
             if self.l2_table_of(gc)?.is_some() {
                 let _epoch = w.enter_request();
-                for c in gc..(gc + covered).min(clusters) {
-                    self.unmap_cluster(c).await?;
+                for c in gc.0..(gc.0 + covered).min(clusters) {
+                    self.unmap_cluster(GuestCluster(c)).await?;
                 }
                 self.after_metadata_change();
             }
-            gc += covered;
+            gc = gc.offset_by(covered);
         }
         self.flush().await
     }
 
     /// Make guest cluster `gc` unallocated, releasing what it pointed at.
-    async fn unmap_cluster(&self, gc: u64) -> Result<()> {
+    async fn unmap_cluster(&self, gc: GuestCluster) -> Result<()> {
         let w = self.write_state()?;
         let _guard = w.lock_guest_cluster(gc).await;
         let m = self.lookup(gc).await?;
@@ -77,10 +78,10 @@ impl Image {
         let w = self.write_state()?;
         let geo = self.inner.geo;
         let _epoch = w.enter_request();
-        let first = geo.guest_cluster(off);
+        let first = geo.guest_cluster(GuestOffset(off));
         let end = (off + len).div_ceil(geo.cluster_size);
-        for gc in first..end {
-            self.unmap_cluster(gc).await?;
+        for gc in first.0..end {
+            self.unmap_cluster(GuestCluster(gc)).await?;
         }
         self.after_metadata_change();
         Ok(())

@@ -170,11 +170,11 @@ impl Image {
 
     /// Refuse a guest data write onto metadata (a corrupt or hostile L2 entry maps data
     /// there; a healthy image never does, since refcounts keep them apart).
-    pub(crate) async fn check_data_write(&self, host: u64, len: u64) -> Result<()> {
+    pub(crate) async fn check_data_write(&self, host: HostOffset, len: u64) -> Result<()> {
         if self.inner.data_file_path.is_some() {
             return Ok(()); // guest data lives in another file
         }
-        self.metadata_map()?.check(host, len, Kinds::NONE).await
+        self.metadata_map()?.check(host.0, len, Kinds::NONE).await
     }
 
     /// Refuse to drop the references an L2 entry holds when its clusters hold metadata:

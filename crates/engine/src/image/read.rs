@@ -6,14 +6,13 @@ use super::lookup::Mapping;
 use crate::error::{Error, Result};
 use crate::format::compressed::{self, CompressedDescriptor};
 use crate::format::l2::{L2Entry, SubclusterState};
-use crate::units::to_u32;
-use crate::units::to_usize;
+use crate::units::{GuestOffset, HostOffset, to_u32, to_usize};
 
 /// Where a run of guest bytes reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
     /// Host data at this offset (image file or external data file).
-    Data(u64),
+    Data(HostOffset),
     /// Reads as zeros (zero cluster or subcluster).
     Zero,
     /// Not allocated here: the backing image at the same guest offset (zeros without one).
@@ -41,9 +40,10 @@ impl Image {
         self.check_data_access()?;
         // A cluster this read maps must not be freed and reused before the read is done.
         let _epoch = self.inner.write.as_ref().map(|w| w.enter_request());
+        let offset = GuestOffset(offset);
         let mut done = 0usize;
         while done < buf.len() {
-            let off = offset + done as u64;
+            let off = offset.offset_by(done as u64);
             let run = self.next_run(off, (buf.len() - done) as u64).await?;
             let piece = &mut buf[done..done + to_usize(run.len)];
             self.read_run(run.source, piece, off).await?;
@@ -54,15 +54,15 @@ impl Image {
 
     /// The longest run starting at `off` (at most `max` bytes) with one source, merging
     /// following clusters whose data is host-contiguous (or that are all zero / all backing).
-    pub(crate) async fn next_run(&self, off: u64, max: u64) -> Result<Run> {
+    pub(crate) async fn next_run(&self, off: GuestOffset, max: u64) -> Result<Run> {
         let geo = self.inner.geo;
         let m = self.lookup(geo.guest_cluster(off)).await?;
         let mut run = piece(&geo, &m, off, max)?;
-        while run.len < max && geo.in_cluster(off + run.len) == 0 {
+        while run.len < max && geo.in_cluster(off.offset_by(run.len)) == 0 {
             if matches!(run.source, Source::Compressed(_)) {
                 break;
             }
-            let next_off = off + run.len;
+            let next_off = off.offset_by(run.len);
             let m = self.lookup(geo.guest_cluster(next_off)).await?;
             let next = piece(&geo, &m, next_off, max - run.len)?;
             if !continues(run, next) {
@@ -73,7 +73,7 @@ impl Image {
         Ok(run)
     }
 
-    async fn read_run(&self, source: Source, buf: &mut [u8], off: u64) -> Result<()> {
+    async fn read_run(&self, source: Source, buf: &mut [u8], off: GuestOffset) -> Result<()> {
         match source {
             Source::Zero => {
                 buf.fill(0);
@@ -81,7 +81,7 @@ impl Image {
             }
             Source::Data(host) => self.read_data(buf, host, off).await,
             Source::Backing => match &self.inner.backing {
-                Some(b) => b.read_at(buf, off).await,
+                Some(b) => b.read_at(buf, off.0).await,
                 None => {
                     buf.fill(0);
                     Ok(())
@@ -123,14 +123,14 @@ impl Image {
 /// Whether `next` can be appended to `run` as one IO.
 fn continues(run: Run, next: Run) -> bool {
     match (run.source, next.source) {
-        (Source::Data(a), Source::Data(b)) => a + run.len == b,
+        (Source::Data(a), Source::Data(b)) => a.checked_add(run.len) == Some(b),
         (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
         _ => false,
     }
 }
 
 /// The run at `off` inside its own cluster (at most `max` bytes).
-fn piece(geo: &super::geometry::Geometry, m: &Mapping, off: u64, max: u64) -> Result<Run> {
+fn piece(geo: &super::geometry::Geometry, m: &Mapping, off: GuestOffset, max: u64) -> Result<Run> {
     let in_c = geo.in_cluster(off);
     let to_end = (geo.cluster_size - in_c).min(max);
     let whole = |source| {
@@ -143,7 +143,7 @@ fn piece(geo: &super::geometry::Geometry, m: &Mapping, off: u64, max: u64) -> Re
         L2Entry::Compressed(d) => whole(Source::Compressed(d)),
         L2Entry::Zero { .. } => whole(Source::Zero),
         _ if !geo.l2.extended => match m.entry {
-            L2Entry::Normal { host, .. } => whole(Source::Data(host.0 + in_c)),
+            L2Entry::Normal { host, .. } => whole(Source::Data(host.offset_by(in_c))),
             _ => whole(Source::Backing),
         },
         _ => subcluster_piece(geo, m, in_c, to_end),
@@ -166,7 +166,9 @@ fn subcluster_piece(
     }
     let len = (end - in_c).min(to_end);
     let source = match (state, m.entry) {
-        (SubclusterState::Allocated, L2Entry::Normal { host, .. }) => Source::Data(host.0 + in_c),
+        (SubclusterState::Allocated, L2Entry::Normal { host, .. }) => {
+            Source::Data(host.offset_by(in_c))
+        }
         (SubclusterState::Allocated, _) => {
             return Err(Error::corrupt(
                 "allocated subcluster without a host cluster",

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::frees::{PendingFree, PendingFrees};
 use crate::alloc::{EpochGuard, Epochs, Inflight, InflightGuard, MetaWriter, Refcounts};
 use crate::error::{Error, Result};
-use crate::units::HostOffset;
+use crate::units::{GuestCluster, HostOffset};
 
 #[derive(Debug)]
 pub(crate) struct WriteState {
@@ -87,13 +87,13 @@ impl WriteState {
     }
 
     /// Claim guest cluster `gc` while changing its mapping (lock 1 in LOCKS.md).
-    pub async fn lock_guest_cluster(&self, gc: u64) -> InflightGuard<'_> {
-        self.inflight.lock(gc).await
+    pub async fn lock_guest_cluster(&self, gc: GuestCluster) -> InflightGuard<'_> {
+        self.inflight.lock(gc.0).await
     }
 
     /// Claim guest cluster `gc` if no other request holds it (`None` otherwise).
-    pub fn try_lock_guest_cluster(&self, gc: u64) -> Option<InflightGuard<'_>> {
-        self.inflight.try_lock(gc)
+    pub fn try_lock_guest_cluster(&self, gc: GuestCluster) -> Option<InflightGuard<'_>> {
+        self.inflight.try_lock(gc.0)
     }
 
     /// Claim L1 entry `idx` while allocating or copying its L2 table (lock 2 in LOCKS.md).

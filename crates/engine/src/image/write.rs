@@ -20,7 +20,7 @@ use super::read::Source;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
 use crate::units::to_usize;
-use crate::units::{ClusterIndex, HostOffset, to_u32};
+use crate::units::{ClusterIndex, GuestCluster, GuestOffset, HostOffset, to_u32};
 
 /// Zero runs at least this long are written with write-zeroes instead of zero buffers.
 const ZERO_IO_THRESHOLD: u64 = 64 * 1024;
@@ -47,9 +47,10 @@ impl Image {
         self.inner.bitmaps.mark(offset, buf.len() as u64);
         let _epoch = w.enter_request();
         let cs = self.inner.geo.cluster_size;
+        let offset = GuestOffset(offset);
         let mut done = 0usize;
         while done < buf.len() {
-            let off = offset + done as u64;
+            let off = offset.offset_by(done as u64);
             let in_c = self.inner.geo.in_cluster(off);
             let whole = (buf.len() - done) as u64 / cs * cs;
             if in_c == 0 && whole >= 2 * cs {
@@ -67,7 +68,7 @@ impl Image {
     }
 
     /// Write `data` (inside one cluster) at guest offset `off`.
-    pub(crate) async fn write_piece(&self, data: &[u8], off: u64) -> Result<()> {
+    pub(crate) async fn write_piece(&self, data: &[u8], off: GuestOffset) -> Result<()> {
         let w = self.write_state()?;
         let gc = self.inner.geo.guest_cluster(off);
         let m = self.lookup(gc).await?;
@@ -83,7 +84,12 @@ impl Image {
     }
 
     /// The host offset to write `len` bytes at `off` in place, if the mapping allows it.
-    pub(super) fn in_place_target(&self, m: &Mapping, off: u64, len: u64) -> Option<u64> {
+    pub(super) fn in_place_target(
+        &self,
+        m: &Mapping,
+        off: GuestOffset,
+        len: u64,
+    ) -> Option<HostOffset> {
         let L2Entry::Normal { host, copied: true } = m.entry else {
             return None;
         };
@@ -98,25 +104,27 @@ impl Image {
                 return None;
             }
         }
-        Some(host.0 + in_c)
+        Some(host.offset_by(in_c))
     }
 
-    pub(crate) async fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+    /// Write guest data at host offset `host` (image file or external data file), refusing
+    /// to overwrite metadata.
+    pub(crate) async fn write_data(&self, data: &[u8], host: HostOffset) -> Result<()> {
         self.check_data_write(host, data.len() as u64).await?;
         self.inner
             .data
-            .write_at(data, host)
+            .write_at(data, host.0)
             .await
-            .map_err(|e| Error::io("writing guest data", e).at_host(HostOffset(host)))
+            .map_err(|e| Error::io("writing guest data", e).at_host(host))
     }
 
     /// The allocating path, with the cluster's in-flight guard held.
     pub(super) async fn allocate_and_write(
         &self,
-        gc: u64,
+        gc: GuestCluster,
         m: Mapping,
         data: &[u8],
-        off: u64,
+        off: GuestOffset,
     ) -> Result<()> {
         let geo = self.inner.geo;
         let cstart = geo.cluster_floor(off);
@@ -131,16 +139,16 @@ impl Image {
         let touched = if keeps_others {
             self.touched_subclusters(off, len)
         } else {
-            (cstart, cstart + geo.cluster_size)
+            (cstart, cstart.offset_by(geo.cluster_size))
         };
         self.check_entry_is_data(&m.entry).await?;
         let table = self.ensure_l2_table(gc).await?;
         let (host, reused, fresh) = match m.entry {
-            L2Entry::Normal { host, copied: true } => (host.0, true, false),
+            L2Entry::Normal { host, copied: true } => (host, true, false),
             L2Entry::Zero {
                 host: Some(h),
                 copied: true,
-            } => (h.0, true, false),
+            } => (h, true, false),
             _ => {
                 let (host, fresh) = self.new_data_host(cstart).await?;
                 (host, false, fresh)
@@ -154,15 +162,12 @@ impl Image {
         let filled = self.write_with_fill(host, cstart, span, data, off).await;
         if let Err(e) = filled {
             if fresh {
-                self.write_state()?.defer_free(HostOffset(host), false);
+                self.write_state()?.defer_free(host, false);
             }
             return Err(e);
         }
         let bitmap = self.bitmap_after_write(m.bitmap, keeps_others, touched);
-        let entry = L2Entry::Normal {
-            host: HostOffset(host),
-            copied: true,
-        };
+        let entry = L2Entry::Normal { host, copied: true };
         self.set_l2(table, gc, entry, bitmap).await?;
         if !reused {
             self.release_old(&m.entry);
@@ -172,23 +177,24 @@ impl Image {
 
     /// Where a new data cluster for the guest cluster starting at `cstart` goes, and whether
     /// it came from the allocator (then a failed write must give it back).
-    async fn new_data_host(&self, cstart: u64) -> Result<(u64, bool)> {
+    async fn new_data_host(&self, cstart: GuestOffset) -> Result<(HostOffset, bool)> {
         if self.inner.data_file_path.is_some() {
             // An external data file holds every guest cluster at its guest offset and has no
             // refcounts: the metadata file's allocator knows nothing about it (qcow2.txt).
-            return Ok((cstart, false));
+            return Ok((HostOffset(cstart.0), false));
         }
-        Ok((self.write_state()?.refcounts().alloc(1).await?.0, true))
+        Ok((self.write_state()?.refcounts().alloc(1).await?, true))
     }
 
     /// The guest range of the subclusters that `[off, off + len)` touches (one cluster).
-    fn touched_subclusters(&self, off: u64, len: u64) -> (u64, u64) {
+    fn touched_subclusters(&self, off: GuestOffset, len: u64) -> (GuestOffset, GuestOffset) {
         let geo = &self.inner.geo;
         let cstart = geo.cluster_floor(off);
         let sc = geo.subcluster_size();
-        let s = (off - cstart) / sc * sc;
-        let e = (off - cstart + len).div_ceil(sc) * sc;
-        (cstart + s, cstart + e)
+        let in_c = off.since(cstart);
+        let s = in_c / sc * sc;
+        let e = (in_c + len).div_ceil(sc) * sc;
+        (cstart.offset_by(s), cstart.offset_by(e))
     }
 
     /// Narrow `span` (touched subclusters of a cluster that keeps its host cluster) so that
@@ -199,20 +205,20 @@ impl Image {
     fn skip_allocated_ends(
         &self,
         bitmap: SubclusterBitmap,
-        (mut start, mut end): (u64, u64),
-        off: u64,
+        (mut start, mut end): (GuestOffset, GuestOffset),
+        off: GuestOffset,
         len: u64,
-    ) -> (u64, u64) {
+    ) -> (GuestOffset, GuestOffset) {
         let geo = &self.inner.geo;
-        let allocated = |at: u64| {
+        let allocated = |at: GuestOffset| {
             let i = to_u32(geo.in_cluster(at) / geo.subcluster_size());
             bitmap.state(i).ok() == Some(SubclusterState::Allocated)
         };
         if allocated(start) {
             start = off;
         }
-        if allocated(end - 1) {
-            end = off + len;
+        if allocated(GuestOffset(end.0 - 1)) {
+            end = off.offset_by(len);
         }
         (start, end)
     }
@@ -222,7 +228,7 @@ impl Image {
         &self,
         old: SubclusterBitmap,
         keeps_others: bool,
-        (start, end): (u64, u64),
+        (start, end): (GuestOffset, GuestOffset),
     ) -> SubclusterBitmap {
         let geo = &self.inner.geo;
         if keeps_others {
@@ -231,7 +237,7 @@ impl Image {
             let first = to_u32(geo.in_cluster(start) / sc);
             b.set_range(
                 first,
-                to_u32((end - start) / sc),
+                to_u32(end.since(start) / sc),
                 SubclusterState::Allocated,
             );
             b
@@ -246,34 +252,35 @@ impl Image {
     /// filling the rest of `span` from the old guest view.
     async fn write_with_fill(
         &self,
-        host: u64,
-        cstart: u64,
-        (span_start, span_end): (u64, u64),
+        host: HostOffset,
+        cstart: GuestOffset,
+        (span_start, span_end): (GuestOffset, GuestOffset),
         data: &[u8],
-        off: u64,
+        off: GuestOffset,
     ) -> Result<()> {
-        let head = off - span_start;
-        let tail_start = off + data.len() as u64;
-        let tail = span_end - tail_start;
-        let h = host + (span_start - cstart);
+        let head = off.since(span_start);
+        let tail_start = off.offset_by(data.len() as u64);
+        let tail = span_end.since(tail_start);
+        // Host and guest offsets share their place inside the cluster.
+        let h = host.offset_by(span_start.since(cstart));
         if head == 0 && tail == 0 {
             // A whole (sub)cluster overwrite needs no fill and no bounce copy.
             return self.write_data(data, h).await;
         }
         let head_fill = self.old_view(span_start, head).await?;
         let tail_fill = self.old_view(tail_start, tail).await?;
-        let mut buf = Vec::with_capacity(to_usize(span_end - span_start));
+        let mut buf = Vec::with_capacity(to_usize(span_end.since(span_start)));
         let mut buf_at = h;
         match head_fill {
             Some(b) => buf.extend_from_slice(&b),
             None if head >= ZERO_IO_THRESHOLD => {
                 self.zero_data(h, head).await?;
-                buf_at = h + head;
+                buf_at = h.offset_by(head);
             }
             None => buf.resize(to_usize(head), 0),
         }
         buf.extend_from_slice(data);
-        let tail_h = h + (tail_start - span_start);
+        let tail_h = h.offset_by(tail_start.since(span_start));
         match tail_fill {
             Some(b) => buf.extend_from_slice(&b),
             None if tail >= ZERO_IO_THRESHOLD => self.zero_data(tail_h, tail).await?,
@@ -283,40 +290,45 @@ impl Image {
     }
 
     /// The current guest content of `[off, off + len)`, or `None` when it reads as zeros.
-    async fn old_view(&self, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
+    async fn old_view(&self, off: GuestOffset, len: u64) -> Result<Option<Vec<u8>>> {
         if len == 0 {
             return Ok(None);
         }
         let size = self.virtual_size();
-        let inside = size.saturating_sub(off).min(len);
+        let inside = size.saturating_sub(off.0).min(len);
         if inside == 0 || self.reads_as_zero(off, inside).await? {
             return Ok(None);
         }
         let mut buf = vec![0u8; to_usize(len)];
-        self.read_at(&mut buf[..to_usize(inside)], off).await?;
+        self.read_at(&mut buf[..to_usize(inside)], off.0).await?;
         Ok(Some(buf))
     }
 
     /// Whether `[off, off + len)` (inside one cluster) reads as zeros without reading data.
-    pub(crate) async fn reads_as_zero(&self, off: u64, len: u64) -> Result<bool> {
+    pub(crate) async fn reads_as_zero(&self, off: GuestOffset, len: u64) -> Result<bool> {
         let run = self.next_run(off, len).await?;
         if run.len < len {
             return Ok(false);
         }
         Ok(match run.source {
             Source::Zero => true,
-            Source::Backing => self.inner.backing.as_ref().is_none_or(|b| off >= b.size()),
+            Source::Backing => self
+                .inner
+                .backing
+                .as_ref()
+                .is_none_or(|b| off.0 >= b.size()),
             _ => false,
         })
     }
 
-    pub(crate) async fn zero_data(&self, host: u64, len: u64) -> Result<()> {
+    /// Zero `len` bytes of guest data at host offset `host` (write-zeroes, not a buffer).
+    pub(crate) async fn zero_data(&self, host: HostOffset, len: u64) -> Result<()> {
         self.check_data_write(host, len).await?;
         self.inner
             .data
-            .write_zeroes(host, len)
+            .write_zeroes(host.0, len)
             .await
-            .map_err(|e| Error::io("zeroing guest data", e).at_host(HostOffset(host)))
+            .map_err(|e| Error::io("zeroing guest data", e).at_host(host))
     }
 
     /// Schedule dropping the references the old entry held (after the new mapping is on disk).

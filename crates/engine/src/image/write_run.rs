@@ -20,8 +20,8 @@ use super::lookup::Mapping;
 use crate::alloc::InflightGuard;
 use crate::error::Result;
 use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
-use crate::units::HostOffset;
 use crate::units::to_usize;
+use crate::units::{GuestCluster, GuestOffset, HostOffset};
 
 /// Most bytes one run writes, and most clusters (bounds the guards held).
 const MAX_RUN_BYTES: u64 = 8 << 20;
@@ -30,7 +30,7 @@ const MAX_RUN_CLUSTERS: u64 = 256;
 impl Image {
     /// Write the first clusters of `buf` (whole clusters, `off` cluster-aligned) as one run;
     /// returns the bytes written (at least one cluster).
-    pub(crate) async fn write_run(&self, buf: &[u8], off: u64) -> Result<usize> {
+    pub(crate) async fn write_run(&self, buf: &[u8], off: GuestOffset) -> Result<usize> {
         let geo = self.inner.geo;
         let cs = geo.cluster_size;
         let max = (buf.len() as u64 / cs).min((MAX_RUN_BYTES / cs).clamp(1, MAX_RUN_CLUSTERS));
@@ -57,7 +57,7 @@ impl Image {
         }
         let mut run = vec![(first, m)];
         while (run.len() as u64) < max {
-            let c = gc + run.len() as u64;
+            let c = gc.offset_by(run.len() as u64);
             let Some(guard) = w.try_lock_guest_cluster(c) else {
                 break;
             };
@@ -74,13 +74,15 @@ impl Image {
 
     /// How many clusters from `gc` (at most `max`) can be written in place at consecutive
     /// host clusters starting at `host`.
-    async fn in_place_run(&self, gc: u64, host: u64, max: u64) -> Result<u64> {
+    async fn in_place_run(&self, gc: GuestCluster, host: HostOffset, max: u64) -> Result<u64> {
         let geo = self.inner.geo;
         let mut n = 1;
         while n < max {
-            let m = self.lookup(gc + n).await?;
-            let at = geo.cluster_size * (gc + n);
-            if self.in_place_target(&m, at, geo.cluster_size) != Some(host + n * geo.cluster_size) {
+            let c = gc.offset_by(n);
+            let m = self.lookup(c).await?;
+            let at = geo.cluster_start(c);
+            let next_host = host.offset_by(n * geo.cluster_size);
+            if self.in_place_target(&m, at, geo.cluster_size) != Some(next_host) {
                 break;
             }
             n += 1;
@@ -91,17 +93,17 @@ impl Image {
     /// Allocate `n` host clusters, one allocator call each under one hold of the allocator
     /// lock: consecutive unless free space is fragmented. (Asking for `n` contiguous clusters
     /// at once would grow the refcount table past a run that reaches beyond its coverage.)
-    async fn alloc_each(&self, n: usize) -> Result<Vec<u64>> {
+    async fn alloc_each(&self, n: usize) -> Result<Vec<HostOffset>> {
         let w = self.write_state()?;
         let mut hosts = Vec::with_capacity(n);
         let mut alloc = w.refcounts().lock().await;
         for _ in 0..n {
             match alloc.alloc_clusters(1).await {
-                Ok(h) => hosts.push(h.0),
+                Ok(h) => hosts.push(h),
                 Err(e) => {
                     drop(alloc);
                     for &h in &hosts {
-                        w.defer_free(HostOffset(h), false);
+                        w.defer_free(h, false);
                     }
                     return Err(e);
                 }
@@ -127,7 +129,7 @@ impl Image {
     /// from `gc`), write `data` there in one IO, then publish the mappings.
     async fn allocate_run(
         &self,
-        gc: u64,
+        gc: GuestCluster,
         run: &[(InflightGuard<'_>, Mapping)],
         data: &[u8],
     ) -> Result<()> {
@@ -136,20 +138,20 @@ impl Image {
         let mut tables = Vec::with_capacity(run.len());
         for (k, (_, m)) in run.iter().enumerate() {
             self.check_entry_is_data(&m.entry).await?;
-            tables.push(self.ensure_l2_table(gc + k as u64).await?);
+            tables.push(self.ensure_l2_table(gc.offset_by(k as u64)).await?);
         }
         let hosts = self.alloc_each(run.len()).await?;
         // One IO per stretch of consecutive host clusters (usually the whole run).
         let mut i = 0;
         while i < hosts.len() {
             let mut j = i + 1;
-            while j < hosts.len() && hosts[j] == hosts[i] + (j - i) as u64 * cs {
+            while j < hosts.len() && hosts[j] == hosts[i].offset_by((j - i) as u64 * cs) {
                 j += 1;
             }
             let (a, b) = (i * to_usize(cs), j * to_usize(cs));
             if let Err(e) = self.write_data(&data[a..b], hosts[i]).await {
                 for &h in &hosts {
-                    w.defer_free(HostOffset(h), false);
+                    w.defer_free(h, false);
                 }
                 return Err(e);
             }
@@ -162,10 +164,11 @@ impl Image {
         };
         for (k, ((_, m), table)) in run.iter().zip(tables).enumerate() {
             let entry = L2Entry::Normal {
-                host: HostOffset(hosts[k]),
+                host: hosts[k],
                 copied: true,
             };
-            self.set_l2(table, gc + k as u64, entry, bitmap).await?;
+            self.set_l2(table, gc.offset_by(k as u64), entry, bitmap)
+                .await?;
             self.release_old(&m.entry);
         }
         Ok(())

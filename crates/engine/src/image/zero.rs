@@ -8,7 +8,7 @@
 use super::Image;
 use crate::error::Result;
 use crate::format::l2::{L2Entry, SubclusterBitmap, SubclusterState};
-use crate::units::{to_u32, to_usize};
+use crate::units::{GuestOffset, HostOffset, to_u32, to_usize};
 
 /// Options of [`Image::write_zeroes`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,11 +39,11 @@ impl Image {
         self.inner.bitmaps.mark(offset, len);
         let _epoch = w.enter_request();
         let geo = self.inner.geo;
-        let end = offset + len;
-        let mut off = offset;
+        let end = GuestOffset(offset + len);
+        let mut off = GuestOffset(offset);
         while off < end {
-            let n = (geo.cluster_size - geo.in_cluster(off)).min(end - off);
-            let whole = n == geo.cluster_size || off + n == self.virtual_size();
+            let n = (geo.cluster_size - geo.in_cluster(off)).min(end.since(off));
+            let whole = n == geo.cluster_size || off.0 + n == self.virtual_size();
             if whole && geo.in_cluster(off) == 0 && self.zero_flag_usable() {
                 self.zero_cluster(off, n, unmap).await?;
             } else if geo.l2.extended {
@@ -51,7 +51,7 @@ impl Image {
             } else {
                 self.write_zero_bytes(off, n).await?;
             }
-            off += n;
+            off = off.offset_by(n);
         }
         self.after_metadata_change();
         Ok(())
@@ -66,7 +66,7 @@ impl Image {
     /// Zero part of one cluster through the write path, unless it already reads as zeros
     /// (unallocated without backing data, or a zero (sub)cluster): writing zeros there would
     /// only allocate a cluster of zeros (QEMU leaves such ranges alone too).
-    async fn write_zero_bytes(&self, off: u64, n: u64) -> Result<()> {
+    async fn write_zero_bytes(&self, off: GuestOffset, n: u64) -> Result<()> {
         if self.reads_as_zero(off, n).await? {
             return Ok(());
         }
@@ -76,7 +76,7 @@ impl Image {
 
     /// Zero one whole cluster (`n` bytes at `off`: less only at the end of the disk) by
     /// changing its mapping.
-    async fn zero_cluster(&self, off: u64, n: u64, unmap: bool) -> Result<()> {
+    async fn zero_cluster(&self, off: GuestOffset, n: u64, unmap: bool) -> Result<()> {
         let w = self.write_state()?;
         let geo = self.inner.geo;
         let gc = geo.guest_cluster(off);
@@ -87,7 +87,7 @@ impl Image {
             .inner
             .backing
             .as_ref()
-            .is_some_and(|b| gc * geo.cluster_size < b.size());
+            .is_some_and(|b| geo.cluster_start(gc).0 < b.size());
         if matches!(m.entry, L2Entry::Unallocated) && m.bitmap.alloc_bits() == 0 && !has_backing {
             let all_unalloc = m.bitmap.zero_bits() == 0;
             if all_unalloc || !geo.l2.extended {
@@ -120,27 +120,28 @@ impl Image {
     }
 
     /// Extended L2: whole subclusters get the zero bit, partial ones get zeros written.
-    async fn zero_subclusters(&self, off: u64, n: u64) -> Result<()> {
+    async fn zero_subclusters(&self, off: GuestOffset, n: u64) -> Result<()> {
         let geo = self.inner.geo;
         let sc = geo.subcluster_size();
-        let first_full = off.div_ceil(sc) * sc;
-        let last_full = (off + n) / sc * sc;
+        let end = off.offset_by(n);
+        let first_full = GuestOffset(off.0.div_ceil(sc) * sc);
+        let last_full = GuestOffset(end.0 / sc * sc);
         if first_full >= last_full {
             return self.write_zero_bytes(off, n).await;
         }
         if off < first_full {
-            self.write_zero_bytes(off, first_full - off).await?;
+            self.write_zero_bytes(off, first_full.since(off)).await?;
         }
-        self.mark_zero_subclusters(first_full, last_full - first_full)
+        self.mark_zero_subclusters(first_full, last_full.since(first_full))
             .await?;
-        if last_full < off + n {
-            self.write_zero_bytes(last_full, off + n - last_full)
+        if last_full < end {
+            self.write_zero_bytes(last_full, end.since(last_full))
                 .await?;
         }
         Ok(())
     }
 
-    async fn mark_zero_subclusters(&self, off: u64, n: u64) -> Result<()> {
+    async fn mark_zero_subclusters(&self, off: GuestOffset, n: u64) -> Result<()> {
         let w = self.write_state()?;
         let geo = self.inner.geo;
         let gc = geo.guest_cluster(off);
@@ -169,11 +170,11 @@ impl Image {
     /// With a raw external data file (`data_file_raw`), the data file must read as the guest
     /// disk on its own: a zero or discard made by the mapping alone would leave the old data
     /// there, so zero the data file too (host offset == guest offset), as QEMU does.
-    async fn zero_raw_data_file(&self, off: u64, n: u64) -> Result<()> {
+    async fn zero_raw_data_file(&self, off: GuestOffset, n: u64) -> Result<()> {
         let raw = self.inner.data_file_path.is_some()
             && self.inner.header.lock().unwrap().header.data_file_raw();
         if raw {
-            self.zero_data(off, n).await
+            self.zero_data(HostOffset(off.0), n).await
         } else {
             Ok(())
         }
@@ -184,7 +185,7 @@ impl Image {
 /// allocated (preallocated zeros). Without the zero flag (v2, no backing) it is unallocated.
 fn zero_entry(
     geo: &crate::format::l2::L2Geometry,
-    keep: Option<crate::units::HostOffset>,
+    keep: Option<HostOffset>,
     has_backing: bool,
 ) -> (L2Entry, SubclusterBitmap) {
     if geo.extended {
