@@ -162,8 +162,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     // `serve --fork` forks here, while the process has one thread (see `fork`).
+    // (`--list` is a client: it refuses --fork itself, with qemu-nbd's message.)
     if let Command::Serve(a) = &mut cli.command
         && a.fork
+        && !a.list
     {
         match fork::fork() {
             Ok(fork::Side::Parent(code)) => return ExitCode::from(code),

@@ -38,6 +38,7 @@ mod cli_rebase;
 mod cli_references;
 mod cli_resize_prealloc;
 mod cli_serve_flags;
+mod cli_serve_list;
 mod cli_serve_qemu_flags;
 mod cluster_races;
 mod compressed_writes;

@@ -28,6 +28,7 @@ pub mod rebase;
 pub mod resize;
 pub mod serve;
 mod serve_device;
+mod serve_list;
 mod serve_opts;
 mod serve_snapshot;
 pub mod snapshot;

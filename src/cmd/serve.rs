@@ -2,7 +2,7 @@
 //! `--persistent`, until the last client leaves), then shut down gracefully: finish the
 //! requests in flight, flush and close the image. The command line is qemu-nbd's.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,31 +18,28 @@ use crate::disk::Disk;
 pub struct Args {
     /// Image format (qcow2 or raw); probed when omitted.
     #[arg(short = 'f')]
-    format: Option<String>,
+    pub(super) format: Option<String>,
     /// Export read-only (writes fail with EPERM).
     #[arg(short = 'r', long)]
     read_only: bool,
     /// Export this internal snapshot of the image, read-only (qemu-nbd's -l): a name or ID,
     /// or `snapshot.id=ID,snapshot.name=NAME`.
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
-    load_snapshot: Option<String>,
+    pub(super) load_snapshot: Option<String>,
     /// The export's name (clients use nbd://HOST/NAME); the empty name also selects it.
     #[arg(short = 'x', long, default_value = "")]
-    export_name: String,
-    /// Listen on this Unix socket (created; removed on exit).
+    pub(super) export_name: String,
+    /// Listen on this Unix socket (created; removed on exit). With --list: connect to it.
     #[arg(short = 'k', long)]
-    socket: Option<PathBuf>,
+    pub(super) socket: Option<PathBuf>,
     /// Listen on this TCP port (the default, 10809, when neither -k nor -p is given).
+    /// With --list: the port to connect to.
     #[arg(short = 'p', long, conflicts_with = "socket")]
-    port: Option<u16>,
+    pub(super) port: Option<u16>,
     /// Address to bind the TCP port to (qemu-nbd binds 0.0.0.0; we default to loopback).
-    #[arg(
-        short = 'b',
-        long,
-        default_value = "127.0.0.1",
-        conflicts_with = "socket"
-    )]
-    bind: String,
+    /// With --list: the server to connect to (default 0.0.0.0, as qemu-nbd).
+    #[arg(short = 'b', long, conflicts_with = "socket")]
+    pub(super) bind: Option<String>,
     /// Clients served at once; more wait until one leaves.
     #[arg(
         short = 'e',
@@ -69,7 +66,7 @@ pub struct Args {
     snapshot: bool,
     /// The export's description (shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION).
     #[arg(short = 'D', long, value_name = "TEXT", default_value = "")]
-    description: String,
+    pub(super) description: String,
     /// Drop a client that has not finished the handshake after SECS seconds (0: no limit).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     handshake_limit: u64,
@@ -82,16 +79,25 @@ pub struct Args {
     #[command(flatten)]
     access: Access,
     #[command(flatten)]
-    qemu: QemuNbdFlags,
-    /// The image file.
-    file: PathBuf,
+    pub(super) qemu: QemuNbdFlags,
+    /// Client mode: list the exports of the server at -k SOCK or -b HOST -p PORT (in
+    /// qemu-nbd -L's format) instead of serving an image.
+    #[arg(short = 'L', long)]
+    pub list: bool,
+    /// The image file (none with --list).
+    #[arg(required_unless_present = "list")]
+    pub(super) file: Option<PathBuf>,
     /// With --fork: the pipe to the waiting parent (see [`crate::fork`]).
     #[arg(skip)]
     pub ready: Option<std::os::fd::OwnedFd>,
 }
 
 /// qemu-nbd's port when neither -k nor -p is given.
-const DEFAULT_PORT: u16 = 10809;
+pub(super) const DEFAULT_PORT: u16 = 10809;
+
+/// Where the server listens without -b: loopback only (qemu-nbd's is 0.0.0.0, which would
+/// expose the image to the network by default).
+const DEFAULT_BIND: &str = "127.0.0.1";
 
 /// SECS from the command line as a limit: 0 means none.
 fn seconds(secs: u64) -> Duration {
@@ -103,9 +109,14 @@ fn seconds(secs: u64) -> Duration {
 
 /// Run `qcow2 serve`.
 pub async fn run(mut a: Args) -> Result<u8> {
+    if a.list {
+        return super::serve_list::run(&a).await;
+    }
+    // clap requires the file unless --list.
+    let file = a.file.clone().context("no image file given")?;
     a.qemu.check()?;
     let tls = a.qemu.tls()?;
-    let device = a.qemu.policy().apply(open_device(&a).await?);
+    let device = a.qemu.policy().apply(open_device(&a, &file).await?);
     let listener = listen(&a).await?;
     let _pid_file = match &a.pid_file {
         Some(p) => Some(PidFile::write(p)?),
@@ -135,7 +146,7 @@ pub async fn run(mut a: Args) -> Result<u8> {
     server
         .run(listener, stop_signal())
         .await
-        .with_context(|| format!("closing '{}'", a.file.display()))?;
+        .with_context(|| format!("closing '{}'", file.display()))?;
     Ok(0)
 }
 
@@ -146,10 +157,11 @@ async fn listen(a: &Args) -> Result<Listener> {
             .with_context(|| format!("could not listen on '{}'", path.display()));
     }
     let port = a.port.unwrap_or(DEFAULT_PORT);
-    let addr = if a.bind.contains(':') {
-        format!("[{}]:{port}", a.bind)
+    let bind = a.bind.as_deref().unwrap_or(DEFAULT_BIND);
+    let addr = if bind.contains(':') {
+        format!("[{bind}]:{port}")
     } else {
-        format!("{}:{port}", a.bind)
+        format!("{bind}:{port}")
     };
     Listener::tcp(&addr)
         .await
@@ -188,7 +200,7 @@ impl Drop for PidFile {
 }
 /// Open the image as a device of its format (as every other command opens it: a raw file's
 /// size rounded up to whole sectors, block 0 of a probed raw file guarded).
-async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
+async fn open_device(a: &Args, file: &Path) -> Result<Arc<dyn BlockDevice>> {
     let writable = !a.read_only;
     let mut access = a.access.clone().untrusted_by_default();
     let tuning = a.qemu.tuning();
@@ -197,15 +209,15 @@ async fn open_device(a: &Args) -> Result<Arc<dyn BlockDevice>> {
         bail!("--force-share (-U) can only be used with read-only exports (-r)");
     }
     if let Some(snap) = &a.load_snapshot {
-        let disk = super::snapshot::open_source(&a.file, a.format.as_deref(), &access, snap);
+        let disk = super::snapshot::open_source(file, a.format.as_deref(), &access, snap);
         return Ok(disk.await?.into_device());
     }
     // With -r there is nothing for an overlay to catch: the image itself is served read-only.
     if a.snapshot && writable {
-        let img = super::serve_snapshot::open_overlay(&a.file, a.format.as_deref(), &access);
+        let img = super::serve_snapshot::open_overlay(file, a.format.as_deref(), &access);
         return Ok(Arc::new(img.await?));
     }
-    let disk = Disk::open(&a.file, a.format.as_deref(), writable, &access).await?;
+    let disk = Disk::open(file, a.format.as_deref(), writable, &access).await?;
     Ok(disk.into_device())
 }
 

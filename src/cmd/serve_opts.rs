@@ -137,6 +137,21 @@ impl QemuNbdFlags {
         }
     }
 
+    /// Whether a flag about the image was given (qemu-nbd refuses them with --list).
+    pub fn per_device(&self) -> bool {
+        self.nocache
+            || self.cache.is_some()
+            || self.aio.is_some()
+            || self.allocation_depth
+            || !self.bitmap.is_empty()
+            || self.connect.is_some()
+    }
+
+    /// Whether --tls-creds was given.
+    pub fn tls_requested(&self) -> bool {
+        self.tls_creds.is_some()
+    }
+
     /// O_DIRECT and the IO backend.
     pub fn tuning(&self) -> OpenTuning {
         let direct = matches!(self.cache_mode(), CacheMode::None | CacheMode::Directsync);

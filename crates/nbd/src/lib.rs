@@ -18,10 +18,14 @@
 //! shares the one open image, so `NBD_FLAG_CAN_MULTI_CONN` is true, and sent when the server
 //! takes more than one client at a time. Not yet: `OPT_EXTENDED_HEADERS`.
 //!
+//! [`client`] is the other side, as far as `qemu-nbd --list` goes: a handshake that lists a
+//! server's exports.
+//!
 //! A client is untrusted: lengths are checked before anything is allocated, a bad magic
 //! closes the connection, and per-connection memory is bounded.
 #![deny(missing_docs)]
 
+pub mod client;
 mod cmd;
 pub mod connection;
 pub mod device;

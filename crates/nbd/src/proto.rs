@@ -9,6 +9,8 @@ pub const INIT_MAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const OPT_MAGIC: u64 = 0x4948_4156_454f_5054;
 /// Magic of every option reply (fixed newstyle).
 pub const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Second server magic of an oldstyle server (no options: size and flags follow).
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of a transmission request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
@@ -37,6 +39,8 @@ pub const FLAG_READ_ONLY: u16 = 1 << 1;
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 /// `CMD_FLAG_FUA` is supported.
 pub const FLAG_SEND_FUA: u16 = 1 << 3;
+/// The export is a rotating disk (a hint for request ordering).
+pub const FLAG_ROTATIONAL: u16 = 1 << 4;
 /// `CMD_TRIM` is supported.
 pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 /// `CMD_WRITE_ZEROES` (and `CMD_FLAG_NO_HOLE`) is supported.
@@ -45,10 +49,14 @@ pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const FLAG_SEND_DF: u16 = 1 << 7;
 /// Flush and FUA on one connection cover writes completed on every connection.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// `CMD_RESIZE` is supported.
+pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
 /// `CMD_CACHE` is supported.
 pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 /// `CMD_FLAG_FAST_ZERO` is supported.
 pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+/// `CMD_BLOCK_STATUS` takes a payload (extended headers only).
+pub const FLAG_BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 
 // Options.
 /// Choose an export and enter transmission (no error possible).
@@ -69,6 +77,8 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// Select metadata contexts.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// Use 64-bit request and reply headers (we serve without them; our client asks).
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
 /// Success / end of a list.
@@ -85,10 +95,16 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// The option is malformed or not allowed in this state.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// The server cannot do it on this platform.
+pub const REP_ERR_PLATFORM: u32 = (1 << 31) + 4;
 /// The option needs TLS first.
 pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// The export does not exist.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+/// The server is shutting down.
+pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+/// The export needs the client to ask for `INFO_BLOCK_SIZE`.
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
 
 // Information types of `REP_INFO`.
 /// Size and transmission flags.
