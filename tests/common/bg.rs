@@ -103,7 +103,17 @@ impl Bg {
 }
 
 impl Drop for Bg {
+    /// SIGTERM and a few seconds to exit, then SIGKILL. A server killed outright in the middle
+    /// of IO keeps its image locked for a moment after it has been reaped (the kernel drops
+    /// the file references of its io_uring requests later): a test that opens the image next
+    /// would see it locked. A graceful exit closes the image first.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child, not yet reaped, has no memory-safety
+            // preconditions.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.exited_within(Duration::from_secs(5));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
