@@ -53,6 +53,7 @@ mod hostile_images;
 mod lazy_refcounts;
 mod luks;
 mod luks_amend;
+mod nbd_bitmaps;
 mod nbd_features;
 mod nbd_garbage;
 mod nbd_handshake;
