@@ -50,6 +50,7 @@ mod fault_injection;
 mod format_oracle;
 mod fuzz_regressions;
 mod hostile_images;
+mod incremental_backup;
 mod lazy_refcounts;
 mod luks;
 mod luks_amend;
