@@ -1,5 +1,5 @@
 //! qemu-nbd's remaining flags on `qcow2 serve`: `--discard`, `--detect-zeroes`, `-s`,
-//! `--cache`/`-n`, `--aio`, `-A`, the refusals (`-l`, `-B`, `-c`) and `-T`; and `nbdinfo
+//! `--cache`/`-n`, `--aio`, `-A`, the refusals (`-l`, `-c`) and `-T`; and `nbdinfo
 //! --json` of ours against qemu-nbd's with the same flags. Data is judged by qemu-io's pattern
 //! checks, `qemu-img map` and `qemu-img compare` once the server is gone.
 
@@ -201,7 +201,6 @@ fn unsupported_flags_are_refused_clearly_and_trace_is_ignored() {
             &["-l", "snap1"][..],
             "Failed to load snapshot: Can't find snapshot",
         ),
-        (&["-B", "b0"][..], "dirty bitmaps is not supported yet"),
         (
             &["-c", "/dev/nbd0"][..],
             "kernel NBD device is not supported",

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use qcow2_nbd::{BlockDevice, Event, Export, Listener, MetaContext, Server};
+use anyhow::{Context, Result, anyhow, bail};
+use qcow2_engine::ErrorKind;
+use qcow2_nbd::{BlockDevice, DirtyBitmap, Event, Export, Listener, MetaContext, Server};
 
 use super::serve_opts::QemuNbdFlags;
 use crate::access::Access;
@@ -117,21 +118,23 @@ pub async fn run(mut a: Args) -> Result<u8> {
     a.qemu.check()?;
     let tls = a.qemu.tls()?;
     let device = a.qemu.policy().apply(open_device(&a, &file).await?);
-    let listener = listen(&a).await?;
-    let _pid_file = match &a.pid_file {
-        Some(p) => Some(PidFile::write(p)?),
-        None => None,
+    let (contexts, listener, _pid_file) = match prepare(&a, device.as_ref()).await {
+        Ok(p) => p,
+        Err(e) => {
+            // Close what was opened: a writable open marked the image's enabled bitmaps
+            // in use on disk, and only a close stores them clean again.
+            let _ = device.close().await;
+            return Err(e);
+        }
     };
     if let Some(fd) = a.ready.take() {
         crate::fork::ready(fd);
     }
-    let mut export = Export {
+    let export = Export {
         description: a.description.clone(),
+        contexts,
         ..Export::new(a.export_name.clone(), device)
     };
-    if a.qemu.allocation_depth {
-        export.contexts.push(MetaContext::AllocationDepth);
-    }
     let mut server = Server::new(vec![export])
         .max_connections(a.max_connections)
         .persistent(a.persistent)
@@ -148,6 +151,46 @@ pub async fn run(mut a: Args) -> Result<u8> {
         .await
         .with_context(|| format!("closing '{}'", file.display()))?;
     Ok(0)
+}
+
+/// Everything between opening the image and serving it: the contexts, the listening
+/// socket and the pid file.
+async fn prepare(
+    a: &Args,
+    device: &dyn BlockDevice,
+) -> Result<(Vec<MetaContext>, Listener, Option<PidFile>)> {
+    let contexts = contexts(a, device).await?;
+    let listener = listen(a).await?;
+    let pid_file = match &a.pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
+    };
+    Ok((contexts, listener, pid_file))
+}
+
+/// The metadata contexts the export offers besides `base:allocation`: `-A`'s, then one per
+/// `-B`, in qemu-nbd's order (it offers the last -B first).
+async fn contexts(a: &Args, device: &dyn BlockDevice) -> Result<Vec<MetaContext>> {
+    let mut out = Vec::new();
+    if a.qemu.allocation_depth {
+        out.push(MetaContext::AllocationDepth);
+    }
+    for name in a.qemu.bitmaps().iter().rev() {
+        out.push(MetaContext::DirtyBitmap(dirty_bitmap(device, name).await?));
+    }
+    Ok(out)
+}
+
+/// Bitmap `name` of the device, refused with qemu-nbd's messages when it is missing or
+/// inconsistent (in_use: not stored cleanly, so its bits cannot be trusted).
+async fn dirty_bitmap(device: &dyn BlockDevice, name: &str) -> Result<DirtyBitmap> {
+    DirtyBitmap::new(device, name)
+        .await
+        .map_err(|e| match e.kind() {
+            ErrorKind::NotFound => anyhow!("Bitmap '{name}' is not found"),
+            ErrorKind::Refused => anyhow!("Bitmap '{name}' is inconsistent and cannot be used"),
+            _ => anyhow::Error::new(e).context(format!("reading bitmap '{name}'")),
+        })
 }
 
 /// Bind the Unix socket or the TCP port the arguments name.

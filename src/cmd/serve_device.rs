@@ -141,4 +141,12 @@ impl BlockDevice for PolicyDevice {
     fn prefetch(&self, offset: u64, len: u64) -> DeviceFuture<'_, ()> {
         self.inner.prefetch(offset, len)
     }
+    fn dirty_extents(
+        &self,
+        bitmap: &str,
+        offset: u64,
+        len: u64,
+    ) -> DeviceFuture<'_, Vec<(u64, u64)>> {
+        self.inner.dirty_extents(bitmap, offset, len)
+    }
 }

@@ -1,7 +1,7 @@
 //! qemu-nbd's flags beyond the socket and export basics: caching and IO (`-n`, `--cache`,
 //! `--aio`), `--discard`, `--detect-zeroes`, `-A`, TLS (`--object tls-creds-x509`,
-//! `--tls-creds`, `--tls-hostname`), and the flags we accept only to refuse clearly or to
-//! ignore (`-l`, `-B`, `-c`, `-T`).
+//! `--tls-creds`, `--tls-hostname`), `-B` (dirty bitmaps), and the flags we accept only to
+//! refuse clearly or to ignore (`-c`, `-T`).
 
 use std::path::{Path, PathBuf};
 
@@ -49,7 +49,9 @@ pub struct QemuNbdFlags {
     /// Only with --list in qemu-nbd (a client option): refused, as there.
     #[arg(long, value_name = "HOSTNAME")]
     tls_hostname: Option<String>,
-    /// Not yet supported: expose a persistent dirty bitmap (refused).
+    /// Offer persistent dirty bitmap NAME (of the image or, as in QEMU, of the first image
+    /// of its backing chain that has it) as metadata context qemu:dirty-bitmap:NAME
+    /// (repeatable).
     #[arg(short = 'B', long, value_name = "NAME")]
     bitmap: Vec<String>,
     /// Connect FILE to a kernel NBD device: refused (no kernel module is used).
@@ -114,9 +116,6 @@ impl QemuNbdFlags {
                 dev.display()
             );
         }
-        if let Some(b) = self.bitmap.first() {
-            bail!("-B/--bitmap {b}: exporting dirty bitmaps is not supported yet");
-        }
         if !self.trace.is_empty() {
             errln!("qcow2 serve: warning: -T/--trace is not supported and is ignored");
         }
@@ -150,6 +149,11 @@ impl QemuNbdFlags {
     /// Whether --tls-creds was given.
     pub fn tls_requested(&self) -> bool {
         self.tls_creds.is_some()
+    }
+
+    /// The `-B` bitmap names, in command-line order.
+    pub fn bitmaps(&self) -> &[String] {
+        &self.bitmap
     }
 
     /// O_DIRECT and the IO backend.

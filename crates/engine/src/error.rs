@@ -36,7 +36,7 @@ pub enum ErrorKind {
     Locked,
     /// The image names a file (backing or data file) that the reference policy does not allow.
     Refused,
-    /// A named object (an internal snapshot) does not exist.
+    /// A named object (an internal snapshot, a persistent bitmap) does not exist.
     NotFound,
 }
 

@@ -8,9 +8,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use qcow2_engine::ErrorKind;
 use qcow2_engine::Storage;
 use qcow2_engine::error::{Error, Result};
-use qcow2_engine::image::{Extent, Image, ZeroFlags};
+use qcow2_engine::image::{Backing, Extent, Image, ZeroFlags};
 
 /// A boxed, `Send` future of a library result.
 pub type DeviceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -42,6 +43,23 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug + 'static {
     fn zeroes_fast(&self, offset: u64, len: u64) -> DeviceFuture<'_, bool> {
         let _ = (offset, len);
         Box::pin(async { Ok(false) })
+    }
+    /// The dirty ranges of persistent bitmap `bitmap` that meet `[offset, offset + len)`,
+    /// clipped to it, as (offset, length) pairs in order. Errors: kind
+    /// [`NotFound`](qcow2_engine::ErrorKind::NotFound) when the device has no such bitmap (the
+    /// default), [`Refused`](qcow2_engine::ErrorKind::Refused) when it is inconsistent.
+    fn dirty_extents(
+        &self,
+        bitmap: &str,
+        offset: u64,
+        len: u64,
+    ) -> DeviceFuture<'_, Vec<(u64, u64)>> {
+        let _ = (offset, len);
+        let e = Error::new(
+            ErrorKind::NotFound,
+            format!("Dirty bitmap '{bitmap}' not found"),
+        );
+        Box::pin(async move { Err(e) })
     }
     /// Prefetch a range (`NBD_CMD_CACHE`): a hint. The default maps it, which loads the
     /// metadata the range needs into the device's caches.
@@ -80,6 +98,26 @@ async fn image_zeroes_fast(img: &Image, offset: u64, len: u64) -> Result<bool> {
     Ok(true)
 }
 
+/// The dirty ranges of bitmap `name` in `img` or, as QEMU looks for an exported bitmap,
+/// in the first image of its backing chain that has one of that name.
+async fn image_dirty_extents(
+    img: &Image,
+    name: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let mut cur = img;
+    loop {
+        match cur.bitmap_extents_in(name, offset, len).await {
+            Err(e) if e.kind() == ErrorKind::NotFound => match cur.backing() {
+                Some(Backing::Qcow2(b)) => cur = b,
+                _ => return Err(e),
+            },
+            r => return r,
+        }
+    }
+}
+
 impl BlockDevice for Image {
     fn size(&self) -> u64 {
         self.virtual_size()
@@ -115,6 +153,15 @@ impl BlockDevice for Image {
     }
     fn zeroes_fast(&self, offset: u64, len: u64) -> DeviceFuture<'_, bool> {
         Box::pin(image_zeroes_fast(self, offset, len))
+    }
+    fn dirty_extents(
+        &self,
+        bitmap: &str,
+        offset: u64,
+        len: u64,
+    ) -> DeviceFuture<'_, Vec<(u64, u64)>> {
+        let name = bitmap.to_string();
+        Box::pin(async move { image_dirty_extents(self, &name, offset, len).await })
     }
 }
 

@@ -12,7 +12,8 @@
 //! sizes 1 / 4096 / 32 MiB, name, description), `OPT_LIST`, `OPT_ABORT`, `OPT_STARTTLS`
 //! (feature `tls`: `TlsConfig`, required before anything else once configured),
 //! `OPT_STRUCTURED_REPLY`, and `OPT_LIST_META_CONTEXT`/`OPT_SET_META_CONTEXT` for
-//! `base:allocation` and the export's [`MetaContext`]s (`qemu:allocation-depth`). Commands:
+//! `base:allocation` and the export's [`MetaContext`]s (`qemu:allocation-depth`,
+//! `qemu:dirty-bitmap:NAME`). Commands:
 //! read, write (FUA), flush, trim, write zeroes (NO_HOLE, FAST_ZERO), cache, block status
 //! (REQ_ONE), disconnect. Several requests of one connection run at once; every connection
 //! shares the one open image, so `NBD_FLAG_CAN_MULTI_CONN` is true, and sent when the server
@@ -29,6 +30,7 @@ pub mod client;
 mod cmd;
 pub mod connection;
 pub mod device;
+pub mod dirty_bitmap;
 pub mod export;
 mod frame;
 #[cfg(feature = "fuzzing")]
@@ -56,6 +58,7 @@ mod tls {
 }
 
 pub use device::{BlockDevice, DeviceFuture, RawDevice};
+pub use dirty_bitmap::DirtyBitmap;
 pub use export::{Export, Exports};
 pub use listener::{Event, Listener, Server};
 pub use meta::MetaContext;

@@ -8,6 +8,7 @@
 //! listing) names a namespace or a prefix ending in `:` (`base:`, `qemu:`,
 //! `qemu:dirty-bitmap:`) to list every context under it; listing with no query lists all.
 
+use crate::dirty_bitmap::DirtyBitmap;
 use crate::export::Export;
 use crate::proto::BASE_ALLOCATION;
 
@@ -18,6 +19,9 @@ pub enum MetaContext {
     /// `qemu:allocation-depth`: 0 where no layer of the backing chain allocates the range, 1
     /// where this image does, 2 or more where a backing file does (qemu-nbd's `-A`).
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`: 1 where the image's persistent bitmap NAME is dirty, 0
+    /// where it is clean (qemu-nbd's `-B NAME`).
+    DirtyBitmap(DirtyBitmap),
 }
 
 /// `qemu:allocation-depth`'s name.
@@ -37,6 +41,7 @@ impl MetaContext {
     pub fn name(&self) -> String {
         match self {
             MetaContext::AllocationDepth => ALLOCATION_DEPTH.to_string(),
+            MetaContext::DirtyBitmap(b) => b.context_name(),
         }
     }
 }

@@ -163,6 +163,8 @@ pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const STATE_HOLE: u32 = 1 << 0;
 /// Reads as zeros.
 pub const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:NAME`'s flag: the range is dirty.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// The metadata context every export offers.
 pub const BASE_ALLOCATION: &str = "base:allocation";

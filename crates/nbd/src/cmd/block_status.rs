@@ -1,7 +1,9 @@
 //! `NBD_CMD_BLOCK_STATUS` for every selected metadata context, from the same extents
 //! `qemu-img map` prints:
 //! - `base:allocation`: `HOLE` where no layer has data, `ZERO` where the range reads as zeros;
-//! - `qemu:allocation-depth`: 0 where no layer allocates, 1 for this image, 2+ for backings.
+//! - `qemu:allocation-depth`: 0 where no layer allocates, 1 for this image, 2+ for backings;
+//! - `qemu:dirty-bitmap:NAME`: 1 where the bitmap is dirty, 0 where clean (from the bitmap,
+//!   not from the map; the map is skipped when only bitmaps are asked for).
 //!
 //! The range is mapped in windows and the reply stops after [`MAX_DESCRIPTORS`] extents (the
 //! spec lets a server answer less than asked; clients continue where it stopped), so a 4 GiB
@@ -12,6 +14,7 @@ use super::{Ctx, failed};
 use crate::frame::{ContextStatus, Reply, Request};
 use crate::meta::{Kind, MetaContext};
 use crate::proto::*;
+use qcow2_engine::Result;
 use qcow2_engine::image::Extent;
 
 /// Most descriptors in one reply.
@@ -34,14 +37,8 @@ pub async fn run(ctx: &Ctx, req: &Request) -> Reply {
     let mut off = req.offset;
     while off < end && out.iter().all(|c| c.descriptors.len() < MAX_DESCRIPTORS) {
         let n = (end - off).min(WINDOW);
-        let extents = match ctx.device.map(off, n).await {
-            Ok(e) => e,
-            Err(e) => return failed(&e),
-        };
-        for ((_, kind), status) in ctx.contexts.iter().zip(out.iter_mut()) {
-            for e in &extents {
-                push(&mut status.descriptors, e.length, flags_of(kind, e));
-            }
+        if let Err(e) = window(ctx, off, n, &mut out).await {
+            return failed(&e);
         }
         off += n;
         if one {
@@ -61,6 +58,41 @@ pub async fn run(ctx: &Ctx, req: &Request) -> Reply {
     Reply::Extents(out)
 }
 
+/// Append every context's descriptors of `[off, off + n)` to `out`.
+async fn window(ctx: &Ctx, off: u64, n: u64, out: &mut [ContextStatus]) -> Result<()> {
+    let is_bitmap = |k: &Kind| matches!(k, Kind::Extra(MetaContext::DirtyBitmap(_)));
+    let extents = match ctx.contexts.iter().all(|(_, k)| is_bitmap(k)) {
+        true => Vec::new(),
+        false => ctx.device.map(off, n).await?,
+    };
+    for ((_, kind), status) in ctx.contexts.iter().zip(out.iter_mut()) {
+        if let Kind::Extra(MetaContext::DirtyBitmap(b)) = kind {
+            let dirty = b.extents(ctx.device.as_ref(), off, n).await?;
+            push_dirty(&mut status.descriptors, off, n, &dirty);
+            continue;
+        }
+        for e in &extents {
+            push(&mut status.descriptors, e.length, flags_of(kind, e));
+        }
+    }
+    Ok(())
+}
+
+/// Append `[off, off + n)` as clean and dirty descriptors, from its sorted dirty ranges.
+fn push_dirty(out: &mut Vec<(u32, u32)>, off: u64, n: u64, dirty: &[(u64, u64)]) {
+    let mut pos = off;
+    for &(s, l) in dirty {
+        if s > pos {
+            push(out, s - pos, 0);
+        }
+        push(out, l, STATE_DIRTY);
+        pos = s + l;
+    }
+    if pos < off + n {
+        push(out, off + n - pos, 0);
+    }
+}
+
 /// The status flags of `e` in context `kind`.
 fn flags_of(kind: &Kind, e: &Extent) -> u32 {
     match kind {
@@ -71,6 +103,8 @@ fn flags_of(kind: &Kind, e: &Extent) -> u32 {
             false => 0,
             true => e.depth.saturating_add(1),
         },
+        // Bitmaps take their flags from the bitmap (see `window`), never from the map.
+        Kind::Extra(MetaContext::DirtyBitmap(_)) => 0,
     }
 }
 
@@ -112,6 +146,22 @@ fn equalize(out: &mut [ContextStatus]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirty_ranges_become_descriptors() {
+        let mut v = Vec::new();
+        push_dirty(&mut v, 100, 100, &[(100, 10), (150, 20)]);
+        assert_eq!(
+            v,
+            vec![(10, STATE_DIRTY), (40, 0), (20, STATE_DIRTY), (30, 0)]
+        );
+        // The next window continues the last descriptor when the flags match.
+        push_dirty(&mut v, 200, 50, &[]);
+        assert_eq!(v.last(), Some(&(80, 0)));
+        let mut w = Vec::new();
+        push_dirty(&mut w, 0, 64, &[(0, 64)]);
+        assert_eq!(w, vec![(64, STATE_DIRTY)]);
+    }
 
     #[test]
     fn contexts_are_cut_to_the_shortest() {

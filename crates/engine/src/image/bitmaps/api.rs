@@ -42,7 +42,7 @@ impl BitmapInfo {
 
 fn not_found(name: &str) -> Error {
     Error::new(
-        ErrorKind::InvalidArgument,
+        ErrorKind::NotFound,
         format!("Dirty bitmap '{name}' not found"),
     )
 }
@@ -197,12 +197,29 @@ impl Image {
     /// The dirty ranges of bitmap `name` as (guest offset, length) pairs, in order, each
     /// a whole number of granularity chunks (the last one ends at the virtual size).
     pub async fn bitmap_extents(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        self.bitmap_extents_in(name, 0, self.virtual_size()).await
+    }
+
+    /// The dirty ranges of bitmap `name` that meet guest range `[offset, offset + len)`,
+    /// clipped to it, as (guest offset, length) pairs in order. On a writable image this
+    /// reads only the bits of the range, so it suits a per-request query (NBD block status);
+    /// on a read-only one it reads the bitmap from disk at every call.
+    pub async fn bitmap_extents_in(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>> {
         let (bits, g) = self.bitmap_bits(name).await?;
-        let size = self.virtual_size();
+        let end = offset.saturating_add(len).min(self.virtual_size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let clip = |bit: u64| (bit << g).clamp(offset, end);
         Ok(bits
-            .extents()
+            .extents_in(offset >> g, end.div_ceil(1u64 << g))
             .into_iter()
-            .map(|(a, b)| (a << g, (b << g).min(size) - (a << g)))
+            .map(|(a, b)| (clip(a), clip(b) - clip(a)))
             .collect())
     }
 

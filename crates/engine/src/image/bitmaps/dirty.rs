@@ -159,27 +159,51 @@ impl DirtyBits {
     }
 
     /// The runs of set bits, as `[first, end)` bit ranges in order.
+    #[cfg(test)]
     pub fn extents(&self) -> Vec<(u64, u64)> {
+        self.extents_in(0, u64::MAX)
+    }
+
+    /// The runs of set bits within bits `[first, end)`, clipped to it, in order. Only the
+    /// words of that range are read, so a small range of a big bitmap costs little.
+    pub fn extents_in(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let end = end.min(g.0);
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (bi, block) in g.1.iter().enumerate() {
-            let Some(block) = block.get() else { continue };
-            for (wi, a) in block.iter().enumerate() {
-                let mut v = a.load(Ordering::Relaxed);
-                let base = (bi as u64 * BLOCK_WORDS + wi as u64) * 64;
-                while v != 0 {
-                    let start = u64::from(v.trailing_zeros());
-                    let run = u64::from((v >> start).trailing_ones());
-                    push_run(&mut out, base + start, base + start + run);
-                    v = if start + run >= 64 {
-                        0
-                    } else {
-                        v & !((1u64 << (start + run)) - 1)
-                    };
-                }
-            }
+        let mut w = first / 64;
+        while w.saturating_mul(64) < end {
+            let Some(a) = word(&g.1, w, false) else {
+                // A block never written: skip all of it.
+                w = (w / BLOCK_WORDS + 1) * BLOCK_WORDS;
+                continue;
+            };
+            let v = a.load(Ordering::Relaxed) & range_mask(w, first, end);
+            push_word_runs(&mut out, w * 64, v);
+            w += 1;
         }
         out
+    }
+}
+
+/// The bits of word `w` that lie in bits `[first, end)`.
+fn range_mask(w: u64, first: u64, end: u64) -> u64 {
+    let ones = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    let lo = first.saturating_sub(w * 64);
+    let hi = end.saturating_sub(w * 64);
+    ones(hi) & !ones(lo)
+}
+
+/// Append the runs of set bits of word value `v`, whose bit 0 is bit `base`.
+fn push_word_runs(out: &mut Vec<(u64, u64)>, base: u64, mut v: u64) {
+    while v != 0 {
+        let start = u64::from(v.trailing_zeros());
+        let run = u64::from((v >> start).trailing_ones());
+        push_run(out, base + start, base + start + run);
+        v = if start + run >= 64 {
+            0
+        } else {
+            v & !((1u64 << (start + run)) - 1)
+        };
     }
 }
 
@@ -230,6 +254,21 @@ mod tests {
             ]
         );
         assert!(d.get(69) && !d.get(70) && !d.get(100_000));
+    }
+
+    #[test]
+    fn ranged_extents_are_clipped_and_skip_empty_blocks() {
+        let d = DirtyBits::new(3 * BLOCK_BITS);
+        d.set_range(10, 200);
+        d.set_range(2 * BLOCK_BITS + 5, 2 * BLOCK_BITS + 7);
+        assert_eq!(d.extents_in(70, 130), vec![(70, 130)]);
+        assert_eq!(d.extents_in(0, 10), vec![]);
+        assert_eq!(d.extents_in(199, BLOCK_BITS), vec![(199, 200)]);
+        assert_eq!(
+            d.extents_in(150, u64::MAX),
+            vec![(150, 200), (2 * BLOCK_BITS + 5, 2 * BLOCK_BITS + 7)]
+        );
+        assert_eq!(d.extents_in(2 * BLOCK_BITS + 6, 2 * BLOCK_BITS + 6), vec![]);
     }
 
     #[test]
