@@ -56,6 +56,50 @@ pub fn parse_size(s: &str) -> Result<u64> {
     value.ok_or_else(invalid)
 }
 
+/// Parse a rate limit (`convert -r`) as qemu-img's `cvtnum` does: a size as [`parse_size`]
+/// takes it (leading blanks allowed, trailing ones not), at most `i64::MAX`, with qemu-img's
+/// two messages: one for text that is not a size, one for a size out of range (a negative
+/// integer counts as one, as in QEMU's parser).
+pub fn parse_rate(s: &str) -> Result<u64> {
+    let invalid = || anyhow::anyhow!("Invalid rate limit specified: '{s}'.");
+    let range = || {
+        anyhow::anyhow!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        )
+    };
+    let t = s.trim_start();
+    if t.is_empty() || t.ends_with(char::is_whitespace) {
+        return Err(invalid());
+    }
+    if let Some(neg) = t.strip_prefix('-') {
+        let integer = !neg.is_empty() && neg.bytes().all(|b| b.is_ascii_digit());
+        return Err(if integer { range() } else { invalid() });
+    }
+    match parse_size(t) {
+        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Ok(_) => Err(range()),
+        Err(_) if overflows(t) => Err(range()),
+        Err(_) => Err(invalid()),
+    }
+}
+
+/// Whether `t`, refused by [`parse_size`], is well-formed but too large for a `u64`.
+fn overflows(t: &str) -> bool {
+    let (num, suffix) = split_number(t);
+    if let Some(hex) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
+        return suffix.is_empty() && !hex.is_empty();
+    }
+    let Some(mult) = suffix_multiplier(suffix) else {
+        return false;
+    };
+    let fraction_ok = !num.contains('.') || mult > 1;
+    fraction_ok
+        && num
+            .parse::<f64>()
+            .is_ok_and(|v| v * mult as f64 >= u64::MAX as f64)
+}
+
 /// Parse a byte pattern for `-P`: decimal or `0x` hex, 0..=255.
 pub fn parse_pattern(s: &str) -> Result<u8> {
     let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -71,6 +115,45 @@ pub fn parse_pattern(s: &str) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// qemu-img 10's answers to `convert -r X` (measured).
+    #[test]
+    fn rates_as_qemu_img() {
+        let ok = [("0", 0), ("0x10", 16), (" 5", 5), ("5b", 5), ("1.5k", 1536)];
+        for (s, v) in ok {
+            assert_eq!(parse_rate(s).unwrap(), v, "{s}");
+        }
+        assert_eq!(
+            parse_rate("7.99E").unwrap(),
+            (7.99 * (1u64 << 60) as f64) as u64
+        );
+        let invalid = [
+            "xx", "-5k", "-xx", "1.5", "1e3", "", "5 ", "-5 ", "-1.5", "1.5b",
+        ];
+        for s in invalid {
+            let e = parse_rate(s).unwrap_err().to_string();
+            assert_eq!(e, format!("Invalid rate limit specified: '{s}'."));
+        }
+        let range = [
+            "-5",
+            "-0",
+            "9223372036854775808",
+            "18446744073709551616",
+            "99999999999999999999999",
+            "8E",
+            "16E",
+            "20.5E",
+            "0x8000000000000000",
+            "0xffffffffffffffffff",
+        ];
+        for s in range {
+            let e = parse_rate(s).unwrap_err().to_string();
+            assert_eq!(
+                e, "Invalid rate limit specified. Must be between 0 and 9223372036854775807.",
+                "{s}"
+            );
+        }
+    }
 
     #[test]
     fn sizes() {

@@ -10,18 +10,28 @@
 //! source's own backing chain provides are left to the new backing file, as qemu-img does
 //! (it assumes the new backing holds what the old one did). With `-c` (qcow2 only) every
 //! cluster holding data is written compressed (`convert_compress.rs`).
+//!
+//! Several sources are concatenated (`convert_sources.rs`). `-t`/`-T none|directsync` open
+//! the destination/sources with O_DIRECT, `-r` limits the write rate, `-C` lets the kernel
+//! copy between raw files (`convert_offload.rs`), `--salvage` turns read errors into zeros and
+//! warnings; the copy loop itself is `convert_copy.rs`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use qcow2_engine::Storage;
+use qcow2_engine::ops::Throttle;
 use qcow2_engine::storage::{FileStorage, LockRequest};
 
-use super::convert_pipe::{Parallel, Pipeline, is_zero};
+use super::convert_copy::{Copy, Plan};
+use super::convert_offload::Offload;
+use super::convert_pipe::Parallel;
+use super::convert_sources::{Sources, split_files};
+use super::ops_common::{cache_direct, check_cache};
 use crate::access::Access;
-use crate::args::parse_size;
-use crate::disk::{Disk, open_qcow2};
+use crate::args::{parse_rate, parse_size};
+use crate::disk::Disk;
 
 /// Arguments of `qcow2 convert`.
 #[derive(Debug, clap::Args)]
@@ -75,38 +85,47 @@ pub struct Args {
     /// layout then depends on timing; without it, it is the same whatever `-m` is).
     #[arg(short = 'W')]
     unordered: bool,
-    /// Quiet (the default; accepted for qemu-img compatibility).
+    /// Cache mode of the destination (qemu-img's names; `none` and `directsync` open it with
+    /// O_DIRECT, the others use the page cache).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Cache mode of the sources (as `-t`).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Write at most this many bytes per second (size suffixes allowed; 0: no limit).
+    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// Copy offloading: data ranges between raw files are copied by the kernel
+    /// (copy_file_range); other formats fall back to reading and writing.
+    #[arg(short = 'C')]
+    copy_range: bool,
+    /// Continue past read errors of the sources: unreadable 512-byte sectors are written as
+    /// zeros, each reported with a warning.
+    #[arg(long)]
+    salvage: bool,
+    /// Quiet: no progress and no warnings.
     #[arg(short = 'q')]
     quiet: bool,
     #[command(flatten)]
     access: Access,
-    /// Source image.
-    src: PathBuf,
-    /// Destination image (created or truncated).
-    dst: PathBuf,
+    /// Source images, concatenated in order, then the destination image (created or
+    /// truncated).
+    #[arg(value_name = "SRC... DST", required = true)]
+    files: Vec<PathBuf>,
 }
 
-/// Bytes read from the source at a time (one chunk of the pipeline).
-const CHUNK: u64 = 2 << 20;
 /// Default granularity of zero detection (qemu-img's `-S 4k`).
 const DEFAULT_SPARSE: u64 = 4096;
 /// Largest `-S` qemu-img accepts.
 const MAX_SPARSE: u64 = 16 << 20;
 
-/// How the copy treats zeros and backing data.
-#[derive(Debug, Clone, Copy)]
-struct Plan {
-    /// All-zero blocks of this many bytes are not written as data (0: every block is).
-    sparse: usize,
-    /// The destination may hold data: zero ranges must be written as zeroes.
-    zero_target: bool,
-    /// Leave ranges the source's backing chain provides to the destination's backing.
-    skip_backing: bool,
-}
-
 /// Run `qcow2 convert`.
 pub async fn run(a: Args) -> Result<u8> {
     let plan = plan(&a)?;
+    let rate = a.rate.as_deref().map(parse_rate).transpose()?;
+    check_offload(&a)?;
+    let (src_paths, dst_path) = split_files(&a.files)?;
+    check_cache(a.src_cache.as_deref(), "source cache")?;
     if a.compress && a.output_format != "qcow2" {
         bail!("compressed output (-c) needs -O qcow2");
     }
@@ -121,38 +140,118 @@ pub async fn run(a: Args) -> Result<u8> {
     if a.skip_broken_bitmaps && !a.bitmaps {
         bail!("Use of --skip-broken-bitmaps requires --bitmaps");
     }
-    let src = match &a.snapshot {
-        Some(l) => super::snapshot::open_source(&a.src, a.format.as_deref(), &a.access, l).await?,
-        None => Disk::open(&a.src, a.format.as_deref(), false, &a.access).await?,
-    };
+    let src = open_sources(&a, src_paths).await?;
+    check_concatenation(&a, &plan, src_paths.len())?;
     let bitmaps = match a.bitmaps {
-        true => super::convert_bitmaps::plan(&src, &a.output_format, a.skip_broken_bitmaps).await?,
+        true => {
+            super::convert_bitmaps::plan(src.first(), &a.output_format, a.skip_broken_bitmaps)
+                .await?
+        }
         false => Vec::new(),
     };
-    let size = src.size();
-    let dst = if a.no_create {
-        open_existing(&a, size).await?
-    } else {
-        create_destination(&a, size).await?
-    };
-    let progress = a.progress && !a.quiet;
-    let par = Parallel {
-        requests: usize::from(a.requests),
-        unordered: a.unordered,
-    };
-    let copied = if a.compress {
-        super::convert_compress::copy(&src, &dst, progress, par).await
-    } else {
-        copy(&src, &dst, plan, progress, par).await
-    };
+    let dst = open_destination(&a, dst_path, src.size()).await?;
+    let copied = copy_all(&a, &src, &dst, plan, rate).await;
     let copied = match copied {
-        Ok(()) => super::convert_bitmaps::copy(&src, &dst, &bitmaps).await,
+        Ok(()) => super::convert_bitmaps::copy(src.first(), &dst, &bitmaps).await,
         e => e,
     };
     let closed = dst.close().await;
     copied?;
-    closed.with_context(|| format!("closing '{}'", a.dst.display()))?;
+    closed.with_context(|| format!("closing '{}'", dst_path.display()))?;
     Ok(0)
+}
+
+/// Copy the data: compressed (`-c`) or not.
+async fn copy_all(
+    a: &Args,
+    src: &Sources,
+    dst: &Disk,
+    plan: Plan,
+    rate: Option<u64>,
+) -> Result<()> {
+    let par = Parallel {
+        requests: usize::from(a.requests),
+        unordered: a.unordered,
+    };
+    let (src_paths, dst_path) = split_files(&a.files)?;
+    let offload = match a.copy_range {
+        true => Offload::open(src, src_paths, dst, dst_path)?.map(Arc::new),
+        false => None,
+    };
+    let c = Copy {
+        plan,
+        par,
+        progress: a.progress && !a.quiet,
+        salvage: a.salvage,
+        quiet: a.quiet,
+        throttle: Arc::new(tokio::sync::Mutex::new(Throttle::new(rate))),
+        offload,
+    };
+    if a.salvage {
+        super::convert_walk::warn_unreadable(src, a.quiet).await?;
+    }
+    match a.compress {
+        true => super::convert_compress::copy(src, dst, &c).await,
+        false => super::convert_copy::copy(src, dst, &c).await,
+    }
+}
+
+/// qemu-img's refusals of `-C` with flags it cannot combine with.
+fn check_offload(a: &Args) -> Result<()> {
+    if a.copy_range && a.compress {
+        bail!("Cannot enable copy offloading when -c is used");
+    }
+    if a.copy_range && a.sparse.is_some() {
+        bail!("Cannot enable copy offloading when -S is used");
+    }
+    if a.copy_range && a.salvage {
+        bail!("Cannot use copy offloading in salvaging mode");
+    }
+    Ok(())
+}
+
+/// Open the sources (`-T` decides O_DIRECT); `-l` reads a snapshot of the first source. A
+/// bare snapshot name is refused with several sources (`check_concatenation`), but as in
+/// qemu-img the `snapshot.id=,snapshot.name=` form applies to the first and concatenates.
+async fn open_sources(a: &Args, paths: &[PathBuf]) -> Result<Sources> {
+    let mut access = a.access.clone();
+    access.direct = cache_direct(a.src_cache.as_deref());
+    let mut disks = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        let disk = match &a.snapshot {
+            Some(l) if i == 0 && (paths.len() == 1 || is_snapshot_opts(l)) => {
+                super::snapshot::open_source(path, a.format.as_deref(), &access, l).await?
+            }
+            _ => Disk::open(path, a.format.as_deref(), false, &access).await?,
+        };
+        disks.push(disk);
+    }
+    Ok(Sources::new(disks))
+}
+
+/// Whether `-l` is in the `snapshot.id=ID,snapshot.name=NAME` form.
+fn is_snapshot_opts(l: &str) -> bool {
+    l.starts_with("snapshot.")
+}
+
+/// qemu-img's refusals of what makes no sense with several sources.
+fn check_concatenation(a: &Args, plan: &Plan, sources: usize) -> Result<()> {
+    if sources < 2 {
+        return Ok(());
+    }
+    if a.snapshot.as_deref().is_some_and(|l| !is_snapshot_opts(l)) {
+        bail!("No support for concatenating multiple snapshot");
+    }
+    if plan.skip_backing {
+        bail!(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images"
+        );
+    }
+    if a.bitmaps {
+        bail!("Copying bitmaps only possible with single source");
+    }
+    Ok(())
 }
 
 /// Check the flags against each other (qemu-img's messages) and derive the copy plan.
@@ -201,10 +300,20 @@ fn plan(a: &Args) -> Result<Plan> {
     })
 }
 
-/// The destination of `-n`: opened in the `-O` format, at least as large as the source.
-async fn open_existing(a: &Args, size: u64) -> Result<Disk> {
-    let dst = Disk::open(&a.dst, Some(&a.output_format), true, &Access::default()).await?;
-    if dst.size() < size {
+/// Open the destination (`-t` decides O_DIRECT): the existing image of `-n`, which must be
+/// at least `size` bytes, or a new one. As qemu-img, a new destination is created before
+/// `-t` is checked.
+async fn open_destination(a: &Args, path: &Path, size: u64) -> Result<Disk> {
+    if !a.no_create {
+        create_destination(a, path, size).await?;
+    }
+    check_cache(a.cache.as_deref(), "cache")?;
+    let access = Access {
+        direct: cache_direct(a.cache.as_deref()),
+        ..Access::default()
+    };
+    let dst = Disk::open(path, Some(&a.output_format), true, &access).await?;
+    if a.no_create && dst.size() < size {
         let _ = dst.close().await;
         bail!("output file is smaller than input file");
     }
@@ -213,9 +322,9 @@ async fn open_existing(a: &Args, size: u64) -> Result<Disk> {
 
 /// Create the destination: a sparse raw file, or a qcow2 image with the `-o` options (and
 /// the `-B` backing file).
-async fn create_destination(a: &Args, size: u64) -> Result<Disk> {
+async fn create_destination(a: &Args, path: &Path, size: u64) -> Result<()> {
     match a.output_format.as_str() {
-        "raw" => create_raw(&a.dst, size).await,
+        "raw" => create_raw(path, size).await,
         "qcow2" => {
             let mut options = a.options.clone().unwrap_or_default();
             if let (Some(b), Some(f)) = (&a.backing, &a.backing_format) {
@@ -226,17 +335,14 @@ async fn create_destination(a: &Args, size: u64) -> Result<Disk> {
                 options = format!("{options}{sep}backing_file={b},backing_fmt={f}");
             }
             let options = (!options.is_empty()).then_some(options);
-            super::create::create_qcow2(&a.dst, size, options.as_deref()).await?;
-            Ok(Disk::Qcow2(
-                open_qcow2(&a.dst, true, &Access::default()).await?,
-            ))
+            super::create::create_qcow2(path, size, options.as_deref()).await
         }
         f => bail!("unsupported output format '{f}' (raw or qcow2)"),
     }
 }
 
 /// Create (or truncate) a sparse raw file of `size` bytes.
-async fn create_raw(path: &std::path::Path, size: u64) -> Result<Disk> {
+async fn create_raw(path: &Path, size: u64) -> Result<()> {
     let f = FileStorage::create(path)
         .with_context(|| format!("could not create '{}'", path.display()))?;
     f.lock(LockRequest::raw(true))
@@ -244,122 +350,10 @@ async fn create_raw(path: &std::path::Path, size: u64) -> Result<Disk> {
     f.set_len(size)
         .await
         .with_context(|| format!("sizing '{}'", path.display()))?;
-    Ok(Disk::open_raw_storage(Arc::new(f), size))
-}
-
-/// Copy every range of `src` that `plan` says to copy into `dst`, up to `par.requests` chunks
-/// in flight (see `convert_pipe.rs`).
-async fn copy(src: &Disk, dst: &Disk, plan: Plan, progress: bool, par: Parallel) -> Result<()> {
-    let size = src.size();
-    let mut pipe = Pipeline::new(par.requests);
-    let mut off = 0;
-    while off < size {
-        let window = (size - off).min(1 << 30);
-        for e in src.map(off, window).await? {
-            if plan.skip_backing && e.depth > 0 {
-                // Provided by the source's backing chain: left to the new backing file.
-            } else if e.zero && plan.sparse > 0 {
-                if plan.zero_target {
-                    let zeros = Chunk {
-                        off: e.start,
-                        buf: Vec::new(),
-                        runs: vec![(0, e.length, false)],
-                    };
-                    let job = async move { Ok(zeros) };
-                    if let Some(done) = pipe.push(job).await? {
-                        done.apply(dst, plan).await?;
-                    }
-                }
-            } else {
-                let mut at = e.start;
-                while at < e.start + e.length {
-                    let len = (e.start + e.length - at).min(CHUNK);
-                    let job = read_chunk(src.clone(), dst.clone(), (at, len), plan, par.unordered);
-                    if let Some(done) = pipe.push(job).await? {
-                        done.apply(dst, plan).await?;
-                    }
-                    at += len;
-                }
-            }
-            show_progress(progress, e.start + e.length, size);
-        }
-        off += window;
-    }
-    while let Some(done) = pipe.next().await? {
-        done.apply(dst, plan).await?;
-    }
-    if progress {
-        outln!();
-    }
     Ok(())
 }
 
-/// A chunk read from the source: its bytes and its runs `(start, len, data)` relative to
-/// `off` (`data` false: all-zero blocks of the `-S` size).
-struct Chunk {
-    off: u64,
-    buf: Vec<u8>,
-    runs: Vec<(u64, u64, bool)>,
-}
-
-impl Chunk {
-    /// Write the data runs; zero runs become write-zeroes when the destination may hold data.
-    async fn apply(self, dst: &Disk, plan: Plan) -> Result<()> {
-        for (start, len, data) in self.runs {
-            let at = self.off + start;
-            if data {
-                let (a, b) = (usize::try_from(start)?, usize::try_from(start + len)?);
-                dst.write_at(&self.buf[a..b], at).await?;
-            } else if plan.zero_target {
-                dst.write_zeroes(at, len, true).await?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Read `[at, at + len)` and split it into data and zero runs; with `write_now`, also write
-/// it (and return an empty chunk).
-async fn read_chunk(
-    src: Disk,
-    dst: Disk,
-    (at, len): (u64, u64),
-    plan: Plan,
-    write_now: bool,
-) -> Result<Chunk> {
-    let mut buf = vec![0u8; usize::try_from(len)?];
-    src.read_at(&mut buf, at).await?;
-    let runs = zero_runs(&buf, plan.sparse);
-    let chunk = Chunk { off: at, buf, runs };
-    if write_now {
-        chunk.apply(&dst, plan).await?;
-        return Ok(Chunk {
-            off: at,
-            buf: Vec::new(),
-            runs: Vec::new(),
-        });
-    }
-    Ok(chunk)
-}
-
-/// Split `buf` into alternating runs of data and of all-zero `block`-byte blocks (`block` 0:
-/// one data run).
-fn zero_runs(buf: &[u8], block: usize) -> Vec<(u64, u64, bool)> {
-    if block == 0 {
-        return vec![(0, buf.len() as u64, true)];
-    }
-    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-    for (i, b) in buf.chunks(block).enumerate() {
-        let data = !is_zero(b);
-        let start = (i * block) as u64;
-        match runs.last_mut() {
-            Some(last) if last.2 == data => last.1 += b.len() as u64,
-            _ => runs.push((start, b.len() as u64, data)),
-        }
-    }
-    runs
-}
-
+/// Print a progress line (`    (12.50/100%)\r`) when `on`.
 pub(super) fn show_progress(on: bool, done: u64, total: u64) {
     if on {
         let pct = if total == 0 {

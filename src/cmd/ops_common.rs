@@ -7,8 +7,9 @@ use anyhow::{Result, bail};
 use qcow2_engine::ErrorKind;
 use qcow2_engine::ops::Progress;
 
-/// qemu-img's `-t`/`-T` cache modes. We always use the page cache, so every mode is
-/// accepted and only the name is checked (as qemu-img does first).
+/// qemu-img's `-t`/`-T` cache modes. Commit, rebase and amend always use the page cache, so
+/// for them only the name is checked (as qemu-img does first); convert opens files with
+/// O_DIRECT for the modes that ask for it ([`cache_direct`]).
 const CACHE_MODES: &[&str] = &["none", "writeback", "unsafe", "directsync", "writethrough"];
 
 /// Check a cache mode name; `what` is qemu-img's word for the option in its refusal
@@ -18,6 +19,12 @@ pub fn check_cache(mode: Option<&str>, what: &str) -> Result<()> {
         Some(m) if !CACHE_MODES.contains(&m) => bail!("Invalid {what} option: {m}"),
         _ => Ok(()),
     }
+}
+
+/// Whether a (checked) cache mode bypasses the page cache: `none` and `directsync` open the
+/// file with O_DIRECT in QEMU.
+pub fn cache_direct(mode: Option<&str>) -> bool {
+    matches!(mode, Some("none" | "directsync"))
 }
 
 /// A progress counter printing qemu-img's `-p` lines (`    (12.50/100%)\r`), or a silent one.

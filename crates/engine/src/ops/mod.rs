@@ -14,3 +14,4 @@ pub mod rebase;
 mod throttle;
 
 pub use progress::Progress;
+pub use throttle::Throttle;

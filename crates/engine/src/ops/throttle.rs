@@ -1,10 +1,11 @@
-//! A byte-rate limit (`qemu-img commit -r`), without depending on an async runtime's timers.
+//! A byte-rate limit (`qemu-img commit -r`, `convert -r`), without depending on an async
+//! runtime's timers.
 
 use std::time::{Duration, Instant};
 
 /// Paces a stream of writes to at most `rate` bytes per second on average.
 #[derive(Debug)]
-pub(crate) struct Throttle {
+pub struct Throttle {
     rate: Option<u64>,
     start: Instant,
     bytes: u64,
@@ -12,7 +13,7 @@ pub(crate) struct Throttle {
 
 impl Throttle {
     /// No limit when `rate` is `None` or 0.
-    pub(crate) fn new(rate: Option<u64>) -> Throttle {
+    pub fn new(rate: Option<u64>) -> Throttle {
         Throttle {
             rate: rate.filter(|&r| r > 0),
             start: Instant::now(),
@@ -20,8 +21,20 @@ impl Throttle {
         }
     }
 
+    /// Wait until the bytes admitted so far fit the rate, then admit `n` more: as QEMU's
+    /// throttling, a request waits for the ones before it, not for itself (so the first one
+    /// goes at once, and a copy of B bytes whose last request is L bytes takes (B - L) / rate).
+    pub async fn admit(&mut self, n: u64) {
+        let Some(rate) = self.rate else { return };
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            sleep(wait).await;
+        }
+        self.bytes += n;
+    }
+
     /// Account `n` bytes written, then wait until the average rate is back under the limit.
-    pub(crate) async fn account(&mut self, n: u64) {
+    pub async fn account(&mut self, n: u64) {
         let Some(rate) = self.rate else { return };
         self.bytes += n;
         let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
