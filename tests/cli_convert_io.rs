@@ -313,8 +313,7 @@ fn damaged(dir: &Path) {
 
 /// `--salvage`: the same warnings as qemu-img (one per unreadable 512-byte sector, offsets in
 /// the source that has it; status failures twice, as qemu-img walks the map twice), zeros in
-/// their place; `-q` silences them; without `--salvage` both fail with the same message
-/// (when the failing range starts where qemu-img's does).
+/// their place; `-q` silences them; without `--salvage` both fail with the same message.
 #[test]
 fn salvage_as_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
@@ -345,6 +344,7 @@ fn salvage_as_qemu_img() {
     );
     assert_eq!(same_as_qemu(d, &["u.qcow2"]).0, 1);
     assert_eq!(same_as_qemu(d, &["plain.qcow2", "u.qcow2"]).0, 1);
-    let (code, _) = convert(OURS, d, &["z.qcow2"], "o.out");
-    assert_eq!(code, 1);
+    // qemu-img reads compressed clusters one by one: the message names the failing one.
+    assert_eq!(same_as_qemu(d, &["z.qcow2"]).0, 1);
+    assert_eq!(same_as_qemu(d, &["plain.qcow2", "z.qcow2"]).0, 1);
 }

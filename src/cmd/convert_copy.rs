@@ -102,9 +102,15 @@ async fn queue_extent(
         }
         return Ok(());
     }
+    // qemu-img reads compressed clusters one at a time (their status comes one by one), so
+    // its "error while reading at byte N" names the failing cluster: do the same.
+    let most = match e.compressed {
+        true => src.cluster_size_at(e.start).unwrap_or(CHUNK),
+        false => CHUNK,
+    };
     let mut at = e.start;
     while at < e.start + e.length {
-        let len = (e.start + e.length - at).min(CHUNK);
+        let len = (e.start + e.length - at).min(most);
         let job = read_job(src, out.dst, (at, len), c, Vec::new());
         push(pipe, out, job).await?;
         at += len;

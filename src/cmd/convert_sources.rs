@@ -122,6 +122,14 @@ impl Sources {
         Ok(warnings)
     }
 
+    /// The cluster size of the qcow2 source holding concatenated offset `off`.
+    pub fn cluster_size_at(&self, off: u64) -> Option<u64> {
+        match self.locate(off)? {
+            (Disk::Qcow2(img), _) => Some(img.cluster_size()),
+            _ => None,
+        }
+    }
+
     /// The source holding concatenated offset `off` and the offset in it.
     pub fn locate(&self, off: u64) -> Option<(&Disk, u64)> {
         self.parts
