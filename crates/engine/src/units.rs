@@ -130,6 +130,24 @@ pub(crate) const fn to_usize(n: u64) -> usize {
     }
 }
 
+/// A 32-bit length or count read from the image as a `usize`: lossless on every target the
+/// engine builds for (`usize` of 32 bits or more), and saturating rather than wrapping
+/// elsewhere, so no `as` cast has to be checked by a reader.
+pub(crate) fn u32_to_usize(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// `n` as a `usize` (a buffer length or an index into one), or an error naming `what` when it
+/// does not fit: for sizes read from an untrusted image that nothing has bounded yet, where
+/// [`to_usize`]'s saturation would only turn into a failed allocation.
+pub(crate) fn checked_usize(n: u64, what: &str) -> crate::error::Result<usize> {
+    usize::try_from(n).map_err(|_| {
+        crate::error::Error::unsupported(format!(
+            "{what} of {n} bytes does not fit in this platform's memory"
+        ))
+    })
+}
+
 /// A small count or index the engine has already bounded (a subcluster index, at most 32)
 /// as a `u32`; a value that does not fit saturates, which every consumer rejects.
 pub(crate) fn to_u32(n: u64) -> u32 {

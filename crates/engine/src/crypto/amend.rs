@@ -212,7 +212,9 @@ async fn erase(file: &dyn Storage, offset: u64, u: &mut Unlocked, slots: &[usize
     sync(file).await?;
     for &i in slots {
         let s = &u.header.slots[i];
-        let mut noise = Zeroizing::new(vec![0u8; (u.header.key_bytes * s.stripes) as usize]);
+        // A u64 product: key bytes × stripes in u32 could wrap.
+        let len = crate::units::checked_usize(u.header.material_len(s), "LUKS key material")?;
+        let mut noise = Zeroizing::new(vec![0u8; len]);
         luks::random(&mut noise)?;
         let at = offset + u64::from(s.key_offset) * 512;
         write(file, &noise, at, "wiping LUKS key material").await?;

@@ -211,7 +211,7 @@ pub fn parse_extensions(area: &[u8], start: usize) -> Result<Vec<Extension>> {
         let Some(prefix) = area.get(off..off + EXT_HEADER_SIZE) else {
             return Err(Error::invalid("header extension prefix truncated").at(off as u64));
         };
-        let (kind, len) = (be32(prefix, 0), be32(prefix, 4) as usize);
+        let (kind, len) = (be32(prefix, 0), crate::units::u32_to_usize(be32(prefix, 4)));
         let data_start = off + EXT_HEADER_SIZE;
         if len > area.len() - data_start {
             return Err(Error::invalid(format!(

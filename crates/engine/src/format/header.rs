@@ -32,6 +32,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::features;
+use crate::units::u32_to_usize;
 
 /// Offset of `magic`.
 pub const MAGIC_OFFSET: usize = 0;
@@ -196,10 +197,10 @@ fn v3_header_length(buf: &[u8]) -> Result<u32> {
     }
     let off = HEADER_LENGTH_OFFSET;
     let len = u32::from_be_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]);
-    if (len as usize) < V3_MIN_HEADER_LENGTH {
+    if u32_to_usize(len) < V3_MIN_HEADER_LENGTH {
         return Err(Error::invalid(format!("header_length {len} is less than 104")).at(off as u64));
     }
-    if len as usize > buf.len() {
+    if u32_to_usize(len) > buf.len() {
         return Err(Error::invalid(format!(
             "header_length {len} reaches past the {} bytes of cluster 0 given",
             buf.len()
@@ -230,7 +231,7 @@ impl Header {
         h[..n].copy_from_slice(&buf[..n]);
         let mut header = Self::decode_v2_fields(&h, version);
         if version == 3 {
-            header.decode_v3_fields(&h, &buf[..header_length as usize]);
+            header.decode_v3_fields(&h, &buf[..u32_to_usize(header_length)]);
         }
         Ok(header)
     }
@@ -279,7 +280,7 @@ impl Header {
         let len = if self.version == 2 {
             V2_HEADER_LENGTH
         } else {
-            (self.header_length as usize).max(V3_MIN_HEADER_LENGTH)
+            u32_to_usize(self.header_length).max(V3_MIN_HEADER_LENGTH)
         };
         let mut b = vec![0u8; len];
         self.encode_v2_fields(&mut b);

@@ -28,7 +28,7 @@
 //! `qemu-img check` reports shorter entries as corrupt.
 
 use crate::error::{Error, Result};
-use crate::units::HostOffset;
+use crate::units::{HostOffset, u32_to_usize};
 
 /// QEMU's limit on the number of snapshots.
 pub const MAX_SNAPSHOTS: u32 = 65536;
@@ -113,7 +113,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<Snapshot>> {
             "{count} snapshots (at most {MAX_SNAPSHOTS})"
         )));
     }
-    let mut snaps = Vec::with_capacity((count as usize).min(buf.len() / ENTRY_HEADER_LEN));
+    let mut snaps = Vec::with_capacity(u32_to_usize(count).min(buf.len() / ENTRY_HEADER_LEN));
     let mut off = 0usize;
     for i in 0..count {
         off = off.next_multiple_of(8);
@@ -137,7 +137,7 @@ pub fn entry_len(hdr: &[u8]) -> Result<usize> {
     if hdr.len() < ENTRY_HEADER_LEN {
         return Err(Error::corrupt("truncated snapshot table entry header"));
     }
-    let extra = be_u32(hdr, OFF_EXTRA_LEN) as usize;
+    let extra = u32_to_usize(be_u32(hdr, OFF_EXTRA_LEN));
     if extra > MAX_EXTRA_DATA {
         return Err(Error::corrupt(format!(
             "snapshot extra data of {extra} bytes (at most 1024)"
@@ -154,7 +154,7 @@ pub fn parse_entry(buf: &[u8]) -> Result<(Snapshot, usize)> {
     let entry = buf
         .get(..len)
         .ok_or_else(|| Error::corrupt("truncated snapshot table entry"))?;
-    let extra_end = ENTRY_HEADER_LEN + be_u32(entry, OFF_EXTRA_LEN) as usize;
+    let extra_end = ENTRY_HEADER_LEN + u32_to_usize(be_u32(entry, OFF_EXTRA_LEN));
     let id_end = extra_end + usize::from(be_u16(entry, OFF_ID_LEN));
     let extra = &entry[ENTRY_HEADER_LEN..extra_end];
     let field = |i: usize| extra.get(i * 8..i * 8 + 8).map(|b| be_u64(b, 0));

@@ -158,7 +158,8 @@ async fn read_image_header(file: &dyn Storage, file_len: u64) -> Result<ImageHea
 /// Read the active L1 table.
 async fn read_l1(file: &dyn Storage, h: &Header) -> Result<Vec<l1::L1Entry>> {
     // validate() bounded l1_size to 32 MiB of entries.
-    let mut buf = vec![0u8; h.l1_size as usize * 8];
+    let len = crate::units::checked_usize(u64::from(h.l1_size) * 8, "an L1 table")?;
+    let mut buf = vec![0u8; len];
     file.read_at(&mut buf, h.l1_table_offset)
         .await
         .map_err(|e| Error::io("reading the L1 table", e).at_host(HostOffset(h.l1_table_offset)))?;

@@ -68,7 +68,7 @@ impl Image {
         let off = u64::from_be_bytes(hdr[..8].try_into().expect("8 bytes"));
         let clusters = u64::from(u32::from_be_bytes(hdr[8..].try_into().expect("4 bytes")));
         let bytes = (clusters << self.inner.geo.cluster_bits).min(MAX_TABLE_BYTES);
-        let mut buf = vec![0u8; bytes as usize];
+        let mut buf = vec![0u8; crate::units::to_usize(bytes)]; // at most MAX_TABLE_BYTES
         file.read_at(&mut buf, off).await.map_err(io)?;
         let table = refcount::parse_table(&buf);
         Ok(table

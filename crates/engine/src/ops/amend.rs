@@ -305,7 +305,8 @@ async fn expand_zero_clusters(img: &Image, zstd: bool) -> Result<()> {
         let mut off = e.start;
         while off < e.start + e.length {
             let n = (e.start + e.length - off).min(1 << 20);
-            img.write_at(&vec![0u8; n as usize], off).await?;
+            img.write_at(&vec![0u8; crate::units::to_usize(n)], off)
+                .await?; // n ≤ 1 MiB
             off += n;
         }
     }

@@ -28,7 +28,7 @@ impl ImageHeader {
     pub fn parse(cluster0: &[u8]) -> Result<ImageHeader> {
         let header = Header::from_bytes(cluster0)?;
         let extensions = parse_extensions(&cluster0[..ext_area_end(&header, cluster0)], {
-            header.header_length as usize
+            crate::units::u32_to_usize(header.header_length)
         })
         .map_err(|e| prefer_feature_error(&header, e))?;
         let backing_file = read_backing_name(&header, cluster0)?;

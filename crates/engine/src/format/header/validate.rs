@@ -62,7 +62,7 @@ impl Header {
 
     /// `header_length` of a version 3 header.
     fn check_v3_header_length(&self) -> Result<()> {
-        let len = self.header_length as usize;
+        let len = u32_to_usize(self.header_length);
         let at = HEADER_LENGTH_OFFSET as u64;
         if len < V3_MIN_HEADER_LENGTH {
             return Err(Error::invalid(format!("header_length {len} is less than 104")).at(at));
@@ -156,7 +156,7 @@ impl Header {
         if ct > COMPRESSION_ZSTD {
             return Err(Error::unsupported(format!("compression_type {ct} unknown")).at(at));
         }
-        if ct != 0 && (self.header_length as usize) <= COMPRESSION_TYPE_OFFSET {
+        if ct != 0 && u32_to_usize(self.header_length) <= COMPRESSION_TYPE_OFFSET {
             return Err(Error::invalid(
                 "compression_type set but header_length leaves it out",
             ));

@@ -285,12 +285,12 @@ impl Layout {
 
 /// Write `len` zero bytes at `offset`, in chunks.
 async fn write_zeros(target: &dyn Storage, offset: u64, len: u64) -> Result<()> {
-    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+    let zeros = vec![0u8; to_usize(len.min(ZERO_CHUNK))];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZERO_CHUNK);
         io(
-            target.write_at(&zeros[..n as usize], offset + done).await,
+            target.write_at(&zeros[..to_usize(n)], offset + done).await,
             "writing zeros",
         )?;
         done += n;
