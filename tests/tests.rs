@@ -43,6 +43,7 @@ mod cli_serve_flags;
 mod cli_serve_list;
 mod cli_serve_qemu_flags;
 mod cluster_races;
+mod compressed_convert;
 mod compressed_writes;
 mod conformance_create;
 mod conformance_read;

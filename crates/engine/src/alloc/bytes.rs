@@ -14,17 +14,12 @@
 
 use super::{RefState, Refcounts};
 use crate::error::{Error, Result};
-use crate::units::HostOffset;
 
 impl Refcounts {
     /// Reserve `size` bytes (1 ..= one cluster) for a compressed payload and return the host
-    /// byte offset. The refcount of each host cluster the bytes touch is incremented (a new
-    /// cluster starts at 1).
-    pub async fn alloc_bytes(&self, size: u64) -> Result<HostOffset> {
-        self.lock().await.alloc_bytes(size).await
-    }
-
-    /// [`Refcounts::alloc_bytes`] with the lock already held.
+    /// byte offset (callers use [`Allocator::alloc_bytes`](super::Allocator::alloc_bytes)).
+    /// The refcount of each host cluster the bytes touch is incremented (a new cluster starts
+    /// at 1).
     pub(super) async fn alloc_bytes_locked(&self, st: &mut RefState, size: u64) -> Result<u64> {
         let cs = self.cluster_size();
         if size == 0 || size > cs {

@@ -27,14 +27,15 @@
 use crate::error::{Error, Result};
 use crate::units::HostOffset;
 
+mod encode;
+use encode::{deflate_raw, zstd_compress};
+
 /// Size of a compressed-data sector, the unit of the descriptor's sector count.
 pub const SECTOR_SIZE: u64 = 512;
 /// Bit 62 of an L2 entry: the cluster is compressed.
 const COMPRESSED_FLAG: u64 = 1 << 62;
 /// Compressed payloads must lie below 64 PiB (bits 0-55), like every other host offset.
 const MAX_HOST_BITS: u32 = 56;
-/// Window bits QEMU uses for raw deflate (4 KiB window).
-const DEFLATE_WINDOW_BITS: u8 = 12;
 /// Largest zstd window accepted when decompressing: 8 MiB, four times the largest cluster
 /// (QEMU compresses one cluster per frame, so its windows never exceed 2 MiB).
 #[cfg(feature = "zstd")]
@@ -234,19 +235,6 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<()> {
     }
 }
 
-/// Raw deflate with QEMU's 4 KiB window, default level. `None` when the output would not be
-/// smaller than the input.
-fn deflate_raw(input: &[u8]) -> Result<Option<Vec<u8>>> {
-    use flate2::{Compress, Compression, FlushCompress, Status};
-    let mut c = Compress::new_with_window_bits(Compression::default(), false, DEFLATE_WINDOW_BITS);
-    // One byte less than the input: a result that does not fit is useless anyway.
-    let mut out = Vec::with_capacity(input.len().saturating_sub(1));
-    let status = c
-        .compress_vec(input, &mut out, FlushCompress::Finish)
-        .map_err(|e| Error::invalid_arg(format!("deflate failed: {e}")))?;
-    Ok((status == Status::StreamEnd).then_some(out))
-}
-
 /// Decompress zstd frames until `out` is full, as QEMU does (several frames are allowed; a
 /// frame that is still unfinished once the cluster is full means the data is too long).
 #[cfg(feature = "zstd")]
@@ -278,26 +266,11 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// zstd at the default level. `None` when the output would not be smaller than the input.
-#[cfg(feature = "zstd")]
-fn zstd_compress(input: &[u8]) -> Result<Option<Vec<u8>>> {
-    let out = zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd compression", e))?;
-    Ok(Some(out))
-}
-
 /// Without the `zstd` feature, zstd-compressed clusters cannot be read.
 #[cfg(not(feature = "zstd"))]
 fn zstd_decompress(_input: &[u8], _out: &mut [u8]) -> Result<()> {
     Err(Error::unsupported(
         "zstd-compressed clusters (qcow2-engine was built without its `zstd` feature)",
-    ))
-}
-
-/// Without the `zstd` feature, clusters cannot be compressed with zstd.
-#[cfg(not(feature = "zstd"))]
-fn zstd_compress(_input: &[u8]) -> Result<Option<Vec<u8>>> {
-    Err(Error::unsupported(
-        "zstd compression (qcow2-engine was built without its `zstd` feature)",
     ))
 }
 

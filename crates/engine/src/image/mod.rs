@@ -56,7 +56,7 @@ pub(crate) use backing::open_backing;
 pub use backing::{Backing, probe_format, resolve_relative};
 pub use bitmaps::{BitmapInfo, list_bitmaps};
 pub use cluster0::read_cluster0;
-pub use compress::CompressedCluster;
+pub use compress::CompressedRun;
 pub use flusher::Flusher;
 pub use map::Extent;
 pub use options::{BackingOverride, OpenOptions};

@@ -296,3 +296,58 @@ fn zstd_accepts_several_frames() {
     assert_eq!(&out[..2048], &a[..]);
     assert_eq!(&out[2048..], &b[..]);
 }
+
+/// A fresh raw deflate compressor with QEMU's settings, for comparison with the reused one.
+fn deflate_fresh(input: &[u8]) -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress};
+    let mut c = Compress::new_with_window_bits(Compression::default(), false, 12);
+    let mut out = Vec::with_capacity(input.len() * 2 + 64);
+    c.compress_vec(input, &mut out, FlushCompress::Finish)
+        .unwrap();
+    out
+}
+
+/// The per-thread compressors are reset between clusters: after a compressible cluster, an
+/// incompressible one (which leaves the deflate stream unfinished) and a short tail, each
+/// result is byte-identical to a brand-new compressor's, so output never depends on which
+/// thread compressed a cluster or what it compressed before.
+#[test]
+fn reused_compressors_match_fresh_ones() {
+    let mut x: u32 = 7;
+    let random: Vec<u8> = (0..65536)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 16) as u8
+        })
+        .collect();
+    let text: Vec<u8> = (0..65536u32)
+        .map(|i| b"qcow2 cluster "[i as usize % 14])
+        .collect();
+    let tail: Vec<u8> = sample_cluster()[..5000].to_vec();
+    let mut inputs = vec![
+        sample_cluster(),
+        random.clone(),
+        text,
+        tail,
+        sample_cluster(),
+    ];
+    // 4 KiB clusters: incompressible ones (the stream runs out of output room) between
+    // compressible ones.
+    let small = sample_cluster()[..4096].to_vec();
+    for r in random.chunks(4096).take(4) {
+        inputs.extend([r.to_vec(), small.clone()]);
+    }
+    for &kind in CODECS {
+        for input in &inputs {
+            let fresh = match kind {
+                CompressionType::Zlib => deflate_fresh(input),
+                #[cfg(feature = "zstd")]
+                CompressionType::Zstd => zstd::bulk::compress(input, 0).unwrap(),
+                #[cfg(not(feature = "zstd"))]
+                CompressionType::Zstd => unreachable!(),
+            };
+            let expect = (fresh.len() < input.len()).then_some(fresh);
+            assert_eq!(compress(kind, input).unwrap(), expect, "{kind:?}");
+        }
+    }
+}
