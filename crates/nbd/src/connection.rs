@@ -230,11 +230,38 @@ impl Transmission {
         }
         let (ctx, replies) = (self.ctx.clone(), self.replies.clone());
         self.inflight.spawn(async move {
+            let mut guard = AnswerOnPanic(Some((req.cookie, replies.clone())));
             let reply = cmd::dispatch(&ctx, &req, payload).await;
+            guard.0 = None;
             replies.send(req.cookie, reply).await;
             drop(permit);
         });
         Ok(())
+    }
+}
+
+/// Answers a request whose task panicked (a bug in a device or a command) with `EIO`, so the
+/// client gets an error instead of waiting forever for a reply that cannot come; the
+/// connection and the other requests go on. Disarmed once the request has its reply.
+struct AnswerOnPanic(Option<(u64, Arc<Replies>)>);
+
+impl Drop for AnswerOnPanic {
+    fn drop(&mut self) {
+        let Some((cookie, replies)) = self.0.take() else {
+            return;
+        };
+        if !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(cookie, "an NBD request panicked; answering EIO");
+        // Drop cannot await: the reply goes out from a task of its own. Without a runtime
+        // (it is shutting down) the connection is closing anyway.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let reply = Reply::error(Errno::EIO, "internal server error");
+                replies.send(cookie, reply).await;
+            });
+        }
     }
 }
 
@@ -274,5 +301,108 @@ impl Replies {
             *guard = None;
             self.broken.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{BlockDevice, DeviceFuture};
+    use crate::export::Export;
+    use qcow2_engine::image::Extent;
+    use tokio::io::DuplexStream;
+
+    /// A device whose reads panic (a bug), everything else succeeding.
+    #[derive(Debug)]
+    struct PanickingReads;
+
+    impl BlockDevice for PanickingReads {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn is_writable(&self) -> bool {
+            false
+        }
+        fn read_at<'a>(&'a self, _: &'a mut [u8], _: u64) -> DeviceFuture<'a, ()> {
+            Box::pin(async { panic!("a device bug") })
+        }
+        fn write_at<'a>(&'a self, _: &'a [u8], _: u64) -> DeviceFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn discard(&self, _: u64, _: u64) -> DeviceFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn flush(&self) -> DeviceFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn close(&self) -> DeviceFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn map(&self, _: u64, _: u64) -> DeviceFuture<'_, Vec<Extent>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    /// The client side of a fixed-newstyle handshake with `NBD_OPT_EXPORT_NAME` "".
+    async fn export_name_handshake(c: &mut DuplexStream) {
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        // Client flags: fixed newstyle, no zeroes.
+        c.write_all(&3u32.to_be_bytes()).await.unwrap();
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        c.write_all(&opt).await.unwrap();
+        let mut info = [0u8; 10]; // size, transmission flags
+        c.read_exact(&mut info).await.unwrap();
+        assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), 1 << 20);
+    }
+
+    /// Regression: a request whose task panicked never got a reply, so the client waited
+    /// forever; now it gets EIO and the connection keeps serving.
+    #[tokio::test]
+    async fn a_panicking_request_is_answered_with_eio() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let exports = Exports::new(vec![Export::new("", Arc::new(PanickingReads))]);
+        let (_stop, shutdown) = watch::channel(false);
+        let patience = Patience {
+            handshake: Duration::from_secs(5),
+            idle: Duration::from_secs(60),
+            slots: Arc::new(Semaphore::new(1)),
+        };
+        let task = tokio::spawn(serve(server, exports, shutdown, patience));
+        export_name_handshake(&mut client).await;
+        for cookie in [7u64, 8] {
+            let mut req = Vec::new();
+            req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes()); // flags
+            req.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+            req.extend_from_slice(&cookie.to_be_bytes());
+            req.extend_from_slice(&0u64.to_be_bytes());
+            req.extend_from_slice(&4096u32.to_be_bytes());
+            client.write_all(&req).await.unwrap();
+            let mut reply = [0u8; 16];
+            let read = tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut reply));
+            read.await
+                .expect("no reply to a request that panicked")
+                .unwrap();
+            assert_eq!(
+                u32::from_be_bytes(reply[..4].try_into().unwrap()),
+                0x6744_6698
+            );
+            assert_eq!(
+                u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+                5,
+                "EIO"
+            );
+            assert_eq!(u64::from_be_bytes(reply[8..].try_into().unwrap()), cookie);
+        }
+        drop(client);
+        task.await.unwrap().unwrap();
     }
 }
